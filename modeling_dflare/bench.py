@@ -1,0 +1,724 @@
+"""``dflare bench``: acceptance length and wall-clock speedup of DFlare against every alternative.
+
+One run measures, on the same prompts and machine, with methods interleaved per prompt:
+
+* ``plain``         -- autoregressive greedy ``generate`` (the baseline every output is checked against);
+* ``plain-fast``    -- the same with one-row linear layers computed as ``W @ x`` (DESIGN.md sec. 3);
+* ``dflare``        -- our draft through ``generate(assistant_model=draft)`` (:class:`DFlareCandidateGenerator`);
+* ``dflare-stock``  -- the same draft through transformers' ``speculation_type="dflash"`` generator;
+* ``dflash``        -- the shipped shared-fusion (DFlash) draft through our generator;
+* ``prompt-lookup`` -- transformers' prompt-lookup decoding.
+
+Every method is measured through the same probe, whatever generator it uses: a forward hook on the
+target (verify forwards and their time) and a wrapper around the candidate generator that
+``generate`` builds (draft time, and per verify cycle the drafts proposed and accepted). Hence tau
+(tokens per verify forward, prefill excluded), the accepted-length histogram, the per-position
+acceptance curve and the draft / verify / loop-overhead split per cycle.
+
+The physical bound of a speculative method is ``tau * t1 / (t_verify + t_draft)``, with ``t1`` a
+cached one-token target forward and ``t_verify`` the cached forward over the tokens verified per
+cycle, both measured here on the dataset's first prompt (``t_verify`` is averaged over the
+verified lengths the method actually used). ``bound_fraction`` is the measured speedup over
+``plain`` divided by that bound.
+
+Every output is compared with ``plain``'s token ids; any difference is logged as an error, listed
+in the JSON and makes the command exit with status 1.
+"""
+
+import argparse
+import contextlib
+import copy
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .bench_datasets import DATASETS, BenchPrompt, iter_prompts
+
+logger = logging.getLogger(__name__)
+
+BASELINE = "plain"
+METHODS = ("plain", "plain-fast", "dflare", "dflare-stock", "dflash", "prompt-lookup")
+#: Which draft each draft-based method uses (keys of the drafts dict built by :func:`load_drafts`).
+METHOD_DRAFT = {"dflare": "dflare", "dflare-stock": "dflare", "dflash": "dflash"}
+DEFAULT_DRAFT = "drafts/smollm2-dflare"
+DEFAULT_DFLASH_DRAFT = "drafts/smollm2-dflash"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Measurement
+# ----------------------------------------------------------------------------------------------
+
+
+class Clock:
+    """Wall clock that first waits for queued GPU work, so a reading covers what ran before it."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __call__(self) -> float:
+        if self.cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+
+@dataclasses.dataclass
+class Run:
+    """One ``generate`` call: new token ids, wall time, per-forward target times, per-cycle
+    ``(proposed, accepted)`` drafts (prefill excluded), draft seconds and peak memory in bytes."""
+
+    tokens: list[int]
+    seconds: float
+    target_seconds: list[float]
+    cycles: list[tuple[int, int]]
+    draft_seconds: float
+    peak_memory: int | None
+
+
+class Probe:
+    """Instruments the target and whatever candidate generator ``generate`` builds while active."""
+
+    def __init__(self, target: nn.Module, clock: Clock):
+        self.target, self.clock = target, clock
+        self.target_seconds: list[float] = []
+        self.cycles: list[tuple[int, int]] = []
+        self.draft_seconds = 0.0
+        self._pending = (0, False)
+
+    def __enter__(self) -> "Probe":
+        from transformers import GenerationMixin
+
+        self._started = 0.0
+        self._handles = [
+            self.target.register_forward_pre_hook(self._before),
+            self.target.register_forward_hook(self._after),
+        ]
+        self._original = GenerationMixin._get_candidate_generator
+        original, probe = self._original, self
+
+        def _get_candidate_generator(model, *args, **kwargs):
+            return probe._instrument(original(model, *args, **kwargs))
+
+        GenerationMixin._get_candidate_generator = _get_candidate_generator
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from transformers import GenerationMixin
+
+        GenerationMixin._get_candidate_generator = self._original
+        for handle in self._handles:
+            handle.remove()
+
+    def _before(self, module, args) -> None:
+        self._started = self.clock()
+
+    def _after(self, module, args, output) -> None:
+        self.target_seconds.append(self.clock() - self._started)
+
+    def _instrument(self, generator):
+        get_candidates, update = generator.get_candidates, generator.update_candidate_strategy
+
+        def timed_get_candidates(input_ids, *args, **kwargs):
+            start = self.clock()
+            candidate_ids, logits = get_candidates(input_ids, *args, **kwargs)
+            self.draft_seconds += self.clock() - start
+            self._pending = (candidate_ids.shape[1] - input_ids.shape[1], bool(kwargs.get("is_first_iteration")))
+            return candidate_ids, logits
+
+        def recorded_update(input_ids, scores, num_matches):
+            proposed, first = self._pending
+            if not (first and proposed == 0):  # the prefill-only first iteration is no verify cycle
+                self.cycles.append((proposed, int(num_matches)))
+            return update(input_ids, scores, num_matches)
+
+        generator.get_candidates = timed_get_candidates
+        generator.update_candidate_strategy = recorded_update
+        return generator
+
+
+class PeakMemory:
+    """Peak memory while active: ``torch.cuda.max_memory_allocated`` on a GPU, else the process's
+    peak RSS (``VmHWM``, reset through ``/proc/self/clear_refs``; without it the lifetime peak)."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.peak: int | None = None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            with contextlib.suppress(OSError):
+                Path("/proc/self/clear_refs").write_text("5")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            self.peak = int(torch.cuda.max_memory_allocated(self.device))
+        else:
+            self.peak = peak_rss()
+
+
+def peak_rss() -> int:
+    """Peak resident set size of this process in bytes."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@contextlib.contextmanager
+def transposed_small_row_linear() -> Iterator[None]:
+    """Compute one-row ``nn.Linear`` calls as ``W @ x`` (matrix-vector) instead of ``x @ W.T``.
+
+    Stock PyTorch is slow on small-row linears on some CPUs (DESIGN.md sec. 3). The bench checks the
+    outputs token for token against ``plain`` like every other method.
+    """
+    original = nn.Linear.forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != x.numel():
+            return original(self, x)
+        out = torch.mv(self.weight, x.reshape(-1))
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    nn.Linear.forward = forward
+    try:
+        yield
+    finally:
+        nn.Linear.forward = original
+
+
+@torch.no_grad()
+def measure_forward_costs(target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock: Clock) -> list[float]:
+    """Median seconds of a cached target forward over 1..``max_length`` new tokens after ``input_ids``."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=target.config)
+    target(input_ids, past_key_values=cache, use_cache=True)
+    context = input_ids.shape[1]
+    seconds = []
+    for length in range(1, max_length + 1):
+        new = input_ids[:, -1:].repeat(1, length)
+        times = []
+        for _ in range(repeats + 1):  # the first is a warm-up
+            start = clock()
+            target(new, past_key_values=cache, use_cache=True)
+            times.append(clock() - start)
+            cache.crop(-length)
+        seconds.append(statistics.median(times[1:]))
+    return seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# Methods
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Settings:
+    max_new_tokens: int
+    block_size: int
+    confidence_threshold: float | None
+    prompt_lookup_tokens: int
+
+
+def generation_config_for(method: str, target, settings: Settings):
+    """Greedy generation config of ``method`` (the DFlare knobs ride on it as extra attributes)."""
+    config = copy.deepcopy(target.generation_config)
+    config.update(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=settings.max_new_tokens)
+    config.max_length = None
+    if method in ("dflare", "dflash"):
+        config.dflare_block_size = settings.block_size
+        config.dflare_confidence_threshold = settings.confidence_threshold
+    elif method == "dflare-stock":
+        config.speculation_type = "dflash"
+    elif method == "prompt-lookup":
+        config.prompt_lookup_num_tokens = settings.prompt_lookup_tokens
+    return config
+
+
+@contextlib.contextmanager
+def method_context(method: str, draft, settings: Settings) -> Iterator[None]:
+    """What a method changes around its ``generate`` call, restored afterwards."""
+    if method == "plain-fast":
+        with transposed_small_row_linear():
+            yield
+    elif method == "dflare-stock":
+        saved = draft.config.block_size  # the stock generator reads the block size from the draft config
+        draft.config.block_size = settings.block_size
+        try:
+            yield
+        finally:
+            draft.config.block_size = saved
+    else:
+        yield
+
+
+@torch.no_grad()
+def generate_once(method: str, target, input_ids: torch.LongTensor, drafts: dict, settings: Settings, clock: Clock) -> Run:
+    """Run ``method`` once on one prompt [1, n] and measure it."""
+    draft = drafts.get(METHOD_DRAFT.get(method))
+    config = generation_config_for(method, target, settings)
+    mask = torch.ones_like(input_ids)
+    with method_context(method, draft, settings), PeakMemory(input_ids.device) as memory, Probe(target, clock) as probe:
+        start = clock()
+        output = target.generate(input_ids, attention_mask=mask, generation_config=config, assistant_model=draft)
+        seconds = clock() - start
+    tokens = output[0, input_ids.shape[1] :].tolist()
+    return Run(tokens, seconds, probe.target_seconds, probe.cycles, probe.draft_seconds, memory.peak)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------
+
+
+def random_draft(target, fusion: str, block_size: int, seed: int, device, dtype):
+    """An untrained draft for development runs (accepts almost nothing, but exercises every path)."""
+    from .configuration_dflare import DFlareConfig
+    from .modeling_dflare import DFlareModel
+
+    torch.manual_seed(seed)
+    config = DFlareConfig.from_target_config(target.config, fusion=fusion, block_size=block_size)
+    return DFlareModel(config).to(device=device, dtype=dtype).eval()
+
+
+def load_draft(path: str, device, dtype):
+    from .modeling_dflare import DFlareModel
+
+    if not Path(path, "config.json").is_file():
+        raise FileNotFoundError(
+            f"no draft at {path!r} (expected a folder with config.json and weights): pass --draft/--dflash-draft, "
+            "or --random-drafts for a development run with untrained drafts"
+        )
+    return DFlareModel.from_pretrained(path, dtype=dtype).to(device).eval()
+
+
+def load_drafts(args, target, methods: list[str], device, dtype) -> dict[str, Any]:
+    """{"dflare": layer-wise draft, "dflash": shared-fusion draft}, only those the methods need."""
+    needed = {METHOD_DRAFT[m] for m in methods if m in METHOD_DRAFT}
+    paths = {"dflare": (args.draft, "layerwise"), "dflash": (args.dflash_draft, "shared")}
+    drafts = {}
+    for name in sorted(needed):
+        path, fusion = paths[name]
+        if args.random_drafts:
+            drafts[name] = random_draft(target, fusion, args.block_size or 16, args.seed, device, dtype)
+        else:
+            drafts[name] = load_draft(path, device, dtype)
+        drafts[name].requires_grad_(False)
+    return drafts
+
+
+def encode_prompts(tokenizer, dataset: str, count: int, max_prompt_tokens: int) -> tuple[list[tuple[BenchPrompt, list[int]]], int]:
+    """The first ``count`` prompts of ``dataset`` whose chat-templated ids fit ``max_prompt_tokens``;
+    returns them with their ids and the number skipped as too long."""
+    chosen, skipped = [], 0
+    for prompt in iter_prompts(dataset):
+        if len(chosen) >= count:
+            break
+        text = tokenizer.apply_chat_template(prompt.messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > max_prompt_tokens:
+            skipped += 1
+            continue
+        chosen.append((prompt, ids))
+    if len(chosen) < count:
+        logger.warning("%s: only %d prompts of at most %d tokens (wanted %d)", dataset, len(chosen), max_prompt_tokens, count)
+    if skipped:
+        logger.info("%s: skipped %d prompts longer than %d tokens", dataset, skipped, max_prompt_tokens)
+    return chosen, skipped
+
+
+# ----------------------------------------------------------------------------------------------
+# Running
+# ----------------------------------------------------------------------------------------------
+
+
+def median_run(runs: list[Run]) -> Run:
+    """The run with the median wall time (the lower one for an even count)."""
+    return sorted(runs, key=lambda run: run.seconds)[(len(runs) - 1) // 2]
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def mismatch_record(dataset: str, prompt_id: str, method: str, expected: list[int], got: list[int], tokenizer, reason: str) -> dict:
+    index = first_difference(expected, got)
+    record = {
+        "dataset": dataset,
+        "prompt_id": prompt_id,
+        "method": method,
+        "reason": reason,
+        "first_difference": index,
+        "baseline_length": len(expected),
+        "method_length": len(got),
+        "baseline_tokens": expected[index : index + 8],
+        "method_tokens": got[index : index + 8],
+    }
+    if tokenizer is not None:
+        record["baseline_text"] = tokenizer.decode(expected[max(0, index - 8) : index + 8])
+        record["method_text"] = tokenizer.decode(got[max(0, index - 8) : index + 8])
+    return record
+
+
+def check_outputs(dataset: str, prompt_id: str, runs: dict[str, list[Run]], tokenizer) -> list[dict]:
+    """Mismatch records: a method's tokens differing from ``plain``'s, or from its own other repeats."""
+    expected = runs[BASELINE][0].tokens
+    problems = []
+    for method, method_runs in runs.items():
+        for repeat, run in enumerate(method_runs):
+            if run.tokens != expected:
+                reason = "differs from plain" if method != BASELINE else f"repeat {repeat} differs from repeat 0"
+                problems.append(mismatch_record(dataset, prompt_id, method, expected, run.tokens, tokenizer, reason))
+                break
+    for problem in problems:
+        logger.error(
+            "GREEDY MISMATCH %s %s %s at new token %d: plain %s vs %s",
+            problem["dataset"],
+            problem["prompt_id"],
+            problem["method"],
+            problem["first_difference"],
+            problem["baseline_tokens"],
+            problem["method_tokens"],
+        )
+    return problems
+
+
+def run_dataset(dataset, prompts, target, drafts, methods, settings, repeats, clock, tokenizer, bar) -> tuple[list[dict], list[dict]]:
+    """Interleave all methods per prompt (rotating their order), ``repeats`` times each.
+
+    Returns per-prompt records (the median run of every method) and mismatch records.
+    """
+    records, mismatches = [], []
+    device = target.device
+    for index, (prompt, ids) in enumerate(prompts):
+        input_ids = torch.tensor([ids], device=device)
+        runs: dict[str, list[Run]] = {m: [] for m in methods}
+        for repeat in range(repeats):
+            shift = (index + repeat) % len(methods)
+            for method in methods[shift:] + methods[:shift]:
+                bar.set_postfix_str(f"{dataset} {prompt.id} {method}", refresh=False)
+                runs[method].append(generate_once(method, target, input_ids, drafts, settings, clock))
+                bar.update(1)
+        mismatches += check_outputs(dataset, prompt.id, runs, tokenizer)
+        medians = {m: median_run(r) for m, r in runs.items()}
+        records.append({"dataset": dataset, "prompt": prompt, "prompt_tokens": len(ids), "runs": medians})
+    return records, mismatches
+
+
+def warm_up(target, input_ids, drafts, methods, settings, clock) -> None:
+    """One short run of every method, so first-call allocations stay out of the timings."""
+    short = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, 2 * settings.block_size))
+    for method in methods:
+        generate_once(method, target, input_ids, drafts, short, clock)
+
+
+# ----------------------------------------------------------------------------------------------
+# Summaries
+# ----------------------------------------------------------------------------------------------
+
+
+def position_acceptance(cycles: list[tuple[int, int]], width: int) -> list[float | None]:
+    """Fraction of cycles that accepted the draft at position k (1-based), among those proposing it."""
+    curve = []
+    for k in range(1, width):
+        proposing = [accepted for proposed, accepted in cycles if proposed >= k]
+        curve.append(sum(a >= k for a in proposing) / len(proposing) if proposing else None)
+    return curve
+
+
+def summarize(dataset: str, method: str, records: list[dict], costs: list[float], block_size: int) -> dict:
+    """Aggregate the median runs of ``method`` over a dataset's prompts."""
+    runs = [record["runs"][method] for record in records]
+    base = [record["runs"][BASELINE] for record in records]
+    tokens = sum(len(run.tokens) for run in runs)
+    seconds = sum(run.seconds for run in runs)
+    cycles = [cycle for run in runs for cycle in run.cycles]
+    speculative = method not in (BASELINE, "plain-fast")
+    verify = sum(sum(run.target_seconds[1:]) for run in runs)
+    prefill = sum(run.target_seconds[0] for run in runs if run.target_seconds)
+    draft = sum(run.draft_seconds for run in runs)
+    steps = len(cycles) if speculative else sum(max(len(run.target_seconds) - 1, 0) for run in runs)
+    tau = (sum(a for _, a in cycles) + len(cycles)) / len(cycles) if cycles else 1.0
+    width = max([block_size] + [p + 1 for p, _ in cycles])
+    summary = {
+        "dataset": dataset,
+        "method": method,
+        "prompts": len(runs),
+        "new_tokens": tokens,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if seconds else 0.0,
+        "speedup": sum(run.seconds for run in base) / seconds if seconds else 0.0,
+        "tau": tau,
+        "cycles": steps,
+        "target_forwards": sum(len(run.target_seconds) for run in runs),
+        "histogram": histogram(cycles, width) if speculative else None,
+        "position_acceptance": position_acceptance(cycles, width) if speculative else None,
+        "mean_proposed": sum(p for p, _ in cycles) / len(cycles) if cycles else 0.0,
+        "prefill_ms": 1000 * prefill / len(runs) if runs else 0.0,
+        "draft_ms_per_cycle": 1000 * draft / steps if steps else 0.0,
+        "verify_ms_per_cycle": 1000 * verify / steps if steps else 0.0,
+        "overhead_ms_per_cycle": 1000 * (seconds - prefill - verify - draft) / steps if steps else 0.0,
+        "peak_memory_mib": max((run.peak_memory or 0) for run in runs) / 2**20 if runs else None,
+    }
+    summary.update(physical_bound(summary, cycles, costs, draft, steps, speculative))
+    return summary
+
+
+def histogram(cycles: list[tuple[int, int]], width: int) -> list[int]:
+    """How many verify cycles accepted 0, 1, ..., width - 1 drafts."""
+    counts = [0] * width
+    for _, accepted in cycles:
+        counts[min(accepted, width - 1)] += 1
+    return counts
+
+
+def physical_bound(summary: dict, cycles, costs: list[float], draft_seconds: float, steps: int, speculative: bool) -> dict:
+    """``tau * t1 / (t_verify + t_draft)`` and the fraction of it the measured speedup reached."""
+    if not speculative or not cycles or not costs:
+        return {"bound": None, "bound_fraction": None, "t_verify_ms": None}
+    t1 = costs[0]
+    t_verify = sum(costs[min(p + 1, len(costs)) - 1] for p, _ in cycles) / len(cycles)
+    t_draft = draft_seconds / steps
+    bound = summary["tau"] * t1 / (t_verify + t_draft)
+    return {"bound": bound, "bound_fraction": summary["speedup"] / bound, "t_verify_ms": 1000 * t_verify}
+
+
+def add_relative_speedups(summaries: list[dict]) -> None:
+    """``speedup_vs_plain_fast`` when that baseline ran (the best plain decoding on this machine)."""
+    fast = {s["dataset"]: s["seconds"] for s in summaries if s["method"] == "plain-fast"}
+    for summary in summaries:
+        reference = fast.get(summary["dataset"])
+        summary["speedup_vs_plain_fast"] = reference / summary["seconds"] if reference and summary["seconds"] else None
+
+
+def per_prompt_rows(records: list[dict]) -> list[dict]:
+    rows = []
+    for record in records:
+        row = {"dataset": record["dataset"], "prompt_id": record["prompt"].id, "prompt_tokens": record["prompt_tokens"], "methods": {}}
+        for method, run in record["runs"].items():
+            taus = (sum(a for _, a in run.cycles) + len(run.cycles)) / len(run.cycles) if run.cycles else None
+            row["methods"][method] = {"new_tokens": len(run.tokens), "seconds": run.seconds, "tau": taus}
+        rows.append(row)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# HumanEval pass@1
+# ----------------------------------------------------------------------------------------------
+
+METRIC_PATH = Path(__file__).parent / "metrics" / "humaneval_pass_at_1"
+
+
+def humaneval_pass_at_1(records: list[dict], methods: list[str], tokenizer, timeout: float) -> dict[str, dict]:
+    """pass@1 of each method's HumanEval outputs through the project's ``evaluate`` metric module."""
+    import evaluate
+
+    metric = evaluate.load(str(METRIC_PATH))
+    scores = {}
+    for method in methods:
+        rows = [r for r in records if r["dataset"] == "humaneval"]
+        responses = [tokenizer.decode(r["runs"][method].tokens, skip_special_tokens=True) for r in rows]
+        result = metric.compute(predictions=responses, references=[r["prompt"].id for r in rows], timeout=timeout)
+        scores[method] = {key: result[key] for key in ("pass@1", "passed", "total")}
+        logger.info("HumanEval pass@1 %s: %.3f (%d/%d)", method, result["pass@1"], result["passed"], result["total"])
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Command
+# ----------------------------------------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", default=None, help="target folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer source (default: the target's)")
+    parser.add_argument("--draft", default=DEFAULT_DRAFT, help="DFlare (layer-wise) draft folder")
+    parser.add_argument("--dflash-draft", default=DEFAULT_DFLASH_DRAFT, help="DFlash (shared-fusion) draft folder")
+    parser.add_argument("--random-drafts", action="store_true", help="untrained random drafts (development only)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (plain always runs)")
+    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["humaneval", "sharegpt", "math"])
+    parser.add_argument("--num-prompts", type=int, default=8, help="prompts per dataset")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
+    parser.add_argument("--block-size", type=int, default=None, help="draft block size (default: the draft's)")
+    parser.add_argument("--confidence-threshold", type=float, default=None, help="DFlare early block stop (default: the draft's)")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method; the median counts")
+    parser.add_argument("--cost-repeats", type=int, default=5, help="timed forwards per length for the physical bound")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output-dir", default="runs/bench")
+    parser.add_argument("--humaneval-pass1", action="store_true", help="run the generated HumanEval code (time-limited)")
+    parser.add_argument("--exec-timeout", type=float, default=5.0, help="seconds per HumanEval program")
+    parser.add_argument("--no-plots", action="store_true")
+
+
+def validate_arguments(args) -> None:
+    for name in ("num_prompts", "max_new_tokens", "repeats", "cost_repeats", "prompt_lookup_tokens"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
+    if args.block_size is not None and args.block_size < 2:
+        raise ValueError(f"--block-size={args.block_size}: expected >= 2 (anchor + at least one draft)")
+    if args.confidence_threshold is not None and not 0.0 <= args.confidence_threshold < 1.0:
+        raise ValueError(f"--confidence-threshold={args.confidence_threshold}: expected a value in [0, 1)")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device={args.device}: CUDA is not available on this machine")
+
+
+def command_line(args) -> str:
+    """The ``dflare bench`` command that reproduces this run, every option spelled out."""
+    parts = ["dflare", "bench"]
+    for name, value in vars(args).items():
+        flag = "--" + name.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts += [flag] + [str(v) for v in value]
+        else:
+            parts += [flag, str(value)]
+    return " ".join(shlex.quote(p) for p in parts)
+
+
+def hardware() -> dict:
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["processor"] = line.split(":", 1)[1].strip()
+                break
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    return info
+
+
+def load_models(args):
+    """(target, tokenizer, drafts, methods) as the arguments ask."""
+    from .targets import load_target, load_tokenizer
+
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    target = load_target(args.target, dtype=dtype, device=device)
+    tokenizer = load_tokenizer(args.tokenizer or args.target)
+    methods = [BASELINE] + [m for m in args.methods if m != BASELINE]
+    drafts = load_drafts(args, target, methods, device, dtype)
+    if args.block_size is None:
+        args.block_size = next(iter(drafts.values())).config.block_size if drafts else 16
+    return target, tokenizer, drafts, methods
+
+
+def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
+    """Everything but loading and writing: returns the JSON-able results."""
+    clock = Clock(target.device)
+    settings = Settings(args.max_new_tokens, args.block_size, args.confidence_threshold, args.prompt_lookup_tokens)
+    prompts = {d: encode_prompts(tokenizer, d, args.num_prompts, args.max_prompt_tokens) for d in args.datasets}
+    first = next((p for chosen, _ in prompts.values() for p in chosen[:1]), None)
+    if first is None:
+        raise ValueError(f"no prompt of at most {args.max_prompt_tokens} tokens in {args.datasets}")
+    warm_up(target, torch.tensor([first[1]], device=target.device), drafts, methods, settings, clock)
+    total = sum(len(chosen) for chosen, _ in prompts.values()) * len(methods) * args.repeats
+    records, mismatches, summaries, costs = [], [], [], {}
+    max_verify = max(settings.block_size, settings.prompt_lookup_tokens + 1)
+    with tqdm(total=total, desc="bench", unit="gen") as bar:
+        for dataset, (chosen, _) in prompts.items():
+            if not chosen:
+                continue
+            context = torch.tensor([chosen[0][1]], device=target.device)
+            costs[dataset] = measure_forward_costs(target, context, max_verify, args.cost_repeats, clock)
+            found, bad = run_dataset(dataset, chosen, target, drafts, methods, settings, args.repeats, clock, tokenizer, bar)
+            records += found
+            mismatches += bad
+            summaries += [summarize(dataset, m, found, costs[dataset], settings.block_size) for m in methods]
+    add_relative_speedups(summaries)
+    for summary in summaries:
+        summary["mismatches"] = sum(1 for m in mismatches if m["dataset"] == summary["dataset"] and m["method"] == summary["method"])
+    results = {
+        "meta": {
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": command_line(args),
+            "hardware": hardware(),
+            "device": str(target.device),
+            "dtype": args.dtype,
+            "target": getattr(target.config, "name_or_path", None) or args.target,
+            "drafts": {name: getattr(d.config, "_name_or_path", None) or ("random" if args.random_drafts else None) for name, d in drafts.items()},
+            "random_drafts": bool(args.random_drafts),
+            "settings": dataclasses.asdict(settings) | {"repeats": args.repeats, "num_prompts": args.num_prompts, "greedy": True},
+            "methods": methods,
+            "prompts_skipped_too_long": {d: skipped for d, (_, skipped) in prompts.items()},
+        },
+        "costs": {d: {"context_tokens": len(prompts[d][0][0][1]), "verify_ms": [1000 * s for s in c]} for d, c in costs.items()},
+        "results": summaries,
+        "per_prompt": per_prompt_rows(records),
+        "mismatches": mismatches,
+        "ok": not mismatches,
+    }
+    if args.humaneval_pass1 and any(r["dataset"] == "humaneval" for r in records):
+        scored = [m for m in (BASELINE, "dflare") if m in methods]
+        results["humaneval_pass1"] = humaneval_pass_at_1(records, scored, tokenizer, args.exec_timeout)
+    return results
+
+
+def write_outputs(results: dict, output_dir: Path, plots: bool) -> dict[str, Path]:
+    from .bench_report import plot_acceptance, plot_speedup, render_markdown
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": output_dir / "bench.json", "markdown": output_dir / "bench.md"}
+    paths["json"].write_text(json.dumps(results, indent=2) + "\n")
+    paths["markdown"].write_text(render_markdown(results))
+    if plots:
+        paths["speedup_png"] = plot_speedup(results, output_dir / "speedup.png")
+        paths["acceptance_png"] = plot_acceptance(results, output_dir / "acceptance.png")
+    return paths
+
+
+def run(args) -> int:
+    validate_arguments(args)
+    target, tokenizer, drafts, methods = load_models(args)
+    results = run_benchmark(args, target, tokenizer, drafts, methods)
+    paths = write_outputs(results, Path(args.output_dir), not args.no_plots)
+    from .bench_report import render_markdown
+
+    print(render_markdown(results))
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    if results["mismatches"]:
+        print(f"\n*** GREEDY MISMATCH: {len(results['mismatches'])} output(s) differ from plain decoding; see {paths['json']} ***", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["METHODS", "add_arguments", "generate_once", "run", "run_benchmark", "transposed_small_row_linear"]

@@ -1,0 +1,149 @@
+"""Rendering ``dflare bench`` results (the JSON it writes): a markdown table and PNG plots.
+
+:func:`render_markdown` is what the README and the model cards paste, so it depends only on the
+JSON, never on a live run: ``render_markdown(json.load(open("runs/bench/bench.json")))``.
+"""
+
+import math
+from pathlib import Path
+from typing import Any
+
+COLUMNS = (
+    ("Dataset", "dataset", "{}"),
+    ("Method", "method", "{}"),
+    ("τ", "tau", "{:.2f}"),
+    ("tok/s", "tokens_per_second", "{:.1f}"),
+    ("Speedup vs plain", "speedup", "{:.2f}x"),
+    ("vs plain-fast", "speedup_vs_plain_fast", "{:.2f}x"),
+    ("Draft ms/cycle", "draft_ms_per_cycle", "{:.1f}"),
+    ("Verify ms/cycle", "verify_ms_per_cycle", "{:.1f}"),
+    ("Overhead ms/cycle", "overhead_ms_per_cycle", "{:.1f}"),
+    ("Bound", "bound", "{:.2f}x"),
+    ("% of bound", "bound_fraction", "{:.0%}"),
+    ("Peak MiB", "peak_memory_mib", "{:.0f}"),
+)
+
+
+def _cell(value: Any, template: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return template.format(value)
+
+
+def render_table(results: dict) -> str:
+    """The per dataset and method table (markdown), with a losslessness column."""
+    header = [title for title, _, _ in COLUMNS] + ["Lossless"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    for row in results["results"]:
+        cells = [_cell(row.get(key), template) for _, key, template in COLUMNS]
+        cells.append("yes" if not row.get("mismatches") else f"**NO ({row['mismatches']} differ)**")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def render_costs(results: dict) -> str:
+    """Measured target forward costs behind the physical bound."""
+    lines = ["| Dataset | Context tokens | t_target(1 token) ms | t_target(verify B) ms |", "|---|---|---|---|"]
+    block = results["meta"]["settings"]["block_size"]
+    for dataset, cost in results.get("costs", {}).items():
+        verify = cost["verify_ms"]
+        lines.append(f"| {dataset} | {cost['context_tokens']} | {verify[0]:.1f} | {verify[min(block, len(verify)) - 1]:.1f} |")
+    return "\n".join(lines)
+
+
+def render_markdown(results: dict) -> str:
+    """Full report: setup, results table, forward costs, HumanEval pass@1 and any mismatch."""
+    meta = results["meta"]
+    hw = meta["hardware"]
+    settings = meta["settings"]
+    machine = hw.get("gpu") or f"{hw.get('processor')} ({hw.get('torch_threads')} torch threads)"
+    lines = [
+        "## dflare bench",
+        "",
+        f"- Date: {meta['date']}; device `{meta['device']}` {meta['dtype']}; {machine}",
+        f"- torch {hw.get('torch')}, transformers {hw.get('transformers')}",
+        f"- Target: `{meta['target']}`; drafts: "
+        + ", ".join(f"{k} `{v}`" for k, v in meta["drafts"].items())
+        + (" (**random, untrained**)" if meta.get("random_drafts") else ""),
+        f"- Greedy, block size {settings['block_size']}, confidence threshold {settings['confidence_threshold']}, "
+        f"{settings['num_prompts']} prompts per dataset, max {settings['max_new_tokens']} new tokens, "
+        f"median of {settings['repeats']} repeat(s), methods interleaved per prompt",
+        f"- Command: `{meta['command']}`",
+        "",
+        render_table(results),
+        "",
+        "Physical bound = τ · t1 / (t_verify + t_draft), with the target forward costs below "
+        "(t_verify averaged over the lengths each method verified); % of bound = speedup vs plain / bound.",
+        "",
+        render_costs(results),
+    ]
+    if results.get("humaneval_pass1"):
+        lines += ["", "| HumanEval pass@1 | passed / total |", "|---|---|"]
+        for method, score in results["humaneval_pass1"].items():
+            lines.append(f"| {method}: {score['pass@1']:.3f} | {score['passed']} / {score['total']} |")
+    if results.get("mismatches"):
+        lines += ["", f"**GREEDY MISMATCH: {len(results['mismatches'])} output(s) differ from plain decoding.**", ""]
+        for m in results["mismatches"]:
+            lines.append(f"- {m['dataset']} `{m['prompt_id']}` {m['method']}: {m['reason']} at new token {m['first_difference']}")
+    return "\n".join(lines) + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_speedup(results: dict, path: str | Path) -> Path:
+    """Grouped bars: speedup over plain decoding per dataset and method."""
+    plt = _pyplot()
+    rows = results["results"]
+    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    width = 0.8 / max(len(methods), 1)
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(datasets) * len(methods) / 3), 4))
+    for i, method in enumerate(methods):
+        values = [next((r["speedup"] for r in rows if r["dataset"] == d and r["method"] == method), 0.0) for d in datasets]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(datasets))]
+        ax.bar(xs, values, width, label=method)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_ylabel("speedup vs plain generate")
+    ax.set_title(f"dflare bench ({results['meta']['device']}, {results['meta']['dtype']})")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+def plot_acceptance(results: dict, path: str | Path) -> Path:
+    """Per dataset: histogram of accepted drafts per cycle (top) and per-position acceptance (bottom)."""
+    plt = _pyplot()
+    rows = [r for r in results["results"] if r.get("histogram")]
+    datasets = list(dict.fromkeys(r["dataset"] for r in results["results"]))
+    fig, axes = plt.subplots(2, max(len(datasets), 1), figsize=(4.5 * max(len(datasets), 1), 6), squeeze=False)
+    for column, dataset in enumerate(datasets):
+        top, bottom = axes[0][column], axes[1][column]
+        for row in (r for r in rows if r["dataset"] == dataset):
+            total = sum(row["histogram"]) or 1
+            top.plot(range(len(row["histogram"])), [c / total for c in row["histogram"]], marker="o", label=f"{row['method']} τ={row['tau']:.2f}")
+            curve = row["position_acceptance"]
+            bottom.plot([k + 1 for k, v in enumerate(curve) if v is not None], [v for v in curve if v is not None], marker=".", label=row["method"])
+        top.set_title(dataset)
+        top.set_xlabel("drafts accepted per cycle")
+        top.set_ylabel("fraction of cycles")
+        bottom.set_xlabel("block position")
+        bottom.set_ylabel("acceptance rate")
+        bottom.set_ylim(0, 1.05)
+        top.legend(fontsize="x-small")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)
+
+
+__all__ = ["plot_acceptance", "plot_speedup", "render_costs", "render_markdown", "render_table"]

@@ -1,0 +1,161 @@
+"""`dflare bench` end to end on a tiny random target, and its refusal of a lossy verifier."""
+
+import json
+import struct
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from modeling_dflare import DFlareConfig, DFlareModel, bench, cli
+from modeling_dflare.bench_datasets import math_problem
+from modeling_dflare.bench_report import render_markdown
+
+VOCAB = 100
+SPECIALS = ["<unk>", "<pad>", "<eos>", "<|user|>", "<|assistant|>"]
+WORDS = "the a of to and is in that for it def return if else x y n list int str python function number how many".split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level tokenizer over a fixed vocabulary of 100 (unknown words -> <unk>) with a chat template."""
+    words = SPECIALS + WORDS + [f"w{i}" for i in range(VOCAB - len(SPECIALS) - len(WORDS))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """Folders with a tiny random Llama target (+ tokenizer) and two random drafts (DFlare, DFlash)."""
+    root = tmp_path_factory.mktemp("bench")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.15,
+        pad_token_id=1,
+        eos_token_id=2,
+        bos_token_id=None,
+    )
+    target = LlamaForCausalLM(config).eval()
+    target.save_pretrained(root / "target")
+    tiny_tokenizer().save_pretrained(root / "target")
+    for name, fusion in (("dflare", "layerwise"), ("dflash", "shared")):
+        draft_config = DFlareConfig.from_target_config(config, fusion=fusion, block_size=4, num_hidden_layers=1)
+        DFlareModel(draft_config).save_pretrained(root / name)
+    return root
+
+
+def bench_argv(root, out, *extra):
+    return [
+        "bench",
+        "--target", str(root / "target"),
+        "--draft", str(root / "dflare"),
+        "--dflash-draft", str(root / "dflash"),
+        "--datasets", "math", "humaneval",
+        "--num-prompts", "2",
+        "--max-new-tokens", "12",
+        "--max-prompt-tokens", "400",
+        "--cost-repeats", "1",
+        "--output-dir", str(out),
+        *extra,
+    ]  # fmt: skip
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_bench_end_to_end(tiny_setup, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(bench_argv(tiny_setup, out, "--repeats", "2")) == 0
+    results = json.loads((out / "bench.json").read_text())
+    assert results["ok"] and results["mismatches"] == []
+    rows = {(r["dataset"], r["method"]): r for r in results["results"]}
+    assert set(rows) == {(d, m) for d in ("math", "humaneval") for m in bench.METHODS}
+    for (dataset, method), row in rows.items():
+        assert row["prompts"] == 2 and row["new_tokens"] > 0 and row["tokens_per_second"] > 0
+        if method in ("plain", "plain-fast"):
+            assert row["tau"] == 1.0 and row["histogram"] is None
+            continue
+        # Every verify cycle gains accepted + 1 tokens. Draft models need a prefill forward first (one
+        # token per prompt); prompt lookup proposes from the prompt, so its prefill already verifies.
+        prefill = 0 if method == "prompt-lookup" else row["prompts"]
+        assert sum(row["histogram"]) * row["tau"] + prefill == pytest.approx(row["new_tokens"])
+        assert row["target_forwards"] == sum(row["histogram"]) + prefill
+        assert row["bound"] > 0 and row["bound_fraction"] > 0
+    assert rows[("math", "plain")]["speedup"] == pytest.approx(1.0)
+    assert len(results["costs"]["math"]["verify_ms"]) == 11  # lengths 1..max(block 4, prompt lookup 10 + 1)
+    markdown = (out / "bench.md").read_text()
+    assert markdown == render_markdown(results)
+    assert "| math | dflare |" in markdown and "Lossless" in markdown and "GREEDY MISMATCH" not in markdown
+    for name in ("speedup.png", "acceptance.png"):
+        width, height = png_size(out / name)
+        assert width > 100 and height > 100
+
+
+def broken_verifier(module, args, kwargs, output):
+    """Make the target 'agree' with every token it is fed: a verifier that accepts any draft.
+
+    Plain decoding only reads the last position's logits, so it is unaffected; speculative methods
+    then keep whatever the draft proposed.
+    """
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    kept = output.logits.shape[1]  # prefill keeps only the last position's logits
+    if input_ids is not None and kept > 1:
+        forced = torch.full_like(output.logits[:, :-1], -1e4)
+        forced.scatter_(-1, input_ids[:, input_ids.shape[1] - kept + 1 :, None], 1e4)
+        output.logits[:, :-1] = forced
+    return output
+
+
+def test_bench_fails_on_lossy_verifier(tiny_setup, tmp_path, monkeypatch, capsys):
+    load_models = bench.load_models
+
+    def load_with_broken_verifier(args):
+        target, tokenizer, drafts, methods = load_models(args)
+        target.register_forward_hook(broken_verifier, with_kwargs=True)
+        return target, tokenizer, drafts, methods
+
+    monkeypatch.setattr(bench, "load_models", load_with_broken_verifier)
+    out = tmp_path / "out"
+    argv = bench_argv(tiny_setup, out, "--methods", "plain", "dflare", "--datasets", "math", "--no-plots")
+    assert cli.main(argv) == 1
+    results = json.loads((out / "bench.json").read_text())
+    assert not results["ok"]
+    assert {m["method"] for m in results["mismatches"]} == {"dflare"}
+    assert all(m["reason"] == "differs from plain" for m in results["mismatches"])
+    assert "GREEDY MISMATCH" in capsys.readouterr().err
+    assert "GREEDY MISMATCH" in (out / "bench.md").read_text()
+
+
+def test_math_problems_are_reproducible():
+    first, again, other = math_problem(7), math_problem(7), math_problem(8)
+    assert first == again and first.messages != other.messages
+    assert isinstance(first.meta["answer"], int)
+
+
+def test_transposed_linear_is_exact():
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(24, 40)
+    x = torch.randn(1, 1, 24)
+    expected = layer(x)
+    with bench.transposed_small_row_linear():
+        got = layer(x)
+        batch = layer(torch.randn(3, 24))
+    assert torch.equal(got, expected) and batch.shape == (3, 40)
+    assert torch.nn.Linear.forward is not None and layer(x).shape == (1, 1, 40)
