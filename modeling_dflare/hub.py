@@ -1,0 +1,665 @@
+"""Publishing drafts and the demo Space: model cards, ``dflare push`` and ``dflare push-space``.
+
+Both commands validate the whole folder first and stage exactly the files to upload into one folder:
+``--dry-run OUT`` writes that folder to ``OUT``; a real push uploads it in a single commit. Nothing is
+created on the Hub before every check has passed and the token has been confirmed, so a push that
+fails (offline, no token, a bad folder) leaves nothing half-uploaded.
+
+Benchmark JSON read by the model card (``dflare bench`` writes ``bench.json``; other layouts work too):
+
+* rows: the top-level list, or the first list among the keys ``results``, ``rows``, ``runs``;
+* per row: ``method`` (or ``name``), ``dataset`` (or ``task``), acceptance length from ``tau`` /
+  ``acceptance_length`` / ``mean_acceptance_length``, throughput from ``tokens_per_second`` /
+  ``tokens_per_s`` / ``throughput``, ``speedup`` (or ``speedup_vs_plain``), and ``mismatches``
+  (0 means the output was identical to plain decoding);
+* context: ``meta.hardware`` (``processor`` / ``gpu``), ``meta.device``, ``meta.dtype``, ``meta.settings``
+  (``max_new_tokens``, ``num_prompts``).
+
+Rows without a method are skipped and counted in a warning; a JSON with rows but none usable raises.
+"""
+
+import argparse
+import ast
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "draft_model_card.md"
+REQUIRED_TAGS = ("dflare", "dflash", "speculative-decoding", "draft-model", "block-diffusion")
+HUB_FILES = ("configuration_dflare.py", "modeling_dflare.py")
+EXPECTED_AUTO_MAP = {"AutoConfig": "configuration_dflare.DFlareConfig", "AutoModel": "modeling_dflare.DFlareModel"}
+# Written into a card whose Hub id is not known yet; `dflare push` replaces it with --repo-id.
+REPO_ID_PLACEHOLDER = "<hub-repo-id>"
+OPTIONAL_DRAFT_FILES = ("generation_config.json", "bench.json", "conversion_report.json", "training_summary.json", "LICENSE", ".gitattributes")
+SPACE_IGNORED_DIRS = {"__pycache__", ".git", ".venv", "venv", "node_modules", ".pytest_cache", ".gradio", "flagged"}
+SPACE_IGNORED_SUFFIXES = (".pyc", ".pyo", ".log")
+TOKEN_PATTERN = re.compile(rb"hf_[A-Za-z0-9]{30,}")
+# The Hub identifies these import names with packages of another name.
+IMPORT_TO_PACKAGE = {"PIL": "pillow", "yaml": "pyyaml", "sklearn": "scikit-learn", "cv2": "opencv-python"}
+
+
+class PushError(ValueError):
+    """A folder cannot be published as it is, or the Hub cannot be reached; nothing was uploaded."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------
+
+
+def _first(row: dict, *names):
+    for name in names:
+        if row.get(name) is not None:
+            return row[name]
+    return None
+
+
+def _number(value, digits: int, suffix: str = "") -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "–" if value is None else str(value)
+    return f"{value:.{digits}f}{suffix}"
+
+
+def load_bench_rows(path: str | Path) -> tuple[list[dict], str]:
+    """``(rows, context sentence)`` for the card's benchmark table from a ``dflare bench`` JSON (see module doc)."""
+    data = json.loads(Path(path).read_text())
+    raw = data if isinstance(data, list) else next((data[k] for k in ("results", "rows", "runs") if isinstance(data.get(k), list)), [])
+    rows, skipped = [], 0
+    for row in raw:
+        method = _first(row, "method", "name") if isinstance(row, dict) else None
+        if method is None:
+            skipped += 1
+            continue
+        mismatches = row.get("mismatches")
+        rows.append({
+            "method": method,
+            "dataset": _first(row, "dataset", "task") or "–",
+            "acceptance_length": _number(_first(row, "tau", "acceptance_length", "mean_acceptance_length"), 2),
+            "tokens_per_s": _number(_first(row, "tokens_per_second", "tokens_per_s", "throughput"), 1),
+            "speedup": _number(_first(row, "speedup", "speedup_vs_plain"), 2, "x"),
+            "lossless": "–" if mismatches is None else ("yes" if mismatches == 0 else f"no ({mismatches} differ)"),
+            "has_lossless": mismatches is not None,
+        })
+    if skipped:
+        logger.warning("%s: %d benchmark row(s) without a method skipped", path, skipped)
+    if raw and not rows:
+        raise ValueError(f"{path}: none of its {len(raw)} benchmark rows has a 'method' (or 'name') field")
+    return rows, _bench_context(data.get("meta") if isinstance(data, dict) else None)
+
+
+def _bench_context(meta: dict | None) -> str:
+    if not isinstance(meta, dict):
+        return ""
+    hardware = meta.get("hardware") or {}
+    machine = hardware.get("gpu") or hardware.get("processor") if isinstance(hardware, dict) else str(hardware)
+    settings = meta.get("settings") or {}
+    parts = [f"Measured on {machine}" if machine else "Measured"]
+    if meta.get("device"):
+        parts.append(f"device `{meta['device']}`")
+    if meta.get("dtype"):
+        parts.append(f"{meta['dtype']}")
+    if settings.get("num_prompts"):
+        parts.append(f"{settings['num_prompts']} prompts per dataset")
+    if settings.get("max_new_tokens"):
+        parts.append(f"{settings['max_new_tokens']} new tokens")
+    if settings.get("greedy"):
+        parts.append("greedy decoding")
+    return ", ".join(parts) + "."
+
+
+def _format_value(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_format_value(v) for v in value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_format_value(v)}" for k, v in value.items())
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def weight_summary(draft_dir: Path) -> tuple[int, str]:
+    """``(number of parameters, dtype name)`` from the safetensors headers (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    total, dtypes = 0, set()
+    for file in sorted(draft_dir.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in handle.keys():
+                piece = handle.get_slice(key)
+                count = 1
+                for dim in piece.get_shape():
+                    count *= dim
+                total += count
+                dtypes.add(piece.get_dtype())
+    names = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "I64": "int64"}
+    return total, "/".join(sorted(names.get(d, d) for d in dtypes if d != "I64")) or "unknown"
+
+
+def card_context(draft_dir: Path, *, base_model: str, datasets: list[str], training: dict, bench_json, repo_id) -> dict:
+    """Template variables of the draft card."""
+    config = json.loads((draft_dir / "config.json").read_text())
+    layerwise = config.get("fusion", "layerwise") == "layerwise"
+    parameters, dtype = weight_summary(draft_dir)
+    training = dict(training or {})
+    command = training.pop("command", None)
+    rows, context = load_bench_rows(bench_json) if bench_json else ([], "")
+    vocab = config.get("draft_vocab_size")
+    return dict(
+        model_name=repo_id or draft_dir.resolve().name,
+        repo_id=repo_id or REPO_ID_PLACEHOLDER,
+        base_model=base_model,
+        method_name="DFlare" if layerwise else "DFlash",
+        fusion=config.get("fusion", "layerwise"),
+        fusion_description="layer-wise fusion: each draft layer mixes the target layers with its own softmax weights"
+        if layerwise
+        else "shared fusion: one projection of the concatenated target layers feeds every draft layer",
+        num_layers=config["num_hidden_layers"],
+        target_layer_ids=config["target_layer_ids"],
+        num_target_hidden_layers=config.get("num_target_hidden_layers"),
+        target_model_type=config.get("target_model_type"),
+        block_size=config["block_size"],
+        mask_token_id=config["mask_token_id"],
+        draft_vocabulary=f"{vocab} most frequent tokens (verification uses the full vocabulary)" if vocab else f"full ({config['vocab_size']} tokens)",
+        num_parameters=f"{parameters / 1e6:.1f} M parameters" if parameters >= 1e5 else f"{parameters} parameters",
+        weights_dtype=dtype,
+        training_command=command,
+        training_rows=[(str(k).replace("_", " "), _format_value(v)) for k, v in training.items()],
+        datasets=list(datasets or []),
+        bench_rows=rows,
+        bench_context=context,
+        bench_has_lossless=any(r["has_lossless"] for r in rows),
+    )
+
+
+def render_model_card(draft_dir, *, base_model: str, datasets: list[str], training: dict, bench_json=None,
+                      license: str = "apache-2.0", repo_id: str | None = None, template_path=None):
+    """The draft's :class:`huggingface_hub.ModelCard` (metadata + text) without writing it."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    draft_dir = Path(draft_dir)
+    data = ModelCardData(
+        library_name="transformers",
+        base_model=base_model,
+        pipeline_tag="text-generation",
+        tags=list(REQUIRED_TAGS),
+        license=license,
+        datasets=list(datasets) or None,
+    )
+    context = card_context(draft_dir, base_model=base_model, datasets=datasets, training=training, bench_json=bench_json, repo_id=repo_id)
+    return ModelCard.from_template(data, template_path=str(template_path or CARD_TEMPLATE), **context)
+
+
+def write_model_card(draft_dir, *, base_model: str, datasets: list[str], training: dict, bench_json: str | None = None,
+                     license: str = "apache-2.0", repo_id: str | None = None) -> Path:
+    """Write ``README.md`` (the model card) into ``draft_dir`` and return its path.
+
+    ``training`` holds free-form recipe facts (command, data size, steps, hardware, wall time, final
+    per-position accuracy, ...): ``command`` is shown as a code block, the rest as a table in insertion
+    order. ``bench_json`` is a ``dflare bench`` JSON for the benchmark table. Without ``repo_id`` the
+    usage snippet names :data:`REPO_ID_PLACEHOLDER`, which ``dflare push --repo-id`` fills in.
+    """
+    card = render_model_card(draft_dir, base_model=base_model, datasets=datasets, training=training,
+                             bench_json=bench_json, license=license, repo_id=repo_id)
+    path = Path(draft_dir) / "README.md"
+    card.save(path)
+    return path
+
+
+def check_model_card(path: Path) -> list[str]:
+    """Problems of a draft card's metadata (empty when it is publishable)."""
+    from huggingface_hub import ModelCard
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        card = ModelCard.load(path)
+    except Exception as error:  # a YAML or front-matter error: report it as a folder problem
+        return [f"{path.name}: card metadata does not parse: {error}"]
+    data = card.data.to_dict()
+    problems = []
+    for field, expected in (("library_name", "transformers"), ("pipeline_tag", "text-generation")):
+        if data.get(field) != expected:
+            problems.append(f"{path.name}: {field}={data.get(field)!r}, expected {expected!r}")
+    missing_tags = [t for t in REQUIRED_TAGS if t not in (data.get("tags") or [])]
+    if missing_tags:
+        problems.append(f"{path.name}: tags lack {missing_tags}")
+    if not data.get("license"):
+        problems.append(f"{path.name}: no license in the metadata")
+    base = data.get("base_model")
+    try:
+        validate_repo_id(base if isinstance(base, str) else "")
+    except HFValidationError:
+        problems.append(f"{path.name}: base_model={base!r} is not a Hub model id (expected ORG/NAME of the target)")
+    return problems
+
+
+# ----------------------------------------------------------------------------------------------
+# Draft folder validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _allowed_import(name: str) -> bool:
+    root = name.split(".")[0]
+    return root in ("torch", "transformers", "huggingface_hub") or root in sys.stdlib_module_names
+
+
+def check_hub_file(path: Path) -> list[str]:
+    """A Hub code file must parse and import only torch, transformers, huggingface_hub, stdlib or siblings."""
+    try:
+        tree = ast.parse(path.read_text(), filename=str(path))
+    except SyntaxError as error:
+        return [f"{path.name}: does not parse ({error})"]
+    bad = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            bad += [a.name for a in node.names if not _allowed_import(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and not _allowed_import(node.module or ""):
+            bad.append(node.module)
+    return [f"{path.name}: imports {sorted(set(bad))}, which a clean environment with only torch and transformers lacks"] if bad else []
+
+
+def _defines_class(path: Path, name: str) -> bool:
+    tree = ast.parse(path.read_text())
+    return any(
+        (isinstance(n, ast.ClassDef) and n.name == name) or (isinstance(n, ast.Assign) and any(getattr(t, "id", None) == name for t in n.targets))
+        for n in tree.body
+    )
+
+
+def check_config(draft_dir: Path) -> list[str]:
+    path = draft_dir / "config.json"
+    if not path.is_file():
+        return ["config.json is missing"]
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        return [f"config.json does not parse: {error}"]
+    problems = []
+    if config.get("model_type") != "dflare":
+        problems.append(f"config.json: model_type={config.get('model_type')!r}, expected 'dflare' (convert other formats with `dflare convert`)")
+    auto_map = config.get("auto_map") or {}
+    for auto_class, expected in EXPECTED_AUTO_MAP.items():
+        reference = auto_map.get(auto_class)
+        if reference is None:
+            problems.append(f"config.json: auto_map lacks {auto_class} (expected {expected!r}; save the draft with save_pretrained after `import modeling_dflare`)")
+            continue
+        module, _, class_name = reference.rpartition(".")
+        code = draft_dir / f"{module}.py"
+        if code.is_file() and not _defines_class(code, class_name):
+            problems.append(f"config.json: auto_map {auto_class}={reference!r} but {code.name} defines no {class_name}")
+    return problems
+
+
+def weight_files(draft_dir: Path) -> tuple[list[Path], list[str]]:
+    """The safetensors files of a draft (sharded or not) and problems finding them."""
+    index = draft_dir / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [s for s in shards if not (draft_dir / s).is_file()]
+        files = [index] + [draft_dir / s for s in shards if s not in missing]
+        return files, [f"model.safetensors.index.json names missing shards {missing}"] if missing else []
+    if (draft_dir / "model.safetensors").is_file():
+        return [draft_dir / "model.safetensors"], []
+    other = [p.name for p in draft_dir.glob("*.bin")]
+    hint = f" (found {other}: re-save with save_pretrained, which writes safetensors)" if other else ""
+    return [], [f"model.safetensors is missing{hint}"]
+
+
+def check_weights(draft_dir: Path, files: list[Path]) -> list[str]:
+    """Tensor names and shapes in the safetensors files must be exactly those of the config's model."""
+    import torch
+    from safetensors import safe_open
+
+    from .configuration_dflare import DFlareConfig
+    from .modeling_dflare import DFlareModel
+
+    try:
+        config = DFlareConfig.from_pretrained(draft_dir)
+    except Exception as error:  # the config's own validation message is the useful part
+        return [f"config.json does not load as a DFlareConfig: {error}"]
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in DFlareModel(config).state_dict().items()}
+    found = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), framework="pt") as handle:
+                found.update({k: tuple(handle.get_slice(k).get_shape()) for k in handle.keys()})
+    problems = []
+    missing, unexpected = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    if missing:
+        problems.append(f"weights lack {len(missing)} tensor(s) of the config's model: {missing[:6]}")
+    if unexpected:
+        problems.append(f"weights hold {len(unexpected)} tensor(s) the model does not have: {unexpected[:6]}")
+    wrong = [f"{k} {found[k]} != {expected[k]}" for k in set(found) & set(expected) if found[k] != expected[k]]
+    if wrong:
+        problems.append(f"tensor shapes differ from the config: {sorted(wrong)[:6]}")
+    return problems
+
+
+def check_secrets(files: list[Path], root: Path) -> list[str]:
+    """No file may contain the current Hugging Face token or anything shaped like one."""
+    token = _current_token()
+    problems = []
+    for file in files:
+        data = file.read_bytes()
+        if token and token.encode() in data:
+            problems.append(f"{file.relative_to(root)} contains your Hugging Face token")
+        elif file.suffix not in (".safetensors",) and TOKEN_PATTERN.search(data):
+            problems.append(f"{file.relative_to(root)} contains a string shaped like a Hugging Face token (hf_...)")
+    return problems
+
+
+def collect_draft_files(draft_dir: str | Path) -> list[Path]:
+    """Validate a draft folder and return the files to upload; raise :class:`PushError` listing every problem."""
+    draft_dir = Path(draft_dir)
+    if not draft_dir.is_dir():
+        raise PushError(f"{draft_dir} is not a folder")
+    problems = check_config(draft_dir)
+    files = [draft_dir / "config.json"]
+    for name in HUB_FILES:
+        path = draft_dir / name
+        if path.is_file():
+            problems += check_hub_file(path)
+            files.append(path)
+        else:
+            problems.append(f"{name} is missing (save_pretrained copies it when modeling_dflare is imported)")
+    weights, weight_problems = weight_files(draft_dir)
+    problems += weight_problems
+    files += weights
+    if not problems:
+        problems += check_weights(draft_dir, weights)
+    card = draft_dir / "README.md"
+    if card.is_file():
+        problems += check_model_card(card)
+        files.append(card)
+    else:
+        problems.append("README.md (the model card) is missing: write it with modeling_dflare.hub.write_model_card or pass --base-model")
+    files += [draft_dir / name for name in OPTIONAL_DRAFT_FILES if (draft_dir / name).is_file()]
+    files += sorted(p for p in draft_dir.glob("*.png") if p.is_file())
+    problems += check_secrets(files, draft_dir)
+    if problems:
+        raise PushError(f"{draft_dir} cannot be published:\n  - " + "\n  - ".join(problems))
+    skipped = sorted(p.relative_to(draft_dir).as_posix() for p in draft_dir.rglob("*") if p.is_file() and p not in files)
+    if skipped:
+        logger.info("not uploaded (not part of a published draft): %s", ", ".join(skipped))
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# Space folder validation
+# ----------------------------------------------------------------------------------------------
+
+
+def _requirement_names(path: Path) -> tuple[set[str], list[str]]:
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.utils import canonicalize_name
+
+    names, problems = set(), []
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.split(" #")[0].strip()
+        if not line or line.startswith(("#", "-")):
+            continue
+        if "://" in line and "@" not in line:
+            continue  # a bare URL: pip resolves its name at install time
+        try:
+            names.add(canonicalize_name(Requirement(line).name))
+        except InvalidRequirement as error:
+            problems.append(f"requirements.txt line {number}: {raw.strip()!r} is not a requirement ({error})")
+    return names, problems
+
+
+def _guards_import_error(node) -> bool:
+    if not isinstance(node, ast.Try):
+        return False
+    names = set()
+    for handler in node.handlers:
+        if handler.type is None:
+            return True
+        types = handler.type.elts if isinstance(handler.type, ast.Tuple) else [handler.type]
+        names.update(getattr(t, "id", None) for t in types)
+    return bool(names & {"ImportError", "ModuleNotFoundError", "Exception"})
+
+
+def _unresolved_imports(app: Path, space_dir: Path, requirements: set[str]) -> list[str]:
+    from packaging.utils import canonicalize_name
+
+    tree = ast.parse(app.read_text())
+    optional = {id(n) for guard in ast.walk(tree) if _guards_import_error(guard) for stmt in guard.body for n in ast.walk(stmt)}
+    roots = set()
+    for node in ast.walk(tree):
+        if id(node) in optional:
+            continue  # `try: import x / except ImportError:` is an optional dependency
+        if isinstance(node, ast.Import):
+            roots.update(a.name.split(".")[0] for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            roots.add(node.module.split(".")[0])
+    provided = {"gradio", "spaces"}  # installed by the gradio SDK / ZeroGPU runtime
+    unresolved = []
+    for root in sorted(roots):
+        local = (space_dir / f"{root}.py").is_file() or (space_dir / root / "__init__.py").is_file()
+        package = canonicalize_name(IMPORT_TO_PACKAGE.get(root, root))
+        if not (root in sys.stdlib_module_names or root in provided or local or package in requirements):
+            unresolved.append(root)
+    return unresolved
+
+
+def check_space_readme(space_dir: Path) -> list[str]:
+    from huggingface_hub import SpaceCard
+
+    path = space_dir / "README.md"
+    if not path.is_file():
+        return ["README.md is missing (a Space needs YAML front matter with sdk: gradio)"]
+    try:
+        data = SpaceCard.load(path).data.to_dict()
+    except Exception as error:  # a YAML or front-matter error: report it as a folder problem
+        return [f"README.md front matter does not parse: {error}"]
+    problems = []
+    if data.get("sdk") != "gradio":
+        problems.append(f"README.md: sdk={data.get('sdk')!r}, expected 'gradio'")
+    app_file = data.get("app_file", "app.py")
+    if not (space_dir / app_file).is_file():
+        problems.append(f"README.md: app_file={app_file!r} does not exist in {space_dir}")
+    if not data.get("title"):
+        problems.append("README.md: no title in the front matter")
+    if not data.get("sdk_version"):
+        logger.warning("%s/README.md has no sdk_version: the Hub picks a gradio version itself", space_dir)
+    return problems
+
+
+def collect_space_files(space_dir: str | Path) -> list[Path]:
+    """Validate a Space folder (app.py, README.md front matter, requirements.txt) and return its files."""
+    space_dir = Path(space_dir)
+    if not space_dir.is_dir():
+        raise PushError(f"{space_dir} is not a folder")
+    problems = check_space_readme(space_dir)
+    app = space_dir / "app.py"
+    if not app.is_file():
+        problems.append("app.py is missing")
+    else:
+        try:
+            ast.parse(app.read_text(), filename=str(app))
+        except SyntaxError as error:
+            problems.append(f"app.py does not parse: {error}")
+    requirements = space_dir / "requirements.txt"
+    names: set[str] = set()
+    if requirements.is_file():
+        names, requirement_problems = _requirement_names(requirements)
+        problems += requirement_problems
+    else:
+        problems.append("requirements.txt is missing (list what app.py imports besides gradio)")
+    if not problems:
+        unresolved = _unresolved_imports(app, space_dir, names)
+        if unresolved:
+            problems.append(f"app.py imports {unresolved}, which neither requirements.txt nor the Space folder provides")
+    files = sorted(
+        p for p in space_dir.rglob("*")
+        if p.is_file()
+        and not any(part in SPACE_IGNORED_DIRS or (part.startswith(".") and part != ".gitattributes") for part in p.relative_to(space_dir).parts)
+        and not p.name.endswith(SPACE_IGNORED_SUFFIXES)
+    )
+    problems += check_secrets(files, space_dir)
+    if problems:
+        raise PushError(f"{space_dir} cannot be published as a Space:\n  - " + "\n  - ".join(problems))
+    return files
+
+
+# ----------------------------------------------------------------------------------------------
+# Staging and uploading
+# ----------------------------------------------------------------------------------------------
+
+
+def stage(files: list[Path], root: Path, out: Path, repo_id: str) -> list[Path]:
+    """Copy ``files`` (relative to ``root``) into ``out``, naming ``repo_id`` in the card; return the copies."""
+    staged = []
+    for file in files:
+        destination = out / file.relative_to(root)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        if file.name == "README.md":
+            destination.write_text(file.read_text().replace(REPO_ID_PLACEHOLDER, repo_id))
+        else:
+            shutil.copy2(file, destination)
+        staged.append(destination)
+    return staged
+
+
+def _current_token() -> str | None:
+    from huggingface_hub import get_token
+
+    return get_token()
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    value = os.environ.get("HF_HUB_OFFLINE", "")
+    return constants.is_offline_mode() if value == "" else value.upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_session(repo_id: str):
+    """An authenticated :class:`HfApi` after checking the network and the token, before anything is created."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise PushError(f"--repo-id {repo_id!r}: {error}") from None
+    if "/" not in repo_id:
+        raise PushError(f"--repo-id {repo_id!r}: expected ORG/NAME")
+    if _offline():
+        raise PushError(
+            "HF_HUB_OFFLINE is set (dflare sets it by default): run with HF_HUB_OFFLINE=0 to upload. "
+            "Nothing was uploaded; --dry-run OUT shows what would be."
+        )
+    token = _current_token()
+    if not token:
+        raise PushError("no Hugging Face token: set HF_TOKEN or run `hf auth login`. Nothing was uploaded.")
+    api = HfApi(token=token)
+    try:
+        user = api.whoami()
+    except Exception as error:  # network or auth failure: both mean stop before creating anything
+        raise PushError(f"the Hub rejected the token or cannot be reached ({type(error).__name__}: {error}). Nothing was uploaded.") from None
+    logger.info("authenticated as %s", user.get("name"))
+    return api
+
+
+def upload(api, staged_dir: Path, repo_id: str, *, repo_type: str, private: bool, revision: str | None, message: str, **create_kwargs) -> str:
+    """Create the repo if needed and upload ``staged_dir`` in one commit; delete a repo we created if that fails."""
+    existed = api.repo_exists(repo_id, repo_type=repo_type)
+    url = api.create_repo(repo_id, repo_type=repo_type, private=private, exist_ok=True, **create_kwargs)
+    try:
+        if revision and revision != "main":
+            api.create_branch(repo_id, branch=revision, repo_type=repo_type, exist_ok=True)
+        api.upload_folder(repo_id=repo_id, folder_path=staged_dir, repo_type=repo_type, revision=revision, commit_message=message)
+    except Exception:
+        if not existed:
+            logger.error("upload failed: deleting the repository %s created for it", repo_id)
+            api.delete_repo(repo_id, repo_type=repo_type, missing_ok=True)
+        raise
+    return str(url)
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and any(out.iterdir()):
+        raise PushError(f"--dry-run {out}: folder is not empty; choose a new folder so it holds exactly the upload")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def publish(files: list[Path], root: Path, args, *, repo_type: str, message: str, **create_kwargs) -> int:
+    """Dry run into ``args.dry_run`` or upload ``files``; shared by both commands."""
+    if args.dry_run:
+        out = Path(args.dry_run)
+        _prepare_out(out)
+        staged = stage(files, root, out, args.repo_id)
+        total = sum(p.stat().st_size for p in staged)
+        print(f"dry run: {len(staged)} files ({total / 2**20:.2f} MiB) would be uploaded to {repo_type} {args.repo_id}"
+              f"{' (private)' if args.private else ''}{f' @ {args.revision}' if args.revision else ''}; written to {out}")
+        for path in staged:
+            print(f"  {path.relative_to(out).as_posix()}  {path.stat().st_size} bytes")
+        return 0
+    api = hub_session(args.repo_id)
+    with tempfile.TemporaryDirectory(prefix="dflare-push-") as tmp:
+        stage(files, root, Path(tmp), args.repo_id)
+        url = upload(api, Path(tmp), args.repo_id, repo_type=repo_type, private=args.private, revision=args.revision,
+                     message=args.commit_message or message, **create_kwargs)
+    print(f"uploaded {len(files)} files to {url}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+
+
+def _common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--repo-id", required=True, help="ORG/NAME of the Hub repository")
+    parser.add_argument("--private", action="store_true", help="create the repository as private")
+    parser.add_argument("--revision", default=None, help="branch to upload to (created if missing; default main)")
+    parser.add_argument("--dry-run", metavar="OUT", default=None, help="write exactly what would be uploaded into OUT; upload nothing")
+    parser.add_argument("--commit-message", default=None)
+
+
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("draft_dir", type=Path, help="draft folder: config.json, both Hub .py files, model.safetensors, README.md")
+    _common_arguments(parser)
+    card = parser.add_argument_group("model card (written into DRAFT_DIR when --base-model is given)")
+    card.add_argument("--base-model", default=None, help="target model id; (re)writes README.md before validating")
+    card.add_argument("--dataset", action="append", default=[], help="training prompt dataset id (repeatable)")
+    card.add_argument("--bench-json", default=None, help="dflare bench JSON for the benchmark table")
+    card.add_argument("--license", default="apache-2.0")
+
+
+def run_push(args: argparse.Namespace) -> int:
+    try:
+        if args.base_model:
+            training_file = args.draft_dir / "training_summary.json"
+            training = json.loads(training_file.read_text()) if training_file.is_file() else {}
+            write_model_card(args.draft_dir, base_model=args.base_model, datasets=args.dataset, training=training,
+                             bench_json=args.bench_json, license=args.license)
+        files = collect_draft_files(args.draft_dir)
+        return publish(files, args.draft_dir, args, repo_type="model", message="Upload DFlare draft with dflare push")
+    except PushError as error:
+        raise SystemExit(f"dflare push: {error}") from None
+
+
+def add_push_space_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("space_dir", type=Path, help="Space folder: app.py, README.md (sdk: gradio), requirements.txt")
+    _common_arguments(parser)
+
+
+def run_push_space(args: argparse.Namespace) -> int:
+    try:
+        files = collect_space_files(args.space_dir)
+        return publish(files, args.space_dir, args, repo_type="space", message="Upload DFlare demo Space with dflare push-space", space_sdk="gradio")
+    except PushError as error:
+        raise SystemExit(f"dflare push-space: {error}") from None
+
+
+add_arguments = add_push_arguments
+run = run_push
