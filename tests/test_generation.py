@@ -1,0 +1,389 @@
+"""Lossless generation: DFlare output equals plain ``generate`` output.
+
+Greedy: token for token, for tiny random Llama / Qwen3 / Mistral / Gemma3 targets, block sizes 2, 4
+and 16, both fusion modes, our generator and the stock ``speculation_type="dflash"`` one. A random
+draft exercises the rejection path; the oracle draft (conftest) exercises acceptance, eos inside
+an accepted block and the length limit reached mid-block, and the tests check that acceptance
+really happened so they cannot pass vacuously.
+
+Sampling: with a vocabulary of 8 tokens the exact distribution of the first tokens is computed by
+enumeration and DFlare samples are checked against it with a chi-square test; a deliberately
+biased verifier is shown to be rejected by the same test.
+"""
+
+import itertools
+
+import pytest
+import torch
+from conftest import (
+    ARCHITECTURES,
+    VerifyCounter,
+    cached_target,
+    greedy,
+    make_draft,
+    make_oracle,
+    make_target,
+    random_prompt,
+)
+from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
+
+from modeling_dflare import DFlareCandidateGenerator, DFlareModel
+
+PATHS = ("custom", "stock")
+BLOCK_SIZES = (2, 4, 16)
+FUSIONS = ("layerwise", "shared")
+
+
+def path_kwargs(path: str) -> dict:
+    return {"speculation_type": "dflash"} if path == "stock" else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Greedy
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_random_draft_equals_plain(arch, block_size, fusion, path):
+    target = cached_target(arch)
+    draft = make_draft(target, fusion=fusion, block_size=block_size)
+    for prompt_len, max_new in [(1, 1), (5, 7), (17, 13)]:
+        prompt = random_prompt(prompt_len, seed=prompt_len)
+        expected = greedy(target, prompt, max_new_tokens=max_new)
+        got = greedy(target, prompt, max_new_tokens=max_new, assistant_model=draft, **path_kwargs(path))
+        assert got.tolist() == expected.tolist(), (arch, block_size, fusion, path, prompt_len, max_new)
+    if path == "custom":
+        stats = draft.dflare_stats
+        assert stats.cycles == 12 and len(stats.proposed) == stats.cycles  # 13 tokens: prefill + 12 cycles
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_greedy_oracle_draft_accepts_and_equals_plain(arch, block_size, fusion, path):
+    """Partly and fully correct blocks; ``max_new_tokens`` ends mid-block for every block size."""
+    target = cached_target(arch)
+    for prompt_len, max_new, corruption in [(3, 1, 0.0), (6, 2 * block_size + 3, 0.0), (11, 23, 0.25), (2, 37, 0.5)]:
+        prompt = random_prompt(prompt_len, seed=100 + prompt_len)
+        draft, _ = make_oracle(target, prompt, fusion=fusion, block_size=block_size, corruption=corruption, seed=prompt_len)
+        expected = greedy(target, prompt, max_new_tokens=max_new)
+        with VerifyCounter(target) as counter:
+            got = greedy(target, prompt, max_new_tokens=max_new, assistant_model=draft, **path_kwargs(path))
+        assert got.tolist() == expected.tolist(), (arch, block_size, fusion, path, prompt_len, max_new, corruption)
+        new_tokens = got.shape[1] - prompt_len
+        if max_new > 2:
+            # Every target forward yields one token; fewer forwards than tokens means drafts were accepted.
+            assert counter.calls < new_tokens, (counter.calls, new_tokens)
+        if corruption == 0.0 and max_new > 2:
+            full_cycles = (new_tokens - 1) // block_size
+            assert counter.calls <= 1 + full_cycles + 1, "a perfect draft should fill every block"
+        if path == "custom" and max_new > 2:
+            stats = draft.dflare_stats
+            assert sum(stats.accepted) == new_tokens - 1 - stats.cycles
+            assert stats.acceptance_length > 1.0
+
+
+def _eos_inside_block(target, block_size: int, seeds=range(200, 260)):
+    """(prompt, k, token): the greedy continuation's token at index k (not at a block boundary)
+    appears there for the first time, so making it eos ends generation inside a drafted block."""
+    for seed in seeds:
+        prompt = random_prompt(4, seed=seed)
+        continuation = greedy(target, prompt, max_new_tokens=3 * block_size)[0, 4:].tolist()
+        for k in range(2, len(continuation)):
+            # With a perfect draft, cycle c (c >= 1) yields indices 1 + (c-1)B .. cB: k % B != 0 is mid-block.
+            if k % block_size and continuation[k] not in continuation[:k]:
+                return prompt, k, continuation[k]
+    pytest.skip("no prompt with a fresh token mid-block")
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("block_size", (4, 16))
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_eos_inside_accepted_block(arch, block_size, path):
+    target = make_target(arch)  # its own copy: the generation config gets an eos token
+    prompt, k, eos = _eos_inside_block(target, block_size)
+    draft, reference = make_oracle(target, prompt, block_size=block_size)
+    target.generation_config.eos_token_id = eos
+    target.generation_config.pad_token_id = eos
+    expected = greedy(target, prompt, max_new_tokens=3 * block_size)
+    with VerifyCounter(target) as counter:
+        got = greedy(target, prompt, max_new_tokens=3 * block_size, assistant_model=draft, **path_kwargs(path))
+    assert got.tolist() == expected.tolist()
+    assert got.shape[1] == prompt.shape[1] + k + 1 and got[0, -1].item() == eos
+    # The drafted block went past the eos (the reference continues after it) and was accepted.
+    assert reference.shape[1] > got.shape[1]
+    assert counter.calls <= 1 + k // block_size + 1 < k + 1
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("arch", ("llama", "gemma3"))
+def test_max_length_reached_mid_block(arch, path):
+    """``max_length`` (not ``max_new_tokens``) ends generation inside a fully accepted block."""
+    target = cached_target(arch)
+    prompt = random_prompt(5, seed=7)
+    draft, _ = make_oracle(target, prompt, block_size=16)
+    for max_length in (6, 7, 14, 27):
+        expected = greedy(target, prompt, max_length=max_length)
+        with VerifyCounter(target) as counter:
+            got = greedy(target, prompt, max_length=max_length, assistant_model=draft, **path_kwargs(path))
+        assert got.tolist() == expected.tolist()
+        assert got.shape[1] == max_length
+        new_tokens = max_length - prompt.shape[1]
+        assert counter.calls == 1 + -(-(new_tokens - 1) // 16)  # prefill, then full blocks of 16
+
+
+def test_confidence_threshold_and_draft_vocab_stay_lossless():
+    """Cutting blocks at low confidence and a reduced draft vocabulary change speed, not output."""
+    target = cached_target("qwen3")
+    prompt = random_prompt(6, seed=3)
+    expected = greedy(target, prompt, max_new_tokens=20)
+    for kwargs in [dict(confidence_threshold=0.5), dict(draft_vocab_size=40), dict(confidence_threshold=0.9, draft_vocab_size=7)]:
+        draft = make_draft(target, block_size=8, **kwargs)
+        assert greedy(target, prompt, max_new_tokens=20, assistant_model=draft).tolist() == expected.tolist(), kwargs
+        draft, _ = make_oracle(target, prompt, block_size=8, **kwargs)
+        assert greedy(target, prompt, max_new_tokens=20, assistant_model=draft).tolist() == expected.tolist(), kwargs
+
+
+def test_generation_config_block_size_override():
+    """``dflare_block_size`` in the generation config shortens blocks without touching the draft."""
+    target = cached_target("llama")
+    prompt = random_prompt(5, seed=1)
+    draft, _ = make_oracle(target, prompt, block_size=16)
+    expected = greedy(target, prompt, max_new_tokens=20)
+    config = GenerationConfig(**target.generation_config.to_dict())
+    config.dflare_block_size = 4
+    got = greedy(target, prompt, max_new_tokens=20, assistant_model=draft, generation_config=config)
+    assert got.tolist() == expected.tolist()
+    assert max(draft.dflare_stats.proposed) == 3
+
+
+def test_other_assistants_keep_transformers_behaviour():
+    """The hook only handles DFlare drafts: a classic assistant still gets AssistedCandidateGenerator."""
+    from transformers.generation.candidate_generator import AssistedCandidateGenerator
+
+    target, assistant = cached_target("llama"), make_target("llama", seed=5)
+    prompt = random_prompt(5, seed=2)
+    seen = []
+    original = AssistedCandidateGenerator.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(type(self))
+        original(self, *args, **kwargs)
+
+    AssistedCandidateGenerator.__init__ = spy
+    try:
+        got = greedy(target, prompt, max_new_tokens=6, assistant_model=assistant)
+    finally:
+        AssistedCandidateGenerator.__init__ = original
+    assert seen == [AssistedCandidateGenerator]
+    assert got.tolist() == greedy(target, prompt, max_new_tokens=6).tolist()
+
+
+def test_hook_is_idempotent():
+    from transformers import GenerationMixin
+
+    import modeling_dflare.modeling_dflare as module
+
+    hooked = GenerationMixin._get_candidate_generator
+    module.install_generate_hook()
+    module.install_generate_hook()
+    assert GenerationMixin._get_candidate_generator is hooked
+    assert not getattr(hooked.__wrapped__, "_dflare_hook", False)
+
+
+# ----------------------------------------------------------------------------------------------
+# Sampling
+# ----------------------------------------------------------------------------------------------
+
+SAMPLING_VOCAB = 8
+NEW_TOKENS = 4  # with a block of 4 the first cycle proposes 2 drafts and can accept both
+
+
+@pytest.fixture(scope="module")
+def sampling_target():
+    return make_target(
+        "llama",
+        seed=0,
+        vocab_size=SAMPLING_VOCAB,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        initializer_range=0.5,
+    )
+
+
+def exact_joint(target, prompt, warpers: LogitsProcessorList) -> torch.Tensor:
+    """Exact probability of every ``NEW_TOKENS``-token continuation: [V] * NEW_TOKENS."""
+    vocab = SAMPLING_VOCAB
+    joint = torch.ones(())
+    for step in range(NEW_TOKENS):
+        prefixes = torch.tensor(list(itertools.product(range(vocab), repeat=step)), dtype=torch.long).view(vocab**step, step)
+        batch = torch.cat([prompt.expand(prefixes.shape[0], -1), prefixes], dim=-1)
+        with torch.no_grad():
+            logits = target(batch).logits[:, -1].float()
+        probs = torch.softmax(warpers(batch, logits), dim=-1).view(*([vocab] * step), vocab)
+        joint = joint.unsqueeze(-1) * probs
+    return joint
+
+
+def chi_square_pvalue(samples: torch.LongTensor, joint: torch.Tensor) -> float:
+    """Smallest chi-square p-value over the pairs (t1, t2) and (t3, t4) of samples [N, 4] vs ``joint``."""
+    pairs = [(samples[:, :2], joint.sum(dim=(2, 3))), (samples[:, 2:], joint.sum(dim=(0, 1)))]
+    return min(_chi_square(s, p) for s, p in pairs)
+
+
+def _chi_square(samples: torch.LongTensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Chi-square goodness of fit of joint samples [N, k] to ``probs`` [V] * k; rare cells are pooled."""
+    n = samples.shape[0]
+    flat = probs.flatten().double()
+    index = torch.zeros(n, dtype=torch.long)
+    for j in range(samples.shape[1]):
+        index = index * SAMPLING_VOCAB + samples[:, j]
+    observed = torch.bincount(index, minlength=flat.numel()).double()
+    expected = flat * n
+    assert observed[expected == 0].sum() == 0, "a sample the exact distribution says is impossible"
+    big = expected >= min_expected
+    obs = torch.cat([observed[big], observed[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    statistic = (((obs - exp) ** 2)[keep] / exp[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), statistic / 2))
+
+
+class GreedyOracleGenerator(DFlareCandidateGenerator):
+    """Proposes the target's own greedy continuation of the current sequence, corrupted at random."""
+
+    corruption = 0.3
+
+    def __init__(self, assistant_model, target_model, generation_config, logits_processor=None):
+        super().__init__(assistant_model, target_model, generation_config, logits_processor)
+        self.target = target_model
+        self.rng = torch.Generator().manual_seed(0)
+
+    def _propose(self, input_ids, hidden):
+        k = hidden.shape[1]
+        sequence = input_ids
+        with torch.no_grad():
+            for _ in range(k):
+                next_id = self.target(sequence).logits[:, -1].argmax(-1, keepdim=True)
+                sequence = torch.cat([sequence, next_id], dim=-1)
+        proposal = sequence[:, input_ids.shape[1] :]
+        flip = torch.rand(proposal.shape, generator=self.rng) < self.corruption
+        noise = torch.randint(0, self.vocab_size, proposal.shape, generator=self.rng)
+        self.proposals = getattr(self, "proposals", 0) + proposal.numel()
+        return torch.where(flip, noise, proposal)
+
+
+class BiasedGenerator(GreedyOracleGenerator):
+    """WRONG on purpose: proposes the target's argmax but claims q = uniform, so rejection sampling
+    accepts the argmax with probability min(1, p * V) instead of p: biased towards the argmax."""
+
+    corruption = 0.0
+
+    def get_candidates(self, input_ids, *args, **kwargs):
+        candidates, logits = super().get_candidates(input_ids, *args, **kwargs)
+        if logits is not None:
+            logits = torch.zeros_like(logits)
+        return candidates, logits
+
+
+class OracleSamplingDraft(DFlareModel):
+    candidate_generator_class = GreedyOracleGenerator
+
+
+class BiasedSamplingDraft(DFlareModel):
+    candidate_generator_class = BiasedGenerator
+
+
+def draw(target, prompt, n: int, seed: int, **kwargs) -> tuple[torch.LongTensor, int]:
+    """``n`` samples [n, NEW_TOKENS] and the number of drafts accepted by our generator over all calls."""
+    torch.manual_seed(seed)
+    rows, accepted = [], 0
+    draft = kwargs.get("assistant_model")
+    with torch.no_grad():
+        for _ in range(n):
+            out = target.generate(prompt, do_sample=True, max_new_tokens=NEW_TOKENS, **kwargs)
+            rows.append(out[0, prompt.shape[1] :])
+            if draft is not None and "speculation_type" not in kwargs:
+                accepted += sum(draft.dflare_stats.accepted)
+    return torch.stack(rows), accepted
+
+
+SAMPLING_SETTINGS = {
+    "t1": dict(temperature=1.0, top_k=0),
+    "t0.7-top5": dict(temperature=0.7, top_k=5),
+}
+
+
+def warpers_for(settings) -> LogitsProcessorList:
+    processors = [TemperatureLogitsWarper(settings["temperature"])]
+    if settings["top_k"]:
+        processors.append(TopKLogitsWarper(settings["top_k"]))
+    return LogitsProcessorList(processors)
+
+
+@pytest.mark.parametrize("setting", sorted(SAMPLING_SETTINGS))
+def test_sampling_distribution_matches_target(sampling_target, setting):
+    settings = SAMPLING_SETTINGS[setting]
+    target = sampling_target
+    prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
+    probs = exact_joint(target, prompt, warpers_for(settings))
+    n = 600
+
+    # Sanity of the exact computation: plain batched sampling agrees with it.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        plain = target.generate(prompt.expand(n, -1), do_sample=True, max_new_tokens=NEW_TOKENS, **settings)[:, 4:]
+    assert chi_square_pvalue(plain, probs) > 1e-3
+
+    random_draft = make_draft(target, block_size=4)
+    oracle = make_draft(target, block_size=4, cls=OracleSamplingDraft)
+    runs = [
+        ("oracle draft", dict(assistant_model=oracle), 2),
+        ("random draft, stock dflash", dict(assistant_model=random_draft, speculation_type="dflash"), 3),
+    ]
+    if setting == "t1":
+        runs.append(("random draft", dict(assistant_model=random_draft), 1))
+    for name, kwargs, seed in runs:
+        samples, accepted = draw(target, prompt, n, seed, **settings, **kwargs)
+        pvalue = chi_square_pvalue(samples, probs)
+        assert pvalue > 1e-3, f"{name}: DFlare samples do not follow the target distribution (p={pvalue:.2e})"
+        if name == "oracle draft":
+            # The oracle's proposals were verified and often accepted (else this would test little).
+            assert accepted > n / 2, accepted
+
+
+def test_chi_square_rejects_a_biased_verifier(sampling_target):
+    """The same test, same sample size, flags the wrong-q verifier: the check above has teeth."""
+    settings = SAMPLING_SETTINGS["t1"]
+    prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
+    probs = exact_joint(sampling_target, prompt, warpers_for(settings))
+    biased = make_draft(sampling_target, block_size=4, cls=BiasedSamplingDraft)
+    samples, _ = draw(sampling_target, prompt, 600, 4, assistant_model=biased, **settings)
+    assert chi_square_pvalue(samples, probs) < 1e-6
+
+
+def test_sampling_with_none_candidate_logits_is_lossless(sampling_target):
+    """A generator that returns no candidate logits falls back to transformers' sample-and-compare,
+    which is also exact: returning ``None`` is a safe (if slower) choice."""
+
+    class NoLogits(GreedyOracleGenerator):
+        def get_candidates(self, input_ids, *args, **kwargs):
+            return super().get_candidates(input_ids, *args, **kwargs)[0], None
+
+    class NoLogitsDraft(DFlareModel):
+        candidate_generator_class = NoLogits
+
+    settings = SAMPLING_SETTINGS["t1"]
+    prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
+    probs = exact_joint(sampling_target, prompt, warpers_for(settings))
+    draft = make_draft(sampling_target, block_size=4, cls=NoLogitsDraft)
+    samples, _ = draw(sampling_target, prompt, 600, 5, assistant_model=draft, **settings)
+    assert chi_square_pvalue(samples, probs) > 1e-3
