@@ -93,7 +93,7 @@ def _load_draft(source: str | None, target) -> tuple[torch.nn.Module, str, str]:
     torch.manual_seed(SEED)
     draft = DFlareModel(DFlareConfig.from_target_config(target.config)).eval()
     notice = (
-        f"No trained draft was found (looked for <code>{html.escape(str(LOCAL_DRAFT))}</code>; "
+        "No trained draft was found (looked for <code>drafts/smollm2-dflare</code> in the repository; "
         "set <code>DFLARE_DRAFT</code> to choose one). This page is running a <b>randomly initialised "
         "draft</b>: almost nothing is accepted, so DFlare will be <b>slower</b> than plain decoding here. "
         "The two outputs are still identical: that is the guarantee, whatever the draft."
@@ -322,11 +322,19 @@ def card(label: str, value: str, note: str = "", cls: str = "") -> str:
     return f'<div class="card {cls}"><div class="card-label">{label}</div><div class="card-value">{value}</div><div class="card-note">{note}</div></div>'
 
 
+def _speedup_card(speedup: float | None) -> str:
+    if not speedup:
+        return card("Speedup", "…", "DFlare tokens/s ÷ plain tokens/s")
+    if speedup >= 1:
+        return card("Speedup", f"{speedup:.2f}×", "DFlare tokens/s ÷ plain tokens/s", "big")
+    return card("Speedup", f"{speedup:.2f}×", "DFlare was slower here: too few drafts accepted to pay for the verify", "slow")
+
+
 def render_summary(dflare: Run | None, plain: Run | None, tau: float | None, check: tuple[str, str, str] | None) -> str:
     finished = dflare is not None and plain is not None and dflare.done and plain.done
     speedup = dflare.tokens_per_second / plain.tokens_per_second if finished and plain.tokens_per_second else None
     cards = [
-        card("Speedup", f"{speedup:.2f}×" if speedup else "…", "DFlare tokens/s ÷ plain tokens/s", "big" if speedup else ""),
+        _speedup_card(speedup),
         card("τ (acceptance length)", f"{tau:.2f}" if tau else "…", "tokens per target forward (plain: 1.00)"),
         card("DFlare", f"{dflare.tokens_per_second:.1f} tok/s" if dflare else "…", "draft + verify"),
         card("Plain", f"{plain.tokens_per_second:.1f} tok/s" if plain else "…", "target alone, 1 token per forward"),
@@ -484,11 +492,12 @@ CSS = """
 .intro {font-size: 1.05em}
 .summary {display: flex; gap: 10px; flex-wrap: wrap; margin: 4px 0}
 .card {flex: 1 1 150px; border: 1px solid #e5e7eb; border-radius: 10px; padding: 8px 12px; background: #f9fafb}
-.card-label {font-size: .8em; color: #6b7280; text-transform: uppercase; letter-spacing: .03em}
+.card-label {font-size: .85em; color: #4b5563; font-weight: 600}
 .card-value {font-size: 1.6em; font-weight: 700; color: #111827}
 .card-note {font-size: .78em; color: #6b7280}
 .card.big {background: #ecfdf5; border-color: #10b981}
 .card.big .card-value {font-size: 2.1em; color: #047857}
+.card.slow {background: #fffbeb; border-color: #f59e0b} .card.slow .card-value {font-size: 2.1em; color: #b45309}
 .card.good {background: #ecfdf5; border-color: #10b981} .card.good .card-value {color: #047857}
 .card.bad {background: #fef2f2; border-color: #ef4444} .card.bad .card-value {color: #b91c1c}
 .card.neutral {background: #eff6ff; border-color: #3b82f6} .card.neutral .card-value {font-size: 1.2em; color: #1d4ed8}

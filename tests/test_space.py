@@ -146,6 +146,7 @@ def test_gradio_client_compare(space_url):
 
     client = Client(space_url, verbose=False)
     summary, dflare_html, plain_html, _plot, stats = client.predict(PROMPT, NEW_TOKENS, 8, 0.0, api_name="/compare")
+    assert not stats.get("error"), stats
     assert stats["dflare_text"] == stats["plain_text"] and stats["dflare_text"].strip()
     assert stats["identical"] is True and stats["sampled"] is False
     assert 0 < stats["dflare_tokens"] == stats["plain_tokens"] <= NEW_TOKENS
