@@ -36,7 +36,7 @@ REQUIRED_TAGS = ("dflare", "dflash", "speculative-decoding", "draft-model", "blo
 HUB_FILES = ("configuration_dflare.py", "modeling_dflare.py")
 EXPECTED_AUTO_MAP = {"AutoConfig": "configuration_dflare.DFlareConfig", "AutoModel": "modeling_dflare.DFlareModel"}
 # Written into a card whose Hub id is not known yet; `dflare push` replaces it with --repo-id.
-REPO_ID_PLACEHOLDER = "<hub-repo-id>"
+REPO_ID_PLACEHOLDER = "{hub_repo_id}"
 OPTIONAL_DRAFT_FILES = ("generation_config.json", "bench.json", "conversion_report.json", "training_summary.json", "LICENSE", ".gitattributes")
 SPACE_IGNORED_DIRS = {"__pycache__", ".git", ".venv", "venv", "node_modules", ".pytest_cache", ".gradio", "flagged"}
 SPACE_IGNORED_SUFFIXES = (".pyc", ".pyo", ".log")
@@ -152,7 +152,7 @@ def card_context(draft_dir: Path, *, base_model: str, datasets: list[str], train
     rows, context = load_bench_rows(bench_json) if bench_json else ([], "")
     vocab = config.get("draft_vocab_size")
     return dict(
-        model_name=repo_id or draft_dir.resolve().name,
+        model_name=repo_id or REPO_ID_PLACEHOLDER,
         repo_id=repo_id or REPO_ID_PLACEHOLDER,
         base_model=base_model,
         method_name="DFlare" if layerwise else "DFlash",

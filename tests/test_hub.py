@@ -1,0 +1,525 @@
+"""Publishing: model card, ``dflare push`` / ``push-space`` (validation, dry run, no secrets, nothing
+half-uploaded) and loading a pushed-style folder in a clean environment with only torch and transformers.
+
+The Hub cannot be reached from here: uploads are checked against a recording stand-in for ``HfApi``;
+what would be uploaded is checked through ``--dry-run``, which stages exactly the upload.
+"""
+
+import fcntl
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import huggingface_hub
+import pytest
+import torch
+import transformers
+import yaml
+from huggingface_hub import ModelCard
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import modeling_dflare  # noqa: F401  (registers the model type; save_pretrained copies the Hub files)
+from modeling_dflare import DFlareConfig, DFlareModel, cli
+from modeling_dflare.hub import (
+    REPO_ID_PLACEHOLDER,
+    REQUIRED_TAGS,
+    PushError,
+    check_model_card,
+    collect_draft_files,
+    collect_space_files,
+    load_bench_rows,
+    write_model_card,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FAKE_TOKEN = "hf_" + "FakeTokenForTests0123456789abcdefgh"
+BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+PUBLISHED = {"config.json", "configuration_dflare.py", "modeling_dflare.py", "model.safetensors", "README.md"}
+TRAINING = {
+    "command": "dflare train --target HuggingFaceTB/SmolLM2-135M-Instruct --fusion layerwise --steps 3000",
+    "conversations": 4000,
+    "steps": 3000,
+    "hardware": "2 CPU cores",
+    "wall_time": "1 h 50 min",
+    "final_position_accuracy": [0.71, 0.52, 0.38],
+}
+BENCH = {
+    "meta": {"hardware": {"processor": "Test CPU"}, "device": "cpu", "dtype": "float32",
+             "settings": {"num_prompts": 8, "max_new_tokens": 64, "greedy": True}},
+    "results": [
+        {"dataset": "gsm8k", "method": "plain", "tau": 1.0, "tokens_per_second": 15.9, "speedup": 1.0, "mismatches": 0},
+        {"dataset": "gsm8k", "method": "dflare", "tau": 2.613, "tokens_per_second": 21.24, "speedup": 1.336, "mismatches": 0},
+    ],
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# A tiny target (with a real tokenizer) and a draft for it, saved the way users save them
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(94)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+    )
+    return tokenizer
+
+
+def save_tiny_target(folder: Path) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.15,
+                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
+    target = LlamaForCausalLM(config).eval()
+    target.generation_config.eos_token_id = None  # run to max_new_tokens: a long output makes equality meaningful
+    target.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return target
+
+
+def save_tiny_draft(folder: Path, target, fusion: str = "layerwise") -> DFlareModel:
+    torch.manual_seed(1)
+    config = DFlareConfig.from_target_config(target.config, num_hidden_layers=2, fusion=fusion, block_size=4)
+    draft = DFlareModel(config).eval()
+    draft.save_pretrained(folder)
+    return draft
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """``{"target": dir, "draft": dir, "bench": json}``: a saved tiny target and a draft folder with its card."""
+    root = tmp_path_factory.mktemp("hub")
+    target = save_tiny_target(root / "target")
+    save_tiny_draft(root / "draft", target)
+    (root / "bench.json").write_text(json.dumps(BENCH))
+    write_model_card(root / "draft", base_model=BASE_MODEL, datasets=["Aeala/ShareGPT_Vicuna_unfiltered"],
+                     training=TRAINING, bench_json=str(root / "bench.json"))
+    return {"target": root / "target", "draft": root / "draft", "bench": root / "bench.json"}
+
+
+@pytest.fixture
+def draft_copy(models, tmp_path):
+    """A private copy of the draft folder that a test may modify."""
+    return Path(shutil.copytree(models["draft"], tmp_path / "draft"))
+
+
+def dry_run(draft_dir: Path, out: Path, *extra: str) -> int:
+    return cli.main(["push", str(draft_dir), "--repo-id", "my-org/tiny-dflare", "--dry-run", str(out), *extra])
+
+
+def snippet_of(card_text: str) -> str:
+    return re.search(r"```python\n(.*?)```", card_text, re.S).group(1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Model card
+# ----------------------------------------------------------------------------------------------
+
+
+def test_card_metadata_parses_and_validates(models):
+    path = models["draft"] / "README.md"
+    front_matter = yaml.safe_load(path.read_text().split("---")[1])
+    assert front_matter["library_name"] == "transformers" and front_matter["pipeline_tag"] == "text-generation"
+    assert front_matter["base_model"] == BASE_MODEL and front_matter["license"] == "apache-2.0"
+    assert front_matter["tags"] == list(REQUIRED_TAGS)
+    assert front_matter["datasets"] == ["Aeala/ShareGPT_Vicuna_unfiltered"]
+    card = ModelCard.load(path)
+    assert card.data.base_model == BASE_MODEL
+    assert check_model_card(path) == []
+    compile(snippet_of(card.text), "snippet", "exec")  # the usage snippet is valid Python as written
+
+
+def test_card_shows_recipe_benchmark_and_details(models):
+    text = (models["draft"] / "README.md").read_text()
+    assert TRAINING["command"] in text and "| wall time | 1 h 50 min |" in text and "0.71, 0.52, 0.38" in text
+    assert "| dflare | gsm8k | 2.61 | 21.2 | 1.34x | yes |" in text
+    assert "Measured on Test CPU" in text
+    assert "trust_remote_code=True" in text and "assistant_model=draft" in text
+    assert "layer-wise fusion" in text and "cannot" in text  # the serving section explains the engines' limit
+    assert REPO_ID_PLACEHOLDER in text  # filled by push
+
+
+def test_card_without_benchmark_or_training_says_so(draft_copy):
+    write_model_card(draft_copy, base_model=BASE_MODEL, datasets=[], training={}, repo_id="org/x")
+    text = (draft_copy / "README.md").read_text()
+    assert "No benchmark has been recorded" in text and "No training record" in text
+    assert check_model_card(draft_copy / "README.md") == []
+
+
+def test_bench_reader_is_tolerant_and_counts_what_it_skips(tmp_path, caplog):
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps([{"name": "dflash", "task": "mt-bench", "acceptance_length": 2.0, "tokens_per_s": 30, "speedup_vs_plain": 1.5},
+                                {"dataset": "x"}]))
+    rows, context = load_bench_rows(path)
+    assert [(r["method"], r["dataset"], r["acceptance_length"], r["tokens_per_s"], r["speedup"]) for r in rows] == [
+        ("dflash", "mt-bench", "2.00", "30.0", "1.50x")
+    ]
+    assert context == "" and "1 benchmark row(s) without a method skipped" in caplog.text
+    path.write_text(json.dumps({"results": [{"dataset": "x"}]}))
+    with pytest.raises(ValueError, match="none of its 1 benchmark rows"):
+        load_bench_rows(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# dflare push --dry-run
+# ----------------------------------------------------------------------------------------------
+
+
+def test_dry_run_stages_exactly_the_upload_and_no_secret(models, draft_copy, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    (draft_copy / "optimizer.pt").write_bytes(b"not for the hub")
+    (draft_copy / "checkpoint-100").mkdir()
+    (draft_copy / "checkpoint-100" / "model.safetensors").write_bytes(b"x")
+    out = tmp_path / "out"
+    assert dry_run(draft_copy, out) == 0
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == PUBLISHED
+    for name in PUBLISHED - {"README.md"}:
+        assert (out / name).read_bytes() == (draft_copy / name).read_bytes(), name
+    expected = tmp_path / "expected"
+    shutil.copytree(draft_copy, expected)
+    write_model_card(expected, base_model=BASE_MODEL, datasets=["Aeala/ShareGPT_Vicuna_unfiltered"], training=TRAINING,
+                     bench_json=str(models["bench"]), repo_id="my-org/tiny-dflare")
+    card = (out / "README.md").read_text()
+    assert card == (expected / "README.md").read_text()  # the template rendered for the pushed repository
+    assert 'draft_id = "my-org/tiny-dflare"' in card and REPO_ID_PLACEHOLDER not in card
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert FAKE_TOKEN.encode() not in path.read_bytes(), path
+
+
+def test_dry_run_refuses_a_non_empty_output_folder(draft_copy, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "old.txt").write_text("x")
+    with pytest.raises(SystemExit, match="not empty"):
+        dry_run(draft_copy, tmp_path / "out")
+
+
+def _drop_auto_map(draft):
+    config = json.loads((draft / "config.json").read_text())
+    del config["auto_map"]
+    (draft / "config.json").write_text(json.dumps(config))
+
+
+def _add_tensor(draft):
+    state = load_file(str(draft / "model.safetensors"))
+    state["lm_head.weight"] = torch.zeros(100, 32)
+    save_file(state, str(draft / "model.safetensors"))
+
+
+def _strip_tags(draft):
+    text = (draft / "README.md").read_text()
+    (draft / "README.md").write_text(re.sub(r"tags:\n(- .*\n)+", "", text))
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda d: (d / "modeling_dflare.py").unlink(), "modeling_dflare.py is missing"),
+        (_drop_auto_map, "auto_map lacks AutoConfig"),
+        (lambda d: (d / "model.safetensors").unlink(), "model.safetensors is missing"),
+        (_add_tensor, r"tensor\(s\) the model does not have: \['lm_head.weight'\]"),
+        (lambda d: (d / "README.md").unlink(), "README.md .* is missing"),
+        (_strip_tags, "tags lack"),
+        (lambda d: (d / "training_summary.json").write_text(json.dumps({"token": FAKE_TOKEN})), "contains your Hugging Face token"),
+        (lambda d: (d / "modeling_dflare.py").write_text("import modeling_dflare.data\n"), "clean environment"),
+    ],
+)
+def test_invalid_draft_folder_is_refused_before_anything_is_written(draft_copy, tmp_path, monkeypatch, damage, message):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    damage(draft_copy)
+    with pytest.raises(SystemExit, match=message):
+        dry_run(draft_copy, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# dflare push: token, offline, upload order
+# ----------------------------------------------------------------------------------------------
+
+
+class RecordingHfApi:
+    """Stands in for ``huggingface_hub.HfApi``: records calls and what the uploaded folder held."""
+
+    calls: list = []
+    fail_upload = False
+
+    def __init__(self, token=None):
+        self.token = token
+
+    def whoami(self):
+        self.calls.append(("whoami",))
+        return {"name": "me"}
+
+    def repo_exists(self, repo_id, repo_type=None):
+        self.calls.append(("repo_exists", repo_id))
+        return False
+
+    def create_repo(self, repo_id, **kwargs):
+        self.calls.append(("create_repo", repo_id, kwargs))
+        return f"https://huggingface.co/{repo_id}"
+
+    def create_branch(self, repo_id, branch, **kwargs):
+        self.calls.append(("create_branch", repo_id, branch))
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        files = {p.relative_to(folder_path).as_posix(): p.read_bytes() for p in Path(folder_path).rglob("*") if p.is_file()}
+        self.calls.append(("upload_folder", repo_id, files, kwargs))
+        if self.fail_upload:
+            raise OSError("connection reset")
+
+    def delete_repo(self, repo_id, **kwargs):
+        self.calls.append(("delete_repo", repo_id))
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    RecordingHfApi.calls = []
+    RecordingHfApi.fail_upload = False
+    monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHfApi)
+    return RecordingHfApi
+
+
+def test_push_offline_fails_before_touching_the_hub(draft_copy, hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    with pytest.raises(SystemExit, match="HF_HUB_OFFLINE is set.*Nothing was uploaded"):
+        cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
+    assert hub.calls == []
+
+
+def test_push_without_token_fails_before_touching_the_hub(draft_copy, hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(SystemExit, match="no Hugging Face token.*Nothing was uploaded"):
+        cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
+    assert hub.calls == []
+
+
+def test_push_uploads_the_validated_folder_in_one_commit(draft_copy, hub, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    (draft_copy / "notes.txt").write_text("scratch")
+    assert cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare", "--private", "--revision", "v1"]) == 0
+    assert [c[0] for c in hub.calls] == ["whoami", "repo_exists", "create_repo", "create_branch", "upload_folder"]
+    create, upload = hub.calls[2], hub.calls[4]
+    assert create[2]["private"] is True and create[2]["repo_type"] == "model"
+    assert upload[3]["revision"] == "v1"
+    assert set(upload[2]) == PUBLISHED
+    assert dry_run(draft_copy, tmp_path / "out") == 0  # the dry run stages the very same bytes
+    assert upload[2] == {name: (tmp_path / "out" / name).read_bytes() for name in PUBLISHED}
+
+
+def test_failed_upload_removes_the_repository_it_created(draft_copy, hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    hub.fail_upload = True
+    with pytest.raises(OSError, match="connection reset"):
+        cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
+    assert hub.calls[-1] == ("delete_repo", "my-org/tiny-dflare")
+
+
+def test_push_can_write_the_card_itself(draft_copy, tmp_path, models):
+    (draft_copy / "README.md").unlink()
+    (draft_copy / "training_summary.json").write_text(json.dumps({"steps": 10}))
+    out = tmp_path / "out"
+    assert dry_run(draft_copy, out, "--base-model", BASE_MODEL, "--bench-json", str(models["bench"])) == 0
+    card = (out / "README.md").read_text()
+    assert "| steps | 10 |" in card and "| dflare | gsm8k |" in card and check_model_card(out / "README.md") == []
+
+
+# ----------------------------------------------------------------------------------------------
+# dflare push-space
+# ----------------------------------------------------------------------------------------------
+
+SPACE_README = """---
+title: DFlare speculative decoding
+emoji: ⚡
+sdk: gradio
+sdk_version: 5.0.0
+app_file: app.py
+license: apache-2.0
+---
+
+A demo.
+"""
+SPACE_APP = """import gradio as gr
+import torch
+from transformers import AutoModel
+
+try:
+    import modeling_dflare
+except ImportError:
+    modeling_dflare = None
+
+gr.Interface(lambda x: x, "text", "text").launch()
+"""
+
+
+@pytest.fixture
+def space(tmp_path):
+    folder = tmp_path / "space"
+    folder.mkdir()
+    (folder / "README.md").write_text(SPACE_README)
+    (folder / "app.py").write_text(SPACE_APP)
+    (folder / "requirements.txt").write_text("torch==2.13.0\ntransformers>=5.23,<6  # the model code\n")
+    (folder / "__pycache__").mkdir()
+    (folder / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\0")
+    (folder / ".env").write_text("SECRET=1\n")
+    return folder
+
+
+def test_push_space_dry_run_stages_the_space(space, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    out = tmp_path / "out"
+    assert cli.main(["push-space", str(space), "--repo-id", "my-org/dflare-demo", "--dry-run", str(out)]) == 0
+    assert {p.name for p in out.rglob("*") if p.is_file()} == {"README.md", "app.py", "requirements.txt"}
+
+
+def test_push_space_uploads_as_gradio_space(space, hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    assert cli.main(["push-space", str(space), "--repo-id", "my-org/dflare-demo"]) == 0
+    create = next(c for c in hub.calls if c[0] == "create_repo")
+    assert create[2]["repo_type"] == "space" and create[2]["space_sdk"] == "gradio"
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda s: (s / "README.md").write_text(SPACE_README.replace("sdk: gradio", "sdk: docker")), "sdk='docker', expected 'gradio'"),
+        (lambda s: (s / "README.md").write_text("no front matter\n"), "sdk=None"),
+        (lambda s: (s / "requirements.txt").unlink(), "requirements.txt is missing"),
+        (lambda s: (s / "app.py").write_text(SPACE_APP + "import numpy\n"), r"imports \['numpy'\]"),
+        (lambda s: (s / "app.py").write_text("def broken(:\n"), "app.py does not parse"),
+        (lambda s: (s / "config.py").write_text(f"TOKEN = '{FAKE_TOKEN}'\n"), "contains your Hugging Face token"),
+    ],
+)
+def test_invalid_space_is_refused(space, tmp_path, monkeypatch, damage, message):
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+    damage(space)
+    with pytest.raises(SystemExit, match=message):
+        cli.main(["push-space", str(space), "--repo-id", "my-org/dflare-demo", "--dry-run", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(not (REPO_ROOT / "space" / "README.md").is_file(), reason="the project's Space folder has no README.md yet")
+def test_project_space_folder_is_publishable():
+    names = {p.relative_to(REPO_ROOT / "space").as_posix() for p in collect_space_files(REPO_ROOT / "space")}
+    assert {"app.py", "README.md", "requirements.txt"} <= names
+
+
+# ----------------------------------------------------------------------------------------------
+# Loaded drafts
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="modeling_dflare.py's _init_weights does not recompute the non-persistent rotary "
+                   "inv_freq, so from_pretrained leaves it uninitialised (drafts then accept far less); remove this mark "
+                   "once the model file restores it")
+def test_loaded_draft_has_its_rotary_frequencies(models):
+    fresh = DFlareModel(DFlareConfig.from_pretrained(models["draft"])).rotary_emb.inv_freq
+    loaded = DFlareModel.from_pretrained(models["draft"]).rotary_emb.inv_freq
+    torch.testing.assert_close(loaded, fresh)
+
+
+# ----------------------------------------------------------------------------------------------
+# Clean environment: only torch and transformers, the model code from the pushed folder
+# ----------------------------------------------------------------------------------------------
+
+CLEAN_VENV = Path(os.environ.get("DFLARE_CLEAN_VENV", REPO_ROOT / ".cache" / "clean-venv"))
+CLEAN_SCRIPT = textwrap.dedent(
+    """
+    import importlib.util, json, re, sys
+    from pathlib import Path
+
+    assert importlib.util.find_spec("modeling_dflare") is None, "modeling_dflare is importable: not a clean environment"
+    import torch
+
+    draft_dir, target_dir = sys.argv[1], sys.argv[2]
+    snippet = re.search(r"```python\\n(.*?)```", Path(draft_dir, "README.md").read_text(), re.S).group(1)
+    snippet, n_target = re.subn(r'^target_id = ".*"$', f"target_id = {target_dir!r}", snippet, flags=re.M)
+    snippet, n_draft = re.subn(r'^draft_id = ".*"$', f"draft_id = {draft_dir!r}", snippet, flags=re.M)
+    assert n_target == n_draft == 1, "the card's snippet no longer names target_id / draft_id on their own lines"
+    namespace = {}
+    exec(compile(snippet, "model card usage snippet", "exec"), namespace)  # the card's code, as a user runs it
+    target, inputs, output, draft = (namespace[k] for k in ("target", "inputs", "output", "draft"))
+    with torch.no_grad():
+        plain = target.generate(**inputs, max_new_tokens=128, do_sample=False)
+    print(json.dumps({
+        "identical": bool(torch.equal(plain, output)),
+        "new_tokens": output.shape[1] - inputs["input_ids"].shape[1],
+        "cycles": draft.dflare_stats.cycles,
+        "draft_module": type(draft).__module__,
+        "modules": sorted(m for m in sys.modules if m.split(".")[0] == "modeling_dflare"),
+    }))
+    """
+)
+
+
+def _clean_env() -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "PYTHONSTARTUP")}
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def ensure_clean_venv() -> Path:
+    """A venv with only torch and transformers (and their dependencies), built once and reused.
+
+    Same versions as this environment, so the test checks the code, not a version drift. A stamp file
+    records what was installed; a venv without a matching stamp (interrupted build, other versions) is
+    rebuilt. A lock keeps concurrent test runs from building it twice.
+    """
+    versions = {"python": "%d.%d" % sys.version_info[:2], "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+    python, stamp = CLEAN_VENV / "bin" / "python", CLEAN_VENV / "dflare-clean-venv.json"
+    CLEAN_VENV.parent.mkdir(parents=True, exist_ok=True)
+    with open(CLEAN_VENV.parent / "clean-venv.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if python.exists() and stamp.is_file() and json.loads(stamp.read_text()) == versions:
+            return python
+        shutil.rmtree(CLEAN_VENV, ignore_errors=True)
+        subprocess.run([sys.executable, "-m", "venv", str(CLEAN_VENV)], check=True, env=_clean_env())
+        install = subprocess.run(
+            [str(python), "-m", "pip", "install", "-q", f"torch=={versions['torch']}", f"transformers=={versions['transformers']}"],
+            env=_clean_env(), capture_output=True, text=True, timeout=1500,
+        )
+        if install.returncode:
+            raise RuntimeError(f"could not build the clean venv at {CLEAN_VENV}:\n{install.stdout[-3000:]}\n{install.stderr[-3000:]}")
+        stamp.write_text(json.dumps(versions))
+    return python
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_pushed_folder_loads_and_generates_losslessly_in_a_clean_environment(models, tmp_path):
+    out = tmp_path / "pushed"
+    assert dry_run(models["draft"], out) == 0
+    python = ensure_clean_venv()
+    script = tmp_path / "load_from_card.py"
+    script.write_text(CLEAN_SCRIPT)
+    env = _clean_env() | {"HF_HOME": str(tmp_path / "hf-home")}
+    result = subprocess.run([str(python), str(script), str(out), str(models["target"])], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["identical"], report
+    assert report["new_tokens"] == 128 and report["cycles"] > 0, report
+    assert report["draft_module"].startswith("transformers_modules."), report  # code came from the folder
+    assert report["modules"] == [], report
