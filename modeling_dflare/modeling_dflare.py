@@ -540,26 +540,60 @@ def install_generate_hook() -> None:
     strategy (prompt lookup, early exit, MTP) was asked for. Idempotent: wrapping happens once per
     process, whichever copy of this module (installed package or ``trust_remote_code``) comes first;
     the generator class is taken from the draft's own module.
+
+    For DFlare drafts on either path (ours or the stock DFlash one) two checks run first, so a user
+    gets an error that names the problem instead of a shape error deep inside a forward:
+    ``generate`` validation also checks the draft against the target (hidden size, vocab, layer
+    ids), and a batch of more than one sequence is refused with what to do instead.
     """
-    original = GenerationMixin._get_candidate_generator
+    _wrap_once("_validate_generation_mode", _validate_generation_mode_hook)
+    _wrap_once("_get_candidate_generator", _get_candidate_generator_hook)
+
+
+def _wrap_once(name: str, make_wrapper) -> None:
+    original = getattr(GenerationMixin, name)
     if getattr(original, "_dflare_hook", False):
         return
+    wrapper = make_wrapper(original)
+    wrapper._dflare_hook = True
+    wrapper.__wrapped__ = original
+    setattr(GenerationMixin, name, wrapper)
 
+
+def _validate_generation_mode_hook(original):
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs, *args, **kwargs):
+        assistant_model = generation_mode_kwargs.get("assistant_model")
+        if is_dflare_draft(assistant_model):
+            # Before transformers' own assistant checks: a vocab mismatch would otherwise read as a tokenizer problem.
+            check_draft_matches_target(assistant_model, self)
+        return original(self, generation_mode, generation_config, generation_mode_kwargs, *args, **kwargs)
+
+    return _validate_generation_mode
+
+
+def _get_candidate_generator_hook(original):
     def _get_candidate_generator(self, generation_config, *args, assistant_model=None, logits_processor=None, **kwargs):
+        if not is_dflare_draft(assistant_model):
+            return original(self, generation_config, *args, assistant_model=assistant_model, logits_processor=logits_processor, **kwargs)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None and input_ids.shape[0] > 1:
+            raise ValueError(
+                f"DFlare speculative decoding runs one sequence at a time (transformers' assisted decoding is "
+                f"single-sequence), got a batch of {input_ids.shape[0]}: call generate(assistant_model=draft) once per "
+                "prompt, or generate the batch without assistant_model"
+            )
         other_strategy = (
             generation_config.speculation_type == "dflash"
             or generation_config.prompt_lookup_num_tokens is not None
             or generation_config.assistant_early_exit is not None
             or getattr(generation_config, "use_mtp", False)
         )
-        if is_dflare_draft(assistant_model) and not other_strategy:
+        if not other_strategy:
             generator_class = getattr(type(assistant_model), "candidate_generator_class", DFlareCandidateGenerator)
             return generator_class(assistant_model, self, generation_config, logits_processor)
         return original(self, generation_config, *args, assistant_model=assistant_model, logits_processor=logits_processor, **kwargs)
 
-    _get_candidate_generator._dflare_hook = True
-    _get_candidate_generator.__wrapped__ = original
-    GenerationMixin._get_candidate_generator = _get_candidate_generator
+    return _get_candidate_generator
 
 
 DFlareModel.candidate_generator_class = DFlareCandidateGenerator

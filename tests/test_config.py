@@ -1,0 +1,188 @@
+"""DFlareConfig: construction from a target, validation messages, and draft/target mismatch errors."""
+
+import logging
+
+import pytest
+import torch
+from conftest import ARCHITECTURES, VerifyCounter, cached_target, greedy, make_draft, make_target, random_prompt, target_config
+from huggingface_hub.errors import StrictDataclassError
+from transformers import LlamaConfig
+
+from modeling_dflare import DFlareConfig, DFlareModel, check_draft_matches_target, spread_layer_ids
+
+
+def config_error(**kwargs) -> str:
+    """The message a user sees for ``DFlareConfig(**kwargs)``; the root cause must be a ValueError/TypeError.
+
+    transformers' ``@strict`` configs wrap a validator's ``ValueError`` in
+    ``StrictDataclassClassValidationError``; both carry the validator's message.
+    """
+    with pytest.raises((ValueError, TypeError, StrictDataclassError)) as info:
+        DFlareConfig(**kwargs)
+    error = info.value
+    if isinstance(error, StrictDataclassError):
+        assert isinstance(error.__cause__, (ValueError, TypeError)), repr(error.__cause__)
+    return str(error)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, value",
+    [
+        (dict(fusion="bogus"), "fusion", "'bogus'"),
+        (dict(fusion_init_logit=float("inf")), "fusion_init_logit", "inf"),
+        (dict(block_size=1), "block_size", "1"),
+        (dict(block_size=0), "block_size", "0"),
+        (dict(vocab_size=100, mask_token_id=100), "mask_token_id", "100"),
+        (dict(mask_token_id=-1), "mask_token_id", "-1"),
+        (dict(confidence_threshold=1.5), "confidence_threshold", "1.5"),
+        (dict(target_layer_ids=[1, 40], num_target_hidden_layers=30), "target_layer_ids", "40"),
+        (dict(target_layer_ids=[]), "target_layer_ids", "empty"),
+        (dict(target_layer_ids=[2, 2]), "target_layer_ids", "[2, 2]"),
+        (dict(num_attention_heads=9, num_key_value_heads=2), "num_attention_heads", "9"),
+        (dict(draft_vocab_size=0), "draft_vocab_size", "0"),
+        (dict(vocab_size=10, mask_token_id=1, draft_vocab_size=11), "draft_vocab_size", "11"),
+        (dict(num_hidden_layers=0), "num_hidden_layers", "0"),
+        (dict(block_size="16"), "block_size", "'16'"),
+        (dict(target_layer_ids="1,2"), "target_layer_ids", "1,2"),
+    ],
+)
+def test_bad_config_values_name_field_and_value(kwargs, field, value):
+    message = config_error(**kwargs)
+    assert field in message and value in message, message
+
+
+def test_validation_also_runs_on_load(tmp_path):
+    """A config.json edited by hand is validated on load, with the same message."""
+    import json
+
+    config = DFlareConfig(vocab_size=100, mask_token_id=3, num_target_hidden_layers=8)
+    config.save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data["block_size"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises((ValueError, StrictDataclassError), match="block_size=1"):
+        DFlareConfig.from_pretrained(tmp_path)
+
+
+def test_defaults_are_valid_and_roundtrip():
+    config = DFlareConfig()
+    assert config.fusion == "layerwise" and config.block_size == 16
+    assert config.num_target_layers == 9 and len(set(config.target_layer_ids)) == 9
+    again = DFlareConfig.from_dict(config.to_dict())
+    assert again.to_dict() == config.to_dict()
+    shared = DFlareConfig(fusion="shared")
+    assert shared.num_target_layers == 5
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3, 4, 5, 9, 12, 30, 36, 64])
+@pytest.mark.parametrize("count", [1, 2, 5, 9, 20])
+def test_spread_layer_ids(depth, count):
+    ids = spread_layer_ids(depth, count)
+    assert ids == sorted(set(ids)), ids
+    assert all(0 <= i < depth for i in ids), ids
+    assert 1 <= len(ids) <= min(count, depth)
+    if depth > 3 and count > 1:
+        # Leaves out the first and last layers (near-embedding / LM-head specialised).
+        assert ids[0] >= 1 and ids[-1] <= depth - 2
+    if count <= depth - 2:
+        assert len(ids) == count  # no collapse when there is room
+
+
+def test_spread_layer_ids_rejects_zero():
+    with pytest.raises(ValueError, match="got 0"):
+        spread_layer_ids(10, 0)
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("fusion", ["layerwise", "shared"])
+def test_from_target_config_matches_geometry(arch, fusion):
+    tconfig = target_config(arch)
+    config = DFlareConfig.from_target_config(tconfig, fusion=fusion, block_size=8)
+    assert config.hidden_size == tconfig.hidden_size
+    assert config.vocab_size == tconfig.vocab_size
+    assert config.num_attention_heads == tconfig.num_attention_heads
+    assert config.num_key_value_heads == tconfig.num_key_value_heads
+    assert config.head_dim == getattr(tconfig, "head_dim", tconfig.hidden_size // tconfig.num_attention_heads)
+    assert config.num_target_hidden_layers == tconfig.num_hidden_layers
+    assert config.target_model_type == tconfig.model_type
+    assert config.fusion == fusion and config.block_size == 8
+    assert all(0 <= i < tconfig.num_hidden_layers for i in config.target_layer_ids)
+    assert isinstance(config.rope_parameters, dict) and "rope_theta" in config.rope_parameters
+
+
+@pytest.mark.parametrize("fusion, expected", [("layerwise", 9), ("shared", 5)])
+def test_from_target_config_default_layer_counts(fusion, expected):
+    # SmolLM2-135M's geometry (30 layers), without building the model.
+    tconfig = LlamaConfig(
+        vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+        num_attention_heads=9, num_key_value_heads=3, eos_token_id=2, pad_token_id=None,
+    )
+    config = DFlareConfig.from_target_config(tconfig, fusion=fusion)
+    assert config.num_target_layers == expected
+    assert config.mask_token_id == 2  # no pad token: falls back to eos
+    assert config.head_dim == 64
+
+
+def test_from_target_config_rejects_bad_fusion():
+    with pytest.raises(ValueError, match="fusion='dflash'"):
+        DFlareConfig.from_target_config(target_config("llama"), fusion="dflash")
+
+
+def test_layerwise_fusion_init_is_near_one_hot():
+    target = cached_target("gemma3")
+    draft = make_draft(target, fusion="layerwise", num_hidden_layers=3, fusion_init_logit=2.0)
+    weights = draft.layer_fusion_weights.detach()
+    assert weights.shape == (3, draft.config.num_target_layers)
+    assert torch.equal((weights == 2.0).sum(-1), torch.ones(3, dtype=torch.long))
+    assert torch.all((weights == 0) | (weights == 2.0))
+    # Deeper draft layers lean on deeper (or equal) target layers.
+    assert weights.argmax(-1).tolist() == sorted(weights.argmax(-1).tolist())
+
+
+# ----------------------------------------------------------------------------------------------
+# Draft / target mismatches: a clear ValueError before any target forward, on both paths
+# ----------------------------------------------------------------------------------------------
+
+
+def _mismatched_drafts():
+    return {
+        "hidden size": (make_draft(make_target("llama", hidden_size=48)), ["hidden size", "48", "32"]),
+        "vocab size": (make_draft(make_target("llama", vocab_size=120)), ["vocab", "120", "100"]),
+        "layer id": (
+            DFlareModel(DFlareConfig.from_target_config(target_config("llama", num_hidden_layers=8), block_size=4)),
+            ["target_layer_ids", "past the target's 3 layers"],
+        ),
+    }
+
+
+@pytest.mark.parametrize("path", ["custom", "stock"])
+@pytest.mark.parametrize("case", ["hidden size", "vocab size", "layer id"])
+def test_mismatched_draft_raises_before_generation(case, path):
+    draft, fragments = _mismatched_drafts()[case]
+    target = cached_target("llama")
+    kwargs = {"speculation_type": "dflash"} if path == "stock" else {}
+    with VerifyCounter(target) as counter, pytest.raises(ValueError) as info:
+        greedy(target, random_prompt(5), max_new_tokens=5, assistant_model=draft, **kwargs)
+    message = str(info.value)
+    assert "DFlare" in message and all(f in message for f in fragments), message
+    assert counter.calls == 0, "the error must come before any target forward"
+
+
+def test_check_draft_matches_target_direct():
+    target = cached_target("qwen3")
+    check_draft_matches_target(make_draft(target), target)  # no error
+    with pytest.raises(ValueError, match="hidden size: draft 48, target 32"):
+        check_draft_matches_target(make_draft(make_target("qwen3", hidden_size=48)), target)
+
+
+def test_soft_mismatch_warns(caplog):
+    """Same geometry, other family or depth: works, but warns that acceptance will suffer."""
+    llama = cached_target("llama")
+    draft = make_draft(cached_target("mistral"))  # mistral: 2 layers, llama: 3
+    with caplog.at_level(logging.WARNING, logger="modeling_dflare.modeling_dflare"):
+        check_draft_matches_target(draft, llama)
+    text = caplog.text
+    assert "'mistral'" in text and "'llama'" in text
+    assert "2 layers" in text
+    prompt = random_prompt(5)
+    assert greedy(llama, prompt, max_new_tokens=5, assistant_model=draft).tolist() == greedy(llama, prompt, max_new_tokens=5).tolist()
