@@ -180,6 +180,14 @@ def _check_supported_features(config: dict) -> None:
     softcap = _draft_field(config, "final_logit_softcapping")
     if softcap is not None and float(softcap) > 0:
         problems.append(f"final_logit_softcapping={softcap}")
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    partial = config.get("partial_rotary_factor", rope.get("partial_rotary_factor"))
+    if partial is not None and float(partial) != 1.0:
+        problems.append(f"partial_rotary_factor={partial} (rotary embedding on part of each head)")
+    if "mrope_section" in rope:
+        problems.append("multimodal rotary embedding (rope mrope_section)")
+    if config.get("v_head_dim") not in (None, config.get("head_dim")):
+        problems.append(f"v_head_dim={config['v_head_dim']} differs from head_dim={config.get('head_dim')}")
     projector = _draft_field(config, "projector_type")
     if projector not in (None, "dflash"):
         problems.append(f"dflash_config.projector_type={projector!r}")

@@ -226,6 +226,7 @@ def test_wrong_format_source_raises_a_clear_error(zlab_source, angelslim_source,
         ({"dflash_config": {"mask_token_id": 3, "target_layer_ids": [1, 2], "use_swa": True}}, "sliding-window"),
         ({"dflash_config": {"mask_token_id": 3, "target_layer_ids": [1, 2], "input_embedding_scale": 2.0}}, "input_embedding_scale"),
         ({"dflash_config": {"mask_token_id": 3}}, "target_layer_ids"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
     ],
 )
 def test_unsupported_source_features_raise(tmp_path, change, message):

@@ -163,6 +163,17 @@ def test_card_without_benchmark_or_training_says_so(draft_copy):
     assert check_model_card(draft_copy / "README.md") == []
 
 
+def test_card_of_a_shared_fusion_draft_shows_how_to_serve_it(models, tmp_path):
+    target = LlamaForCausalLM.from_pretrained(models["target"])
+    save_tiny_draft(tmp_path / "dflash", target, fusion="shared")
+    write_model_card(tmp_path / "dflash", base_model=BASE_MODEL, datasets=[], training={}, repo_id="org/tiny-dflash")
+    text = (tmp_path / "dflash" / "README.md").read_text()
+    assert "A **DFlash** block-diffusion draft" in text
+    assert "dflare convert --to zlab-dflash ./draft ./draft-zlab" in text
+    assert '"method": "dflash", "model": "./draft-zlab", "num_speculative_tokens": 3' in text
+    assert check_model_card(tmp_path / "dflash" / "README.md") == []
+
+
 def test_bench_reader_is_tolerant_and_counts_what_it_skips(tmp_path, caplog):
     path = tmp_path / "bench.json"
     path.write_text(json.dumps([{"name": "dflash", "task": "mt-bench", "acceptance_length": 2.0, "tokens_per_s": 30, "speedup_vs_plain": 1.5},
