@@ -569,6 +569,16 @@ def hub_session(repo_id: str):
     return api
 
 
+def validate_card_on_hub(path: Path) -> None:
+    """The Hub's own metadata check of the card, before the repository is created."""
+    from huggingface_hub import ModelCard
+
+    try:
+        ModelCard.load(path).validate(repo_type="model")
+    except Exception as error:  # the Hub's message names the bad field
+        raise PushError(f"the Hub rejected the model card metadata: {error}. Nothing was uploaded.") from None
+
+
 def upload(api, staged_dir: Path, repo_id: str, *, repo_type: str, private: bool, revision: str | None, message: str, **create_kwargs) -> str:
     """Create the repo if needed and upload ``staged_dir`` in one commit; delete a repo we created if that fails."""
     existed = api.repo_exists(repo_id, repo_type=repo_type)
@@ -605,7 +615,9 @@ def publish(files: list[Path], root: Path, args, *, repo_type: str, message: str
         return 0
     api = hub_session(args.repo_id)
     with tempfile.TemporaryDirectory(prefix="dflare-push-") as tmp:
-        stage(files, root, Path(tmp), args.repo_id)
+        staged = stage(files, root, Path(tmp), args.repo_id)
+        if repo_type == "model":
+            validate_card_on_hub(next(p for p in staged if p.name == "README.md"))
         url = upload(api, Path(tmp), args.repo_id, repo_type=repo_type, private=args.private, revision=args.revision,
                      message=args.commit_message or message, **create_kwargs)
     print(f"uploaded {len(files)} files to {url}")

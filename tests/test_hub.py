@@ -304,6 +304,7 @@ def hub(monkeypatch):
     RecordingHfApi.calls = []
     RecordingHfApi.fail_upload = False
     monkeypatch.setattr(huggingface_hub, "HfApi", RecordingHfApi)
+    monkeypatch.setattr(ModelCard, "validate", lambda card, repo_type=None: RecordingHfApi.calls.append(("validate_card", card.data.base_model)))
     return RecordingHfApi
 
 
@@ -329,13 +330,26 @@ def test_push_uploads_the_validated_folder_in_one_commit(draft_copy, hub, monkey
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     (draft_copy / "notes.txt").write_text("scratch")
     assert cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare", "--private", "--revision", "v1"]) == 0
-    assert [c[0] for c in hub.calls] == ["whoami", "repo_exists", "create_repo", "create_branch", "upload_folder"]
-    create, upload = hub.calls[2], hub.calls[4]
+    assert [c[0] for c in hub.calls] == ["whoami", "validate_card", "repo_exists", "create_repo", "create_branch", "upload_folder"]
+    create, upload = hub.calls[3], hub.calls[5]
     assert create[2]["private"] is True and create[2]["repo_type"] == "model"
     assert upload[3]["revision"] == "v1"
     assert set(upload[2]) == PUBLISHED
     assert dry_run(draft_copy, tmp_path / "out") == 0  # the dry run stages the very same bytes
     assert upload[2] == {name: (tmp_path / "out" / name).read_bytes() for name in PUBLISHED}
+
+
+def test_card_rejected_by_the_hub_stops_before_the_repository_exists(draft_copy, hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
+
+    def reject(card, repo_type=None):
+        raise ValueError("license: invalid value")
+
+    monkeypatch.setattr(ModelCard, "validate", reject)
+    with pytest.raises(SystemExit, match="rejected the model card metadata: license"):
+        cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
+    assert [c[0] for c in hub.calls] == ["whoami"]
 
 
 def test_failed_upload_removes_the_repository_it_created(draft_copy, hub, monkeypatch):
