@@ -1,0 +1,90 @@
+"""The real embedded target (SmolLM2-135M-Instruct): DFlare greedy text equals plain greedy text.
+
+Slow (about a minute on 2 CPU cores): the target is loaded once per session by the ``smollm2``
+fixture. A randomly initialised draft is used, plus the shipped trained draft when
+``drafts/smollm2-dflare`` exists.
+"""
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import VerifyCounter
+
+from modeling_dflare import DFlareConfig, DFlareModel
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = [
+    "What is the capital of France? Answer in one sentence.",
+    "Write a Python function that returns the sum of a list of numbers.",
+    "Give me three tips for staying focused while studying.",
+]
+MAX_NEW_TOKENS = 32
+TRAINED_DRAFT = Path(__file__).resolve().parents[1] / "drafts" / "smollm2-dflare"
+
+
+def chat_ids(tokenizer, text: str) -> torch.LongTensor:
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, return_tensors="pt")
+    return encoded if isinstance(encoded, torch.Tensor) else encoded["input_ids"]
+
+
+@pytest.fixture(scope="module")
+def plain_outputs(smollm2):
+    target, tokenizer = smollm2
+    outputs = {}
+    with torch.no_grad():
+        for text in PROMPTS:
+            ids = chat_ids(tokenizer, text)
+            outputs[text] = target.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
+    return outputs
+
+
+def random_draft(target, **kwargs) -> DFlareModel:
+    torch.manual_seed(0)
+    return DFlareModel(DFlareConfig.from_target_config(target.config, **kwargs)).eval()
+
+
+@pytest.mark.parametrize(
+    "fusion, block_size, path, prompts",
+    [
+        ("layerwise", 16, "custom", PROMPTS),
+        ("layerwise", 16, "stock", PROMPTS[:1]),
+        ("shared", 8, "custom", PROMPTS[1:2]),
+    ],
+)
+def test_random_draft_same_text(smollm2, plain_outputs, fusion, block_size, path, prompts):
+    target, tokenizer = smollm2
+    draft = random_draft(target, fusion=fusion, block_size=block_size)
+    kwargs = {"speculation_type": "dflash"} if path == "stock" else {}
+    for text in prompts:
+        ids = chat_ids(tokenizer, text)
+        with torch.no_grad():
+            out = target.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, assistant_model=draft, **kwargs)
+        expected = plain_outputs[text]
+        assert tokenizer.decode(out[0]) == tokenizer.decode(expected[0])
+        assert out.tolist() == expected.tolist()
+
+
+@pytest.mark.skipif(not (TRAINED_DRAFT / "config.json").exists(), reason="drafts/smollm2-dflare not shipped yet")
+@pytest.mark.parametrize("path", ["custom", "stock"])
+def test_trained_draft_same_text_and_accepts(smollm2, plain_outputs, path):
+    from transformers import AutoModel
+
+    target, tokenizer = smollm2
+    draft = AutoModel.from_pretrained(TRAINED_DRAFT, trust_remote_code=True).eval()
+    kwargs = {"speculation_type": "dflash"} if path == "stock" else {}
+    accepted = tokens = calls = 0
+    for text in PROMPTS if path == "custom" else PROMPTS[:1]:
+        ids = chat_ids(tokenizer, text)
+        with VerifyCounter(target) as counter, torch.no_grad():
+            out = target.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, assistant_model=draft, **kwargs)
+        assert out.tolist() == plain_outputs[text].tolist()
+        tokens += out.shape[1] - ids.shape[1]
+        calls += counter.calls
+        if path == "custom":
+            accepted += sum(draft.dflare_stats.accepted)
+    # A trained draft must get some drafts accepted: fewer target forwards than tokens.
+    assert calls < tokens, (calls, tokens)
+    if path == "custom":
+        assert accepted > 0
