@@ -31,7 +31,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "hub_cards" / "draft_model_card.md"
+PACKAGE_DIR = Path(__file__).resolve().parent
+CARD_TEMPLATE = PACKAGE_DIR.parent / "hub_cards" / "draft_model_card.md"
 REQUIRED_TAGS = ("dflare", "dflash", "speculative-decoding", "draft-model", "block-diffusion")
 HUB_FILES = ("configuration_dflare.py", "modeling_dflare.py")
 EXPECTED_AUTO_MAP = {"AutoConfig": "configuration_dflare.DFlareConfig", "AutoModel": "modeling_dflare.DFlareModel"}
@@ -184,6 +185,10 @@ def render_model_card(draft_dir, *, base_model: str, datasets: list[str], traini
     from huggingface_hub import ModelCard, ModelCardData
 
     draft_dir = Path(draft_dir)
+    template = Path(template_path or CARD_TEMPLATE)
+    if not template.is_file():
+        raise FileNotFoundError(f"model card template {template} not found: it lives in the repository's hub_cards/ "
+                                "(install modeling_dflare editable from a checkout, or pass template_path)")
     data = ModelCardData(
         library_name="transformers",
         base_model=base_model,
@@ -193,7 +198,7 @@ def render_model_card(draft_dir, *, base_model: str, datasets: list[str], traini
         datasets=list(datasets) or None,
     )
     context = card_context(draft_dir, base_model=base_model, datasets=datasets, training=training, bench_json=bench_json, repo_id=repo_id)
-    return ModelCard.from_template(data, template_path=str(template_path or CARD_TEMPLATE), **context)
+    return ModelCard.from_template(data, template_path=str(template), **context)
 
 
 def write_model_card(draft_dir, *, base_model: str, datasets: list[str], training: dict, bench_json: str | None = None,
@@ -367,6 +372,9 @@ def collect_draft_files(draft_dir: str | Path) -> list[Path]:
         if path.is_file():
             problems += check_hub_file(path)
             files.append(path)
+            if path.read_bytes() != (PACKAGE_DIR / name).read_bytes():
+                logger.warning("%s differs from the installed modeling_dflare's copy: the folder was saved with another "
+                               "version of the code (--update-code publishes the installed one)", path)
         else:
             problems.append(f"{name} is missing (save_pretrained copies it when modeling_dflare is imported)")
     weights, weight_problems = weight_files(draft_dir)
@@ -645,10 +653,16 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
     card.add_argument("--dataset", action="append", default=[], help="training prompt dataset id (repeatable)")
     card.add_argument("--bench-json", default=None, help="dflare bench JSON for the benchmark table")
     card.add_argument("--license", default="apache-2.0")
+    parser.add_argument("--update-code", action="store_true",
+                        help="copy the installed package's configuration_dflare.py / modeling_dflare.py into DRAFT_DIR first")
 
 
 def run_push(args: argparse.Namespace) -> int:
     try:
+        if args.update_code:
+            for name in HUB_FILES:
+                shutil.copy2(PACKAGE_DIR / name, args.draft_dir / name)
+            logger.info("copied the installed %s into %s", " and ".join(HUB_FILES), args.draft_dir)
         if args.base_model:
             training_file = args.draft_dir / "training_summary.json"
             training = json.loads(training_file.read_text()) if training_file.is_file() else {}

@@ -170,6 +170,24 @@ def test_angelslim_dflare_converts_to_layerwise_fusion_and_generates_losslessly(
     assert_lossless(target, draft, seed=1)
 
 
+@pytest.mark.parametrize("layout", ["sharded-safetensors", "pytorch-bin"])
+def test_sharded_and_bin_sources_convert(tmp_path, layout):
+    src = tmp_path / "src"
+    state = write_checkpoint(src, qwen3_draft_config("DFlashDraftModel", 2, [1, 2]), zlab_tensors(2, 2))
+    (src / "model.safetensors").unlink()
+    keys = sorted(state)
+    if layout == "pytorch-bin":
+        torch.save(state, src / "pytorch_model.bin")
+    else:
+        shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2], "model-00002-of-00002.safetensors": keys[len(keys) // 2 :]}
+        for name, names in shards.items():
+            save_file({k: state[k] for k in names}, str(src / name))
+        weight_map = {k: name for name, names in shards.items() for k in names}
+        (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    report = convert(src, tmp_path / "out", "zlab-dflash")
+    assert_accounted(report, state, tmp_path / "out")
+
+
 def test_recomputed_rotary_buffer_is_reported_not_loaded(tmp_path):
     tensors = zlab_tensors(1, 2) | {"rotary_emb.inv_freq": (HEAD_DIM // 2,)}
     state = write_checkpoint(tmp_path / "src", qwen3_draft_config("DFlashDraftModel", 1, [1, 2]), tensors)

@@ -260,6 +260,15 @@ def test_invalid_draft_folder_is_refused_before_anything_is_written(draft_copy, 
     assert not (tmp_path / "out").exists()
 
 
+def test_stale_model_code_is_flagged_and_can_be_refreshed(draft_copy, tmp_path, caplog):
+    (draft_copy / "modeling_dflare.py").write_text((draft_copy / "modeling_dflare.py").read_text() + "\n# older copy\n")
+    assert dry_run(draft_copy, tmp_path / "stale") == 0
+    assert "differs from the installed modeling_dflare's copy" in caplog.text
+    assert dry_run(draft_copy, tmp_path / "fresh", "--update-code") == 0
+    installed = Path(modeling_dflare.__file__).parent / "modeling_dflare.py"
+    assert (tmp_path / "fresh" / "modeling_dflare.py").read_bytes() == installed.read_bytes()
+
+
 # ----------------------------------------------------------------------------------------------
 # dflare push: token, offline, upload order
 # ----------------------------------------------------------------------------------------------
