@@ -303,7 +303,8 @@ def render_pane(title: str, run: Run | None, body: str, waiting: str = "") -> st
     else:
         state = "done" if run.done else "running…"
         speed = (
-            f'<span class="pane-speed"><b>{run.tokens_per_second:.1f}</b> tokens/s · {len(run.ids)} tokens · '
+            f'<span class="pane-speed"><b>{run.tokens_per_second:.1f}</b> tokens/s · '
+            f'{len(run.ids)} token{"" if len(run.ids) == 1 else "s"} · '
             f'{(run.seconds if run.done else run.elapsed):.2f} s · {state}</span>'
         )
     return f'<div class="pane"><div class="pane-head"><b>{html.escape(title)}</b>{speed}</div><div class="tokens">{body}</div></div>'
@@ -319,7 +320,10 @@ LEGEND = (
 
 
 def card(label: str, value: str, note: str = "", cls: str = "") -> str:
-    return f'<div class="card {cls}"><div class="card-label">{label}</div><div class="card-value">{value}</div><div class="card-note">{note}</div></div>'
+    return (
+        f'<div class="card {cls}"><div class="card-label">{label}</div>'
+        f'<div class="card-value">{value}</div><div class="card-note">{note}</div></div>'
+    )
 
 
 def _speedup_card(speedup: float | None) -> str:
@@ -537,8 +541,14 @@ def build_demo(models: Models) -> gr.Blocks:
                 gr.Examples(EXAMPLES, inputs=[prompt], example_labels=EXAMPLE_LABELS, label="Examples (code, chat, math)")
             with gr.Column(scale=2):
                 max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens", elem_id="max-new-tokens")
-                block = gr.Slider(2, models.block_size, value=models.block_size, step=1, label="Block size (drafts per cycle + 1)", elem_id="block-size")
-                temperature = gr.Slider(0.0, MAX_TEMPERATURE, value=0.0, step=0.05, label="Temperature (0 = greedy: outputs identical)", elem_id="temperature")
+                block = gr.Slider(
+                    2, models.block_size, value=models.block_size, step=1,
+                    label="Block size (drafts per cycle + 1)", elem_id="block-size",
+                )
+                temperature = gr.Slider(
+                    0.0, MAX_TEMPERATURE, value=0.0, step=0.05,
+                    label="Temperature (0 = greedy: outputs identical)", elem_id="temperature",
+                )
                 run = gr.Button("Run DFlare vs plain", variant="primary", elem_id="run")
         summary = gr.HTML(render_summary(None, None, None, None), elem_id="summary")
         gr.HTML(LEGEND)

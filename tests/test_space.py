@@ -194,6 +194,9 @@ def test_browser_shows_identical_outputs_and_speedup(space_url, tmp_path):
 
 def _run_comparison(page) -> None:
     page.wait_for_selector("#prompt textarea", timeout=60_000)
+    page.click("#run")  # empty prompt: a message in the page, no generation
+    page.wait_for_selector("#summary .message.error", timeout=30_000)
+    assert "prompt is empty" in page.inner_text("#summary")
     page.fill("#prompt textarea", PROMPT)
     max_new = page.locator("#max-new-tokens input[type=number]")
     max_new.fill(str(NEW_TOKENS))
