@@ -557,3 +557,24 @@ def test_pushed_folder_loads_and_generates_losslessly_in_a_clean_environment(mod
     assert report["new_tokens"] == 128 and report["cycles"] > 0, report
     assert report["draft_module"].startswith("transformers_modules."), report  # code came from the folder
     assert report["modules"] == [], report
+
+
+# ----------------------------------------------------------------------------------------------
+# The project's shipped drafts (present once training has produced them)
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["smollm2-dflare", "smollm2-dflash"])
+def test_shipped_draft_is_publishable(name, tmp_path):
+    folder = REPO_ROOT / "drafts" / name
+    if not (folder / "config.json").is_file():
+        pytest.skip(f"drafts/{name} has not been trained and committed yet")
+    if not (folder / "README.md").is_file():
+        pytest.skip(f"drafts/{name} has no model card yet (training writes it with modeling_dflare.hub.write_model_card)")
+    names = {p.name for p in collect_draft_files(folder)}
+    assert PUBLISHED <= names
+    if json.loads((folder / "config.json").read_text()).get("fusion") == "shared":
+        from modeling_dflare.convert import export_zlab_dflash
+
+        export_zlab_dflash(folder, tmp_path / "zlab", drop_draft_vocab=True)
+        assert (tmp_path / "zlab" / "model.safetensors").is_file()
