@@ -31,7 +31,6 @@ from modeling_dflare import DFlareConfig, DFlareModel, cli
 from modeling_dflare.hub import (
     REPO_ID_PLACEHOLDER,
     REQUIRED_TAGS,
-    PushError,
     check_model_card,
     collect_draft_files,
     collect_space_files,
