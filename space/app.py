@@ -334,7 +334,9 @@ def _speedup_card(speedup: float | None) -> str:
     return card("Speedup", f"{speedup:.2f}×", "DFlare was slower here: too few drafts accepted to pay for the verify", "slow")
 
 
-def render_summary(dflare: Run | None, plain: Run | None, tau: float | None, check: tuple[str, str, str] | None) -> str:
+def render_summary(
+    dflare: Run | None, plain: Run | None, tau: float | None, check: tuple[str, str, str] | None, caption: str = ""
+) -> str:
     finished = dflare is not None and plain is not None and dflare.done and plain.done
     speedup = dflare.tokens_per_second / plain.tokens_per_second if finished and plain.tokens_per_second else None
     cards = [
@@ -345,8 +347,10 @@ def render_summary(dflare: Run | None, plain: Run | None, tau: float | None, che
     ]
     if check is not None:
         cards.append(card("Output check", check[0], check[1], check[2]))
+    classes = "summary" + (" done" if finished else "") + (" startup" if caption else "")
     done_attr = ' data-done="1"' if finished else ""
-    return f'<div class="summary{" done" if finished else ""}"{done_attr}>{"".join(cards)}</div>'
+    caption_html = f'<div class="caption">{caption}</div>' if caption else ""
+    return f'{caption_html}<div class="{classes}"{done_attr}>{"".join(cards)}</div>'
 
 
 def compare_outputs(dflare_ids: list[int], plain_ids: list[int], sampled: bool) -> tuple[str, str, str, bool]:
@@ -425,7 +429,7 @@ def make_compare(models: Models):
     return compare
 
 
-def _compare(models: Models, prompt_ids, max_new_tokens: int, block_size: int, temperature: float):
+def _compare(models: Models, prompt_ids, max_new_tokens: int, block_size: int, temperature: float, caption: str = ""):
     config = generation_config(models, max_new_tokens, block_size, temperature)
     tokenizer = models.tokenizer
     waiting = "waiting: runs after DFlare, so the two timings never share the CPU"
@@ -454,10 +458,14 @@ def _compare(models: Models, prompt_ids, max_new_tokens: int, block_size: int, t
             None,
             {},
         )
-    yield _final(models, dflare, plain, stats, block_size, temperature, dflare_body, render_tokens(pieces(plain.ids), None))
+    plain_body = render_tokens(pieces(plain.ids), None)
+    yield _final(models, dflare, plain, stats, block_size, temperature, dflare_body, plain_body, caption)
 
 
-def _final(models: Models, dflare: Run, plain: Run, stats, block_size: int, temperature: float, dflare_body: str, plain_body: str):
+def _final(
+    models: Models, dflare: Run, plain: Run, stats, block_size: int, temperature: float,
+    dflare_body: str, plain_body: str, caption: str,
+):
     tokenizer = models.tokenizer
     headline, note, cls, identical = compare_outputs(dflare.ids, plain.ids, sampled=temperature > 0)
     speedup = dflare.tokens_per_second / plain.tokens_per_second if plain.tokens_per_second else 0.0
@@ -480,7 +488,7 @@ def _final(models: Models, dflare: Run, plain: Run, stats, block_size: int, temp
         "draft": models.draft_name,
     }
     return (
-        render_summary(dflare, plain, stats.acceptance_length, (headline, note, cls)),
+        render_summary(dflare, plain, stats.acceptance_length, (headline, note, cls), caption),
         render_pane("DFlare (speculative)", dflare, dflare_body),
         render_pane("Plain decoding", plain, plain_body),
         histogram_figure(list(stats.accepted), block_size),
@@ -517,6 +525,7 @@ CSS = """
 .legend {font-size: .85em; color: #374151; margin: 2px 0}
 .message {border-radius: 10px; padding: 10px 14px; font-weight: 600}
 .message.error {background: #fef2f2; border: 1px solid #ef4444; color: #991b1b}
+.caption {font-size: .85em; color: #4b5563; margin: 0 0 4px 2px}
 .notice {background: #fffbeb; border: 1px solid #f59e0b; color: #78350f; border-radius: 10px; padding: 8px 12px}
 """
 
@@ -529,7 +538,15 @@ target alone (greedy: token for token), fewer target forwards. Below, the same p
 """
 
 
-def build_demo(models: Models) -> gr.Blocks:
+def build_demo(models: Models, initial: tuple | None = None) -> gr.Blocks:
+    """The page; ``initial`` (outputs of one finished comparison) fills the results before the first Run."""
+    summary_0, dflare_0, plain_0, plot_0, numbers_0 = initial or (
+        render_summary(None, None, None, None),
+        render_pane("DFlare (speculative)", None, "", "press Run"),
+        render_pane("Plain decoding", None, "", "press Run"),
+        None,
+        None,
+    )
     with gr.Blocks(title="DFlare: speculative decoding, live") as demo:
         gr.Markdown(INTRO, elem_classes="intro")
         gr.Markdown(f"Target: `{models.target_name}` · draft: `{models.draft_name}` · runs on: `{models.target.device}`")
@@ -537,7 +554,9 @@ def build_demo(models: Models) -> gr.Blocks:
             gr.HTML(f'<div class="notice">⚠ {models.notice}</div>', elem_id="draft-notice")
         with gr.Row():
             with gr.Column(scale=3):
-                prompt = gr.Textbox(label="Prompt", lines=3, placeholder="Ask something, or pick an example below", elem_id="prompt")
+                prompt = gr.Textbox(
+                    EXAMPLES[0][0], label="Prompt", lines=3, placeholder="Ask something, or pick an example below", elem_id="prompt"
+                )
                 gr.Examples(EXAMPLES, inputs=[prompt], example_labels=EXAMPLE_LABELS, label="Examples (code, chat, math)")
             with gr.Column(scale=2):
                 max_new = gr.Slider(1, MAX_NEW_TOKENS, value=64, step=1, label="Max new tokens", elem_id="max-new-tokens")
@@ -550,14 +569,14 @@ def build_demo(models: Models) -> gr.Blocks:
                     label="Temperature (0 = greedy: outputs identical)", elem_id="temperature",
                 )
                 run = gr.Button("Run DFlare vs plain", variant="primary", elem_id="run")
-        summary = gr.HTML(render_summary(None, None, None, None), elem_id="summary")
+        summary = gr.HTML(summary_0, elem_id="summary")
         gr.HTML(LEGEND)
         with gr.Row(equal_height=True):
-            dflare_out = gr.HTML(render_pane("DFlare (speculative)", None, "", "press Run"), elem_id="dflare-output")
-            plain_out = gr.HTML(render_pane("Plain decoding", None, "", "press Run"), elem_id="plain-output")
-        plot = gr.Plot(label="Acceptance-length histogram", elem_id="histogram")
+            dflare_out = gr.HTML(dflare_0, elem_id="dflare-output")
+            plain_out = gr.HTML(plain_0, elem_id="plain-output")
+        plot = gr.Plot(plot_0, label="Acceptance-length histogram", elem_id="histogram")
         with gr.Accordion("Raw numbers (also what the API returns)", open=False):
-            numbers = gr.JSON(label="stats", elem_id="stats")
+            numbers = gr.JSON(numbers_0, label="stats", elem_id="stats")
         gr.Markdown(
             f"Sampling (temperature > 0) uses seed {SEED} for both runs. Speculative and plain sampling draw "
             "their random numbers differently, so their texts differ even with one seed; they are samples "
@@ -579,11 +598,29 @@ def warm_up(models: Models) -> None:
             pass
 
 
+def startup_result(models: Models) -> tuple | None:
+    """The first example, compared once at start-up, so a visitor sees a result before pressing Run.
+
+    ``DFLARE_STARTUP_TOKENS`` sets its length (default 48; 0 skips it).
+    """
+    max_new_tokens = int(os.environ.get("DFLARE_STARTUP_TOKENS", "48"))
+    if max_new_tokens <= 0:
+        return None
+    prompt = EXAMPLES[0][0]
+    caption = (
+        f"Result computed when this Space started, on this machine, for the first example "
+        f"(greedy, {max_new_tokens} new tokens, block {models.block_size}). Press <b>Run</b> to try your own prompt."
+    )
+    logger.info("start-up example: %d tokens", max_new_tokens)
+    *_, last = _compare(models, encode_prompt(models, prompt), max_new_tokens, models.block_size, 0.0, caption)
+    return last
+
+
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     models = load_models()
     warm_up(models)
-    demo = build_demo(models)
+    demo = build_demo(models, startup_result(models))
     demo.queue(default_concurrency_limit=1, max_size=32)
     demo.launch(css=CSS, show_error=False)
 

@@ -112,7 +112,7 @@ def space_url(tmp_path_factory):
     port = _free_port()
     log_path = tmp_path_factory.mktemp("space") / "app.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false")
+               GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false", DFLARE_STARTUP_TOKENS="4")
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, str(APP)], cwd=APP.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -194,6 +194,8 @@ def test_browser_shows_identical_outputs_and_speedup(space_url, tmp_path):
 
 def _run_comparison(page) -> None:
     page.wait_for_selector("#prompt textarea", timeout=60_000)
+    page.wait_for_selector("#summary .summary.done.startup")  # the start-up example is shown before any Run
+    page.fill("#prompt textarea", "")
     page.click("#run")  # empty prompt: a message in the page, no generation
     page.wait_for_selector("#summary .message.error", timeout=30_000)
     assert "prompt is empty" in page.inner_text("#summary")
@@ -202,4 +204,4 @@ def _run_comparison(page) -> None:
     max_new.fill(str(NEW_TOKENS))
     max_new.press("Enter")
     page.click("#run")
-    page.wait_for_selector('#summary [data-done="1"]', timeout=150_000)
+    page.wait_for_selector('#summary .summary.done:not(.startup)', timeout=150_000)
