@@ -213,6 +213,9 @@ class DFlarePreTrainedModel(PreTrainedModel):
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        if isinstance(module, DFlareRotaryEmbedding):
+            # Non-persistent buffer: not in the checkpoint, so it must be rebuilt on every load.
+            init.copy_(module.inv_freq, DFlareRotaryEmbedding(self.config).inv_freq)
         if isinstance(module, DFlareModel):
             if module.layer_fusion_weights is not None:
                 init.copy_(module.layer_fusion_weights, initial_fusion_logits(self.config))
@@ -298,12 +301,17 @@ class DFlareModel(DFlarePreTrainedModel):
             past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(past, past + ctx_len + block_len, device=noise_embeds.device)[None]
         attention_mask = self._expand_mask(attention_mask, block_len)
-        contexts = self.fuse_context(context_hidden_states.to(noise_embeds.dtype))
+        # Compute in the draft's dtype, answer in the caller's: a bf16 draft then serves an fp32 target
+        # whose LM head (stock DFlash generator) is applied to our output as is.
+        output_dtype, dtype = noise_embeds.dtype, self.norm.weight.dtype
+        noise_embeds = noise_embeds.to(dtype)
+        contexts = self.fuse_context(context_hidden_states.to(dtype))
         position_embeddings = self.rotary_emb(noise_embeds, position_ids)
         hidden_states = noise_embeds
         for layer, context in zip(self.layers, contexts):
             hidden_states = layer(hidden_states, context, position_embeddings, attention_mask, past_key_values)
-        return BaseModelOutputWithPast(last_hidden_state=self.norm(hidden_states), past_key_values=past_key_values)
+        last_hidden_state = self.norm(hidden_states).to(output_dtype)
+        return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, past_key_values=past_key_values)
 
     @staticmethod
     def _expand_mask(attention_mask: torch.Tensor | None, block_len: int) -> torch.Tensor | None:
@@ -396,6 +404,34 @@ class DFlareStats:
         return counts
 
 
+# Criteria that assisted decoding already enforces inside a block (length budget, eos crop) or that
+# need the scores of the step (assistant confidence); the others are checked on every drafted prefix.
+_CRITERIA_HANDLED_ELSEWHERE = ("MaxLengthCriteria", "EosTokenCriteria", "ConfidenceCriteria")
+
+
+def prefix_stopping_criteria(generation_config) -> list:
+    """The user's stopping criteria (stop strings, custom ones) for this ``generate`` call, if any."""
+    criteria = getattr(generation_config, "_dflare_stopping_criteria", None) or []
+    return [c for c in criteria if type(c).__name__ not in _CRITERIA_HANDLED_ELSEWHERE]
+
+
+@torch.no_grad()
+def stop_free_length(criteria: list, input_ids: torch.LongTensor, candidates: torch.LongTensor) -> int:
+    """How many leading candidates can be proposed without any of them firing a stopping criterion.
+
+    transformers' assisted decoding checks stopping criteria once per cycle, on the whole sequence
+    after the accepted block is appended, so a stop string completed *inside* a block goes unseen
+    and generation runs on past where plain ``generate`` stops. Proposing only the candidates
+    before the first one that fires keeps the output identical: if the target agrees, it emits that
+    token itself as the cycle's bonus token, which is last, and the cycle-end check stops there.
+    """
+    for j in range(candidates.shape[1] if criteria else 0):
+        prefix = torch.cat([input_ids, candidates[:, : j + 1]], dim=-1)
+        if any(bool(torch.as_tensor(c(prefix, None)).any()) for c in criteria):
+            return j
+    return candidates.shape[1]
+
+
 class DFlareCandidateGenerator(CandidateGenerator):
     """Drafts a block of candidates per cycle with a DFlare draft, for transformers' assisted decoding.
 
@@ -428,6 +464,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         self.head_weight = head.detach() if ids is None else head.detach()[ids.to(head.device)]
         self.head_ids = None if ids is None else ids.to(head.device)
         self.vocab_size = head.shape[0]
+        self.stopping_criteria = prefix_stopping_criteria(generation_config)
         self.cache = DynamicCache(config=config)
         self.num_context = 0
         self.stats = DFlareStats()
@@ -510,6 +547,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         start = time.perf_counter()
         hidden = self._draft_hidden(input_ids, model_kwargs, model_outputs)[:, :budget]
         candidates = self._propose(input_ids, hidden).to(input_ids.device)
+        candidates = candidates[:, : stop_free_length(self.stopping_criteria, input_ids, candidates)]
         self.stats.draft_seconds += time.perf_counter() - start
         self._last_proposed = candidates.shape[1]
         if candidates.shape[1] == 0:
@@ -547,6 +585,7 @@ def install_generate_hook() -> None:
     ids), and a batch of more than one sequence is refused with what to do instead.
     """
     _wrap_once("_validate_generation_mode", _validate_generation_mode_hook)
+    _wrap_once("_assisted_decoding", _assisted_decoding_hook)
     _wrap_once("_get_candidate_generator", _get_candidate_generator_hook)
 
 
@@ -571,6 +610,32 @@ def _validate_generation_mode_hook(original):
     return _validate_generation_mode
 
 
+def _assisted_decoding_hook(original):
+    def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs):
+        # The candidate generator is built without the stopping criteria; hand them over through this
+        # call's private copy of the generation config (see ``stop_free_length``).
+        if is_dflare_draft(kwargs.get("assistant_model")):
+            generation_config._dflare_stopping_criteria = stopping_criteria
+        try:
+            return original(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs)
+        finally:
+            generation_config.__dict__.pop("_dflare_stopping_criteria", None)
+
+    return _assisted_decoding
+
+
+def _stop_aware(get_candidates, criteria):
+    """Wrap a (stock) generator's ``get_candidates`` so that it proposes no candidate that fires a stop."""
+
+    def wrapped(input_ids, *args, **kwargs):
+        candidate_ids, logits = get_candidates(input_ids, *args, **kwargs)
+        keep = stop_free_length(criteria, input_ids, candidate_ids[:, input_ids.shape[1] :])
+        candidate_ids = candidate_ids[:, : input_ids.shape[1] + keep]
+        return candidate_ids, (logits[:, :keep] if logits is not None and keep else None)
+
+    return wrapped
+
+
 def _get_candidate_generator_hook(original):
     def _get_candidate_generator(self, generation_config, *args, assistant_model=None, logits_processor=None, **kwargs):
         if not is_dflare_draft(assistant_model):
@@ -591,7 +656,11 @@ def _get_candidate_generator_hook(original):
         if not other_strategy:
             generator_class = getattr(type(assistant_model), "candidate_generator_class", DFlareCandidateGenerator)
             return generator_class(assistant_model, self, generation_config, logits_processor)
-        return original(self, generation_config, *args, assistant_model=assistant_model, logits_processor=logits_processor, **kwargs)
+        generator = original(self, generation_config, *args, assistant_model=assistant_model, logits_processor=logits_processor, **kwargs)
+        criteria = prefix_stopping_criteria(generation_config)
+        if criteria and generation_config.speculation_type == "dflash":
+            generator.get_candidates = _stop_aware(generator.get_candidates, criteria)
+        return generator
 
     return _get_candidate_generator
 

@@ -121,3 +121,47 @@ def regenerate(
                     next_shard += 1
                     pending = []
     return out_dir
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--target", default=None, help="target folder or .gguf (default: embedded SmolLM2)")
+    parser.add_argument("--data", default="sharegpt", help="'sharegpt', a .json array or a .jsonl file")
+    parser.add_argument("--output-dir", required=True, help="folder for the resumable response shards")
+    parser.add_argument("--split", choices=("train", "heldout"), default="train", help="which hash split to answer")
+    parser.add_argument("--limit", type=int, default=None, help="answer at most this many conversations")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed for the conversation order")
+    defaults = RegenerateConfig()
+    for field in dataclasses.fields(RegenerateConfig):
+        if field.type in ("int", int):
+            parser.add_argument("--" + field.name.replace("_", "-"), type=int, default=getattr(defaults, field.name))
+    parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def run(args) -> int:
+    import random
+
+    from .data import read_conversations, split_conversations
+    from .targets import load_target, load_tokenizer
+
+    conversations, report = read_conversations(args.data)
+    logger.info(report.summary())
+    train, heldout = split_conversations(conversations)
+    chosen = train if args.split == "train" else heldout
+    random.Random(args.seed).shuffle(chosen)
+    if args.limit:
+        chosen = chosen[: args.limit]
+    config = RegenerateConfig(
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        shard_size=args.shard_size,
+        do_sample=args.sample,
+        temperature=args.temperature,
+    )
+    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    target = load_target(args.target, dtype=dtype, device=args.device)
+    regenerate(target, load_tokenizer(args.target), chosen, args.output_dir, config)
+    logger.info("regenerated conversations in %s: %d", args.output_dir, len(read_regenerated(args.output_dir)))
+    return 0

@@ -464,9 +464,6 @@ def test_project_space_folder_is_publishable():
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="modeling_dflare.py's _init_weights does not recompute the non-persistent rotary "
-                   "inv_freq, so from_pretrained leaves it uninitialised (drafts then accept far less); remove this mark "
-                   "once the model file restores it")
 def test_loaded_draft_has_its_rotary_frequencies(models):
     fresh = DFlareModel(DFlareConfig.from_pretrained(models["draft"])).rotary_emb.inv_freq
     loaded = DFlareModel.from_pretrained(models["draft"]).rotary_emb.inv_freq
