@@ -274,27 +274,24 @@ class TokenPieces:
 
 
 def dflare_kinds(chunks: list[list[int]]) -> list[str]:
-    """Source of every token: 'first' (prefill), then per target forward its accepted drafts + 1 bonus.
-
-    Non-empty draft blocks alternate between 'draft-a' and 'draft-b' so their lengths can be seen.
-    """
+    """Source of every token: 'first' (prefill), then per target forward its accepted 'draft's + 1 'bonus'."""
     kinds: list[str] = ["first"] * len(chunks[0]) if chunks else []
-    blocks = 0
     for chunk in chunks[1:]:
-        if len(chunk) > 1:
-            blocks += 1
-        kinds += ["draft-a" if blocks % 2 else "draft-b"] * (len(chunk) - 1) + ["bonus"]
+        kinds += ["draft"] * (len(chunk) - 1) + ["bonus"]
     return kinds
 
 
 def render_tokens(pieces: list[str], kinds: list[str] | None) -> str:
+    """HTML of the text; with ``kinds``, one box per accepted draft block and one per target token."""
     if kinds is None:
         return html.escape("".join(pieces))
-    spans = []
+    spans: list[list] = []  # [kind, text]
     for piece, kind in zip(pieces, kinds):
-        if piece:
-            spans.append(f'<span class="tok {kind}">{html.escape(piece)}</span>')
-    return "".join(spans)
+        if spans and kind == "draft" and spans[-1][0] == "draft":
+            spans[-1][1] += piece  # a draft block is consecutive drafts; bonus tokens always separate blocks
+        else:
+            spans.append([kind, piece])
+    return "".join(f'<span class="tok {kind}">{html.escape(text)}</span>' for kind, text in spans if text)
 
 
 def render_pane(title: str, run: Run | None, body: str, waiting: str = "") -> str:
@@ -311,11 +308,10 @@ def render_pane(title: str, run: Run | None, body: str, waiting: str = "") -> st
 
 
 LEGEND = (
-    '<div class="legend">Colours in the DFlare output: '
-    '<span class="tok draft-a">accepted draft</span><span class="tok draft-b">tokens</span> '
-    "(one shade per block, drafted in one pass) · "
-    '<span class="tok bonus">target bonus token</span> (one per target forward) · '
-    '<span class="tok first">first token</span> (from the prompt pass)</div>'
+    '<div class="legend">In the DFlare output: <span class="tok draft">accepted draft block</span> '
+    "tokens the draft wrote in one pass and the target accepted · "
+    '<span class="tok bonus">target token</span> the target\'s own token at the end of each verify forward · '
+    '<span class="tok first">first token</span> from the prompt pass</div>'
 )
 
 
@@ -517,10 +513,10 @@ CSS = """
 .pane-head {display: flex; justify-content: space-between; gap: 8px; border-bottom: 1px solid #f3f4f6; padding-bottom: 4px; margin-bottom: 6px; color: #111827}
 .pane-speed {font-size: .9em; color: #374151} .muted {color: #9ca3af; font-style: italic}
 .tokens {white-space: pre-wrap; font-family: ui-monospace, Menlo, Consolas, monospace; font-size: .9em; line-height: 1.7; color: #111827}
-.tok {border-radius: 3px; padding: 1px 0}
-.tok.draft-a {background: #bbf7d0} .tok.draft-b {background: #86efac}
-.tok.bonus {background: #fed7aa; box-shadow: inset 0 -2px 0 #ea580c}
-.tok.first {background: #e5e7eb}
+.tok {border-radius: 4px; padding: 1px 0; margin-right: 1px; -webkit-box-decoration-break: clone; box-decoration-break: clone}
+.tok.draft {background: #bbf7d0; border: 1px solid #16a34a}
+.tok.bonus {background: #fed7aa; border: 1px solid #ea580c}
+.tok.first {background: #e5e7eb; border: 1px solid #9ca3af}
 .legend .tok {padding: 1px 4px; margin: 0 2px}
 .legend {font-size: .85em; color: #374151; margin: 2px 0}
 .message {border-radius: 10px; padding: 10px 14px; font-weight: 600}

@@ -49,7 +49,11 @@ def test_dflare_kinds_follow_the_cycles():
     app = load_app_module()
     # prefill token, then cycles with 2, 0 and 3 accepted drafts (+1 bonus each)
     kinds = app.dflare_kinds([[5], [1, 2, 3], [4], [6, 7, 8, 9]])
-    assert kinds == ["first", "draft-a", "draft-a", "bonus", "bonus", "draft-b", "draft-b", "draft-b", "bonus"]
+    assert kinds == ["first", "draft", "draft", "bonus", "bonus", "draft", "draft", "draft", "bonus"]
+    html = app.render_tokens(["a", "b", "c", "d", "e", "f", "g", "<", "i"], kinds)
+    # one box per draft block, one per target token, text escaped
+    assert html == ('<span class="tok first">a</span><span class="tok draft">bc</span><span class="tok bonus">d</span>'
+                    '<span class="tok bonus">e</span><span class="tok draft">fg&lt;</span><span class="tok bonus">i</span>')
 
 
 def test_token_pieces_rebuild_the_text():
