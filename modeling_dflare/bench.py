@@ -432,7 +432,7 @@ def run_dataset(dataset, prompts, target, drafts, methods, settings, repeats, cl
 
 def warm_up(target, input_ids, drafts, methods, settings, clock) -> None:
     """One short run of every method, so first-call allocations stay out of the timings."""
-    short = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, 2 * settings.block_size))
+    short = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, 16))
     for method in methods:
         generate_once(method, target, input_ids, drafts, short, clock)
 
@@ -577,6 +577,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--humaneval-pass1", action="store_true", help="run the generated HumanEval code (time-limited)")
     parser.add_argument("--exec-timeout", type=float, default=5.0, help="seconds per HumanEval program")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument(
+        "--profile", nargs="*", choices=METHODS, default=None, metavar="METHOD",
+        help="after the run, torch.profiler tables of one generate per METHOD (default: plain dflare) on the first prompt",
+    )
+    parser.add_argument("--render", metavar="BENCH_JSON", default=None, help="only re-render markdown and plots from a bench.json")
 
 
 def validate_arguments(args) -> None:
@@ -605,6 +610,18 @@ def command_line(args) -> str:
         else:
             parts += [flag, str(value)]
     return " ".join(shlex.quote(p) for p in parts)
+
+
+def draft_summary(draft) -> dict:
+    config = draft.config
+    return {
+        "fusion": config.fusion,
+        "num_hidden_layers": config.num_hidden_layers,
+        "block_size": config.block_size,
+        "confidence_threshold": config.confidence_threshold,
+        "target_layer_ids": list(config.target_layer_ids),
+        "parameters": sum(p.numel() for p in draft.parameters()),
+    }
 
 
 def hardware() -> dict:
@@ -675,7 +692,8 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
             "device": str(target.device),
             "dtype": args.dtype,
             "target": getattr(target.config, "name_or_path", None) or args.target,
-            "drafts": {name: getattr(d.config, "_name_or_path", None) or ("random" if args.random_drafts else None) for name, d in drafts.items()},
+            "drafts": {name: getattr(d.config, "_name_or_path", None) or "random" for name, d in drafts.items()},
+            "draft_configs": {name: draft_summary(d) for name, d in drafts.items()},
             "random_drafts": bool(args.random_drafts),
             "settings": dataclasses.asdict(settings) | {"repeats": args.repeats, "num_prompts": args.num_prompts, "greedy": True},
             "methods": methods,
@@ -693,6 +711,24 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
     return results
 
 
+def profile_methods(target, input_ids, drafts, methods: list[str], settings: Settings, output_dir: Path) -> dict[str, Path]:
+    """One profiled ``generate`` per method: op table sorted by self CPU time, ``profile-<method>.txt``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if input_ids.device.type == "cuda" else [])
+    sort_by = "self_cuda_time_total" if input_ids.device.type == "cuda" else "self_cpu_time_total"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for method in methods:
+        with profile(activities=activities) as prof:
+            run = generate_once(method, target, input_ids, drafts, settings, Clock(input_ids.device))
+        path = output_dir / f"profile-{method}.txt"
+        header = f"{method}: {len(run.tokens)} new tokens in {run.seconds:.3f} s (profiled), {len(run.cycles)} verify cycles\n"
+        path.write_text(header + prof.key_averages().table(sort_by=sort_by, row_limit=40) + "\n")
+        paths[f"profile_{method}"] = path
+    return paths
+
+
 def write_outputs(results: dict, output_dir: Path, plots: bool) -> dict[str, Path]:
     from .bench_report import plot_acceptance, plot_speedup, render_markdown
 
@@ -707,11 +743,23 @@ def write_outputs(results: dict, output_dir: Path, plots: bool) -> dict[str, Pat
 
 
 def run(args) -> int:
+    from .bench_report import render_markdown
+
+    if args.render:
+        results = json.loads(Path(args.render).read_text())
+        paths = write_outputs(results, Path(args.output_dir), not args.no_plots)
+        print(render_markdown(results))
+        return 0 if results.get("ok") else 1
     validate_arguments(args)
     target, tokenizer, drafts, methods = load_models(args)
     results = run_benchmark(args, target, tokenizer, drafts, methods)
     paths = write_outputs(results, Path(args.output_dir), not args.no_plots)
-    from .bench_report import render_markdown
+    if args.profile is not None:
+        profiled = [m for m in (args.profile or [BASELINE, "dflare"]) if m in methods]
+        prompt = encode_prompts(tokenizer, args.datasets[0], 1, args.max_prompt_tokens)[0][0][1]
+        settings = Settings(args.max_new_tokens, args.block_size, args.confidence_threshold, args.prompt_lookup_tokens)
+        ids = torch.tensor([prompt], device=target.device)
+        paths.update(profile_methods(target, ids, drafts, profiled, settings, Path(args.output_dir)))
 
     print(render_markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))

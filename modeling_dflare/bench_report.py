@@ -56,6 +56,10 @@ def render_markdown(results: dict) -> str:
     meta = results["meta"]
     hw = meta["hardware"]
     settings = meta["settings"]
+    threshold = settings["confidence_threshold"]
+    if threshold is None:
+        defaults = ", ".join(f"{k} {v['confidence_threshold']}" for k, v in meta.get("draft_configs", {}).items())
+        threshold = f"the drafts' own ({defaults})" if defaults else "the drafts' own"
     machine = hw.get("gpu") or f"{hw.get('processor')} ({hw.get('torch_threads')} torch threads)"
     lines = [
         "## dflare bench",
@@ -65,7 +69,7 @@ def render_markdown(results: dict) -> str:
         f"- Target: `{meta['target']}`; drafts: "
         + ", ".join(f"{k} `{v}`" for k, v in meta["drafts"].items())
         + (" (**random, untrained**)" if meta.get("random_drafts") else ""),
-        f"- Greedy, block size {settings['block_size']}, confidence threshold {settings['confidence_threshold']}, "
+        f"- Greedy, block size {settings['block_size']}, confidence threshold {threshold}, "
         f"{settings['num_prompts']} prompts per dataset, max {settings['max_new_tokens']} new tokens, "
         f"median of {settings['repeats']} repeat(s), methods interleaved per prompt",
         f"- Command: `{meta['command']}`",

@@ -82,7 +82,7 @@ def png_size(path) -> tuple[int, int]:
 
 def test_bench_end_to_end(tiny_setup, tmp_path):
     out = tmp_path / "out"
-    assert cli.main(bench_argv(tiny_setup, out, "--repeats", "2")) == 0
+    assert cli.main(bench_argv(tiny_setup, out, "--repeats", "2", "--profile", "plain", "dflare")) == 0
     results = json.loads((out / "bench.json").read_text())
     assert results["ok"] and results["mismatches"] == []
     rows = {(r["dataset"], r["method"]): r for r in results["results"]}
@@ -106,6 +106,10 @@ def test_bench_end_to_end(tiny_setup, tmp_path):
     for name in ("speedup.png", "acceptance.png"):
         width, height = png_size(out / name)
         assert width > 100 and height > 100
+    assert "self cpu" in (out / "profile-dflare.txt").read_text().lower()
+    rerendered = tmp_path / "rerendered"
+    assert cli.main(["bench", "--render", str(out / "bench.json"), "--output-dir", str(rerendered)]) == 0
+    assert (rerendered / "bench.md").read_text() == markdown and png_size(rerendered / "speedup.png")[0] > 100
 
 
 def broken_verifier(module, args, kwargs, output):
