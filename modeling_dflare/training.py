@@ -63,6 +63,7 @@ class TrainArgs:
     save_every: int = 100
     eval_every: int = 200
     max_train_sequences: int | None = None
+    labels: str = "target"
     init_from: str | None = None
     seed: int = 0
     confidence_threshold: float = 0.0
@@ -111,22 +112,46 @@ def _template_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]
     return list(ids)
 
 
-def load_training_conversations(args: TrainArgs):
-    """(train, held-out) conversations: regenerated shards when ``data`` is a folder, else any reader."""
-    from .data import read_conversations, split_conversations
+def first_exchange(conversation):
+    """The conversation cut after its first assistant reply (prompt = everything before it)."""
+    from .data import Conversation
+
+    for i, message in enumerate(conversation.messages):
+        if message["role"] == "assistant":
+            return Conversation(conversation.id, conversation.messages[: i + 1])
+    return conversation
+
+
+def read_source(source: str | None) -> list:
+    """Regenerated shards when ``source`` is a folder, else any reader of :mod:`modeling_dflare.data`
+    (cut to the first exchange: the draft learns single-turn answers, like the demo asks)."""
+    from .data import read_conversations
     from .regenerate import read_regenerated
 
-    def read(source):
-        if source and Path(source).is_dir():
-            return read_regenerated(source)
-        conversations, report = read_conversations(source)
-        logger.info(report.summary())
-        return conversations
+    if source and Path(source).is_dir():
+        return read_regenerated(source)
+    conversations, report = read_conversations(source)
+    logger.info(report.summary())
+    return [first_exchange(c) for c in conversations]
 
-    conversations = read(args.data)
+
+def load_training_conversations(args: TrainArgs):
+    """(train, held-out) conversations. ``data`` may list several sources separated by commas;
+    held-out conversations (a hash split, or ``heldout``) never reach training."""
+    from .data import split_conversations
+
+    sources = (args.data or "sharegpt").split(",")
+    train, heldout, seen = [], [], set()
+    for source in sources:
+        part_train, part_heldout = split_conversations(read_source(source))
+        # the same prompt may come regenerated and raw: keep its first occurrence only
+        train += [c for c in part_train if c.id not in seen and not seen.add(c.id)]
+        heldout += part_heldout
     if args.heldout:
-        return conversations, read(args.heldout)
-    return split_conversations(conversations)
+        heldout = [c for source in args.heldout.split(",") for c in read_source(source)]
+        held_ids = {c.id for c in heldout}
+        train = [c for c in train if c.id not in held_ids]
+    return train, heldout
 
 
 def choose_draft_vocab(sequences: list[Sequence], size: int, vocab_size: int, always: list[int]) -> torch.LongTensor:
@@ -144,8 +169,17 @@ def choose_draft_vocab(sequences: list[Sequence], size: int, vocab_size: int, al
 # ----------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
+class Features:
+    """What one frozen target forward gives a training sequence."""
+
+    hidden: torch.Tensor  # [1, L, T * hidden]: chosen layers concatenated, as at inference
+    predictions: torch.LongTensor  # [L]: the target's greedy next token after each position
+
+
 class TargetFeatures:
-    """Hidden states of chosen target layers per sequence, online or cached on disk (bf16).
+    """Hidden states of chosen target layers (and the target's greedy predictions) per sequence,
+    computed online or cached on disk (bf16).
 
     A cache file holds the layers it was computed for, so a DFlash draft (5 layers) can train
     from the cache of a DFlare run (9 layers) when its layers are a subset.
@@ -162,42 +196,63 @@ class TargetFeatures:
         return self.cache_dir / f"{digest}.pt"
 
     @torch.no_grad()
-    def compute(self, input_ids: torch.LongTensor, layer_ids: list[int]) -> torch.Tensor:
-        """[1, L, T * hidden] from one target forward that keeps only the needed layers."""
-        out = self.target(
-            input_ids.to(self.target.device),
-            output_hidden_states=[i + 1 for i in layer_ids],
-            use_cache=False,
-            logits_to_keep=1,
-        )
-        return torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)
+    def compute(self, input_ids: torch.LongTensor, layer_ids: list[int]) -> Features:
+        """One target forward that keeps only the needed layers' hidden states."""
+        out = self.target(input_ids.to(self.target.device), output_hidden_states=[i + 1 for i in layer_ids], use_cache=False)
+        hidden = torch.cat([out.hidden_states[i + 1] for i in layer_ids], dim=-1)
+        return Features(hidden, out.logits[0].argmax(-1))
 
-    def __call__(self, sequence: Sequence, layer_ids: list[int]) -> torch.Tensor:
+    def __call__(self, sequence: Sequence, layer_ids: list[int]) -> Features:
         if self.cache_dir is None:
             return self.compute(sequence.input_ids[None], layer_ids)
         path = self._path(sequence)
         cached = _load_cached(path)
-        if cached is not None and set(layer_ids) <= set(cached[0]):
-            stored, features = cached
-            hidden = features.shape[-1] // len(stored)
-            parts = [features[:, stored.index(i) * hidden : (stored.index(i) + 1) * hidden] for i in layer_ids]
-            return torch.cat(parts, dim=-1)[None].to(self.target.device)
+        device = self.target.device
+        if cached is not None and set(layer_ids) <= set(cached["layers"]):
+            stored, features = list(cached["layers"]), cached["h"].float()
+            width = features.shape[-1] // len(stored)
+            parts = [features[:, stored.index(i) * width : (stored.index(i) + 1) * width] for i in layer_ids]
+            return Features(torch.cat(parts, dim=-1)[None].to(device), cached["predictions"].long().to(device))
         features = self.compute(sequence.input_ids[None], layer_ids)
         tmp = path.with_suffix(".tmp")
-        torch.save({"layers": list(layer_ids), "h": features[0].to(torch.bfloat16).cpu()}, tmp)
+        payload = {"layers": list(layer_ids), "h": features.hidden[0].to(torch.bfloat16).cpu(), "predictions": features.predictions.int().cpu()}
+        torch.save(payload, tmp)
         os.replace(tmp, path)
         return features
 
 
-def _load_cached(path: Path) -> tuple[list[int], torch.Tensor] | None:
+def _load_cached(path: Path) -> dict | None:
     if not path.exists():
         return None
     try:
-        data = torch.load(path, weights_only=True)
-        return list(data["layers"]), data["h"].float()
+        return torch.load(path, weights_only=True)
     except Exception as error:  # a file cut short by a crash is recomputed, never trusted
         logger.warning("hidden-state cache file %s is unreadable (%s): recomputing it", path, error)
         return None
+
+
+def target_labels(
+    input_ids: torch.LongTensor, predictions: torch.LongTensor, positions: torch.LongTensor, labels: torch.LongTensor, block_size: int
+) -> torch.LongTensor:
+    """Replace data labels by the target's greedy predictions, keeping only on-policy positions.
+
+    The label of block position k becomes the target's greedy token after position ``a + k - 1``
+    (given the data prefix). It is kept only while the data in the block so far agrees with the
+    target's greedy choices, because only then is that prefix the one the draft meets at inference.
+    On data regenerated greedily by the target, nothing changes; on human-written data, the draft
+    still learns the target's own next-token choices.
+    """
+    length = input_ids.shape[0]
+    inside = positions < length
+    previous = (positions - 1).clamp(0, length - 1)
+    new_labels = torch.where(inside & (labels >= 0), predictions[previous], torch.full_like(labels, -100))
+    agree = torch.zeros_like(inside)
+    agree[inside] = input_ids[positions[inside]] == predictions[previous[inside]]
+    agree = agree.view(-1, block_size)
+    # position k needs agreement at positions 1 .. k-1 of its block
+    ok = torch.ones_like(agree)
+    ok[:, 2:] = agree[:, 1:-1].long().cumprod(dim=1).bool()
+    return torch.where(ok.view(-1), new_labels, torch.full_like(new_labels, -100))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,21 +273,28 @@ def block_loss(
     head_weight: torch.Tensor,
     token_to_draft: torch.LongTensor | None,
     sequence: Sequence,
-    features: torch.Tensor,
+    features: Features,
     anchors: torch.LongTensor,
     weights: torch.Tensor,
+    labels_from: str = "target",
 ) -> BlockResult:
-    """Weighted CE of all anchor blocks of one sequence in a single draft pass."""
+    """Weighted CE of all anchor blocks of one sequence in a single draft pass.
+
+    ``labels_from="target"``: labels are the target's greedy predictions on on-policy positions
+    (see :func:`target_labels`); ``"data"``: the data tokens themselves.
+    """
     config = draft.config
-    block, device = config.block_size, features.device
+    block, device = config.block_size, features.hidden.device
     ids = sequence.input_ids.to(device)
     anchors = anchors.to(device)
     tokens, positions, labels = block_inputs(ids, anchors, block, config.mask_token_id)
+    if labels_from == "target":
+        labels = target_labels(ids, features.predictions.to(device), positions, labels, block)
     length = ids.shape[0]
     dtype = next(draft.parameters()).dtype
     out = draft(
         noise_embeds=embed(tokens)[None].to(dtype),
-        context_hidden_states=features.to(dtype),
+        context_hidden_states=features.hidden.to(dtype),
         position_ids=torch.cat([torch.arange(length, device=device), positions])[None],
         attention_mask=block_mask(anchors, length, block)[None, None],
     )
@@ -437,7 +499,9 @@ class _Loop:
             sequence, generator = self._sequence((step * self.accum + micro) * world + rank)
             anchors = sample_anchors(sequence.response_start, sequence.input_ids.numel(), self.args.num_anchors, generator)
             features = self.features(sequence, self.layer_ids)
-            result = block_loss(self.draft, self.embed, self.head_weight, self.token_to_draft, sequence, features, anchors, self.weights)
+            result = block_loss(
+                self.draft, self.embed, self.head_weight, self.token_to_draft, sequence, features, anchors, self.weights, self.args.labels
+            )
             if not torch.isfinite(result.loss):
                 raise FloatingPointError(
                     f"loss is {result.loss.item()} at step {step} (sequence {sequence.id!r}); the last good checkpoint "
@@ -462,7 +526,9 @@ class _Loop:
             generator = torch.Generator().manual_seed(index)
             anchors = sample_anchors(sequence.response_start, sequence.input_ids.numel(), 64, generator)
             features = self.features(sequence, self.layer_ids)
-            result = block_loss(self.draft, self.embed, self.head_weight, self.token_to_draft, sequence, features, anchors, self.weights)
+            result = block_loss(
+                self.draft, self.embed, self.head_weight, self.token_to_draft, sequence, features, anchors, self.weights, self.args.labels
+            )
             meter.add(result)
             losses.append(result.loss.item())
         self.draft.train()
@@ -526,7 +592,7 @@ def add_arguments(parser) -> None:
     defaults = TrainArgs(output_dir="")
     parser.add_argument("--output-dir", required=True, help="final Hub-ready draft folder")
     parser.add_argument("--target", default=None, help="target folder or .gguf file (default: embedded SmolLM2)")
-    parser.add_argument("--data", default=None, help="regenerated shards folder, 'sharegpt', .json or .jsonl (default: sharegpt)")
+    parser.add_argument("--data", default=None, help="comma-separated sources: regenerated shards folder, sharegpt, .json or .jsonl (default: sharegpt)")
     parser.add_argument("--heldout", default=None, help="held-out data (default: a hash split of --data)")
     parser.add_argument("--work-dir", default=None, help="checkpoints, logs and caches (default: OUTPUT_DIR-work)")
     for name in ("num_hidden_layers", "num_anchors", "max_length", "batch_size", "save_every", "eval_every", "seed", "block_size"):
@@ -542,6 +608,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--hidden-cache", default=None, help="cache target hidden states in this folder")
     parser.add_argument("--init-from", default=None, help="warm-start from a draft folder")
+    parser.add_argument(
+        "--labels",
+        choices=("target", "data"),
+        default="target",
+        help="target: the target's greedy predictions on on-policy positions (default); data: the data tokens",
+    )
 
 
 def run(args) -> int:

@@ -77,7 +77,7 @@ def test_overfits_a_fixed_batch(fusion):
     head = target.get_output_embeddings().weight
     losses = []
     for _ in range(80):
-        result = block_loss(draft, target.get_input_embeddings(), head, None, sequence, features, anchors, weights)
+        result = block_loss(draft, target.get_input_embeddings(), head, None, sequence, features, anchors, weights, "data")
         optimizer.zero_grad()
         result.loss.backward()
         optimizer.step()
@@ -86,17 +86,17 @@ def test_overfits_a_fixed_batch(fusion):
     assert result.correct[result.valid].float().mean() > 0.95
 
 
-def _tiny_dataset(folder: Path, count: int = 24) -> Path:
+def _tiny_dataset(folder: Path, count: int = 24, name: str = "train", start: int = 0) -> Path:
     import random
 
-    rng = random.Random(0)
+    rng = random.Random(start)
     records = []
-    for i in range(count):
+    for i in range(start, start + count):
         prompt = " ".join(f"w{rng.randrange(88)}" for _ in range(5))
         response = " ".join(f"w{(j * 7 + i) % 88}" for j in range(24))
         records.append({"id": f"c{i}", "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]})
-    write_jsonl(folder / "train.jsonl", records)
-    return folder / "train.jsonl"
+    write_jsonl(folder / f"{name}.jsonl", records)
+    return folder / f"{name}.jsonl"
 
 
 RESUME_SCRIPT = textwrap.dedent(
@@ -105,6 +105,7 @@ RESUME_SCRIPT = textwrap.dedent(
     from modeling_dflare.testing import tiny_target, tiny_tokenizer
     from modeling_dflare.training import TrainArgs, train
     out, data, slow = sys.argv[1], sys.argv[2], float(sys.argv[3])
+    heldout = data.replace("train.jsonl", "heldout.jsonl")
     if slow:  # make each step slow enough to be killed in the middle of the run
         import modeling_dflare.training as t, time
         original = t.block_loss
@@ -112,7 +113,7 @@ RESUME_SCRIPT = textwrap.dedent(
             time.sleep(slow)
             return original(*a, **k)
         t.block_loss = slow_loss
-    args = TrainArgs(output_dir=out, data=data, heldout=data, num_hidden_layers=1, block_size=4, num_anchors=4,
+    args = TrainArgs(output_dir=out, data=data, heldout=heldout, num_hidden_layers=1, block_size=4, num_anchors=4,
                      max_steps=30, batch_size=1, save_every=5, eval_every=1000, lr=1e-3, draft_vocab_size=32)
     train(args, target=tiny_target("llama"), tokenizer=tiny_tokenizer())
     """
@@ -121,6 +122,7 @@ RESUME_SCRIPT = textwrap.dedent(
 
 def test_resume_after_sigkill(tmp_path):
     data = _tiny_dataset(tmp_path)
+    _tiny_dataset(tmp_path, 4, "heldout", start=100)
     out = tmp_path / "draft"
     script = tmp_path / "run.py"
     script.write_text(RESUME_SCRIPT)
@@ -158,7 +160,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     import modeling_dflare.training as training
 
     data = _tiny_dataset(tmp_path)
-    args = TrainArgs(output_dir=str(tmp_path / "draft"), data=str(data), heldout=str(data), num_hidden_layers=1,
+    heldout = _tiny_dataset(tmp_path, 4, "heldout", start=100)
+    args = TrainArgs(output_dir=str(tmp_path / "draft"), data=str(data), heldout=str(heldout), num_hidden_layers=1,
                      block_size=4, num_anchors=4, max_steps=20, batch_size=1, save_every=4, eval_every=1000, draft_vocab_size=None)
     original, calls = training.block_loss, {"n": 0}
 
