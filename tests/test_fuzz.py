@@ -6,7 +6,8 @@ are partly or fully accepted), the fusion mode, block size, draft depth and targ
 the generator (ours or the stock DFlash one), a prompt (length, left padding), and generation
 settings (max_new_tokens, an eos token taken from the true continuation, repetition penalty,
 no-repeat n-grams, a stop-on-token criterion, a confidence threshold, a reduced draft vocabulary).
-The number of examples is fixed (``FUZZ_EXAMPLES``) and derandomised so CI runs the same cases.
+The number of examples is fixed (``DFLARE_FUZZ_EXAMPLES``, default 120) and derandomised so CI runs
+the same cases; ``DFLARE_FUZZ_RANDOM=1`` explores fresh ones.
 """
 
 import os
@@ -19,6 +20,8 @@ from hypothesis import strategies as st
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 FUZZ_EXAMPLES = int(os.environ.get("DFLARE_FUZZ_EXAMPLES", "120"))
+# DFLARE_FUZZ_RANDOM=1 explores new cases on every run (for local bug hunting; CI stays derandomised).
+FUZZ_RANDOM = os.environ.get("DFLARE_FUZZ_RANDOM") == "1"
 RAN = {"cases": 0, "accepted_cases": 0}
 
 
@@ -117,7 +120,7 @@ def run_case(case):
 @settings(
     max_examples=FUZZ_EXAMPLES,
     deadline=None,
-    derandomize=True,
+    derandomize=not FUZZ_RANDOM,
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     print_blob=True,

@@ -188,11 +188,13 @@ def test_hook_is_idempotent():
 
     import modeling_dflare.modeling_dflare as module
 
-    hooked = GenerationMixin._get_candidate_generator
+    names = ("_validate_generation_mode", "_assisted_decoding", "_get_candidate_generator")
+    hooked = {name: getattr(GenerationMixin, name) for name in names}
     module.install_generate_hook()
     module.install_generate_hook()
-    assert GenerationMixin._get_candidate_generator is hooked
-    assert not getattr(hooked.__wrapped__, "_dflare_hook", False)
+    for name in names:
+        assert getattr(GenerationMixin, name) is hooked[name], name
+        assert hooked[name]._dflare_hook and not getattr(hooked[name].__wrapped__, "_dflare_hook", False), name
 
 
 # ----------------------------------------------------------------------------------------------
