@@ -162,6 +162,20 @@ class DFlareConfig(PreTrainedConfig):
             )
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs):
+        """As in transformers, but a config.json of another model type is an error, not a warning: a
+        target's (or any other model's) folder would otherwise load as a DFlare draft with borrowed
+        geometry and random weights."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        model_type = config_dict.get("model_type")
+        if model_type is not None and model_type != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path} holds a config with model_type={model_type!r}, expected "
+                f"{cls.model_type!r}: this folder is not a DFlare draft (convert DFlash/DFlare checkpoints first)"
+            )
+        return config_dict, kwargs
+
+    @classmethod
     def from_target_config(
         cls,
         target_config: PreTrainedConfig,

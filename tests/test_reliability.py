@@ -372,8 +372,10 @@ def test_config_of_another_model_type(draft_folder, tmp_path):
     broken = _copy(draft_folder, tmp_path, "other")
     target = cached_target("llama")
     target.config.save_pretrained(broken)
-    with pytest.raises(Exception, match="(?i)mismatch|size|model_type|llama"):
+    with pytest.raises(ValueError, match="model_type='llama', expected 'dflare'"):
         DFlareModel.from_pretrained(broken)
+    with pytest.raises(ValueError, match="model_type='llama'"):
+        DFlareConfig.from_pretrained(broken)
     other = AutoModel.from_pretrained(broken, trust_remote_code=True)
     assert other.config.model_type == "llama"
     with pytest.raises(Exception):
