@@ -210,6 +210,19 @@ class DFlarePreTrainedModel(PreTrainedModel):
     _supports_flex_attn = False
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            # safetensors reports a truncated file as a header problem without naming the file.
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(
+                f"the DFlare draft weights in {pretrained_model_name_or_path} cannot be read ({error}): the "
+                "safetensors file is truncated or corrupted; download or save the draft again"
+            ) from error
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

@@ -101,12 +101,13 @@ def _eos_inside_block(target, block_size: int, seeds=range(200, 260)):
 
 
 @pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("fusion", FUSIONS)
 @pytest.mark.parametrize("block_size", (4, 16))
 @pytest.mark.parametrize("arch", ARCHITECTURES)
-def test_eos_inside_accepted_block(arch, block_size, path):
+def test_eos_inside_accepted_block(arch, block_size, fusion, path):
     target = make_target(arch)  # its own copy: the generation config gets an eos token
     prompt, k, eos = _eos_inside_block(target, block_size)
-    draft, reference = make_oracle(target, prompt, block_size=block_size)
+    draft, reference = make_oracle(target, prompt, fusion=fusion, block_size=block_size)
     target.generation_config.eos_token_id = eos
     target.generation_config.pad_token_id = eos
     expected = greedy(target, prompt, max_new_tokens=3 * block_size)
