@@ -6,6 +6,7 @@ This file travels to the Hub with the draft (``trust_remote_code``): it imports 
 """
 
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import PreTrainedConfig
 
 FUSION_MODES = ("layerwise", "shared")
@@ -224,6 +225,29 @@ class DFlareConfig(PreTrainedConfig):
         return cls(**values)
 
 
+class DFlareConfigError(StrictDataclassClassValidationError, ValueError):
+    """An invalid DFlareConfig value. Both a ``ValueError`` (what the validators raise and the docs
+    promise) and transformers' usual ``StrictDataclassClassValidationError``, so either ``except``
+    catches it; the message names the field, the value and what was expected."""
+
+
+_strict_validate = DFlareConfig.validate
+
+
+def _validate(self) -> None:
+    for validator in type(self).__class_validators__:
+        try:
+            validator(self)
+        except ValueError as cause:
+            raise DFlareConfigError(validator=validator.__name__, cause=cause) from cause
+    _strict_validate(self)  # anything else (TypeError) as transformers reports it
+
+
+# `@strict` runs `cls.validate` after __init__; the marker keeps subclasses decoratable with `@strict`.
+_validate.__is_defined_by_strict_decorator__ = True
+DFlareConfig.validate = _validate
+
+
 def _first_token_id(*candidates, default: int) -> int:
     for value in candidates:
         if isinstance(value, list):
@@ -233,4 +257,4 @@ def _first_token_id(*candidates, default: int) -> int:
     return default
 
 
-__all__ = ["DFlareConfig", "spread_layer_ids"]
+__all__ = ["DFlareConfig", "DFlareConfigError", "spread_layer_ids"]

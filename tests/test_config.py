@@ -9,19 +9,19 @@ from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig
 
 from modeling_dflare import DFlareConfig, DFlareModel, check_draft_matches_target, spread_layer_ids
+from modeling_dflare.configuration_dflare import DFlareConfigError
 
 
-def config_error(**kwargs) -> str:
-    """The message a user sees for ``DFlareConfig(**kwargs)``; the root cause must be a ValueError/TypeError.
+def config_error(expected=ValueError, **kwargs) -> str:
+    """The message a user sees for ``DFlareConfig(**kwargs)``.
 
-    transformers' ``@strict`` configs wrap a validator's ``ValueError`` in
-    ``StrictDataclassClassValidationError``; both carry the validator's message.
+    Bad values raise ``DFlareConfigError``: a ``ValueError`` that is also transformers' usual
+    ``StrictDataclassClassValidationError``. Wrong types stay transformers' field ``TypeError`` wrapper.
     """
-    with pytest.raises((ValueError, TypeError, StrictDataclassError)) as info:
+    with pytest.raises(expected) as info:
         DFlareConfig(**kwargs)
     error = info.value
-    if isinstance(error, StrictDataclassError):
-        assert isinstance(error.__cause__, (ValueError, TypeError)), repr(error.__cause__)
+    assert isinstance(error, StrictDataclassError)  # what transformers users already catch
     return str(error)
 
 
@@ -42,13 +42,28 @@ def config_error(**kwargs) -> str:
         (dict(draft_vocab_size=0), "draft_vocab_size", "0"),
         (dict(vocab_size=10, mask_token_id=1, draft_vocab_size=11), "draft_vocab_size", "11"),
         (dict(num_hidden_layers=0), "num_hidden_layers", "0"),
-        (dict(block_size="16"), "block_size", "'16'"),
-        (dict(target_layer_ids="1,2"), "target_layer_ids", "1,2"),
     ],
 )
 def test_bad_config_values_name_field_and_value(kwargs, field, value):
     message = config_error(**kwargs)
     assert field in message and value in message, message
+    assert isinstance(pytest.raises(DFlareConfigError, DFlareConfig, **kwargs).value, ValueError)
+
+
+@pytest.mark.parametrize(
+    "kwargs, field, value",
+    [(dict(block_size="16"), "block_size", "'16'"), (dict(target_layer_ids="1,2"), "target_layer_ids", "1,2")],
+)
+def test_wrong_types_name_field_and_value(kwargs, field, value):
+    message = config_error(StrictDataclassError, **kwargs)
+    assert field in message and value in message, message
+
+
+def test_validate_after_assignment_raises_value_error():
+    config = DFlareConfig()
+    config.block_size = 1  # assignment only type-checks
+    with pytest.raises(ValueError, match="block_size=1"):
+        config.validate()
 
 
 def test_validation_also_runs_on_load(tmp_path):
@@ -60,7 +75,7 @@ def test_validation_also_runs_on_load(tmp_path):
     data = json.loads((tmp_path / "config.json").read_text())
     data["block_size"] = 1
     (tmp_path / "config.json").write_text(json.dumps(data))
-    with pytest.raises((ValueError, StrictDataclassError), match="block_size=1"):
+    with pytest.raises(ValueError, match="block_size=1"):
         DFlareConfig.from_pretrained(tmp_path)
 
 
