@@ -659,6 +659,24 @@ def load_models(args):
     return target, tokenizer, drafts, methods
 
 
+def run_meta(args, target, drafts, settings: Settings, methods: list[str], prompts: dict) -> dict:
+    """Everything needed to reproduce and judge a run: date, command, machine, models, settings."""
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": command_line(args),
+        "hardware": hardware(),
+        "device": str(target.device),
+        "dtype": args.dtype,
+        "target": getattr(target.config, "name_or_path", None) or args.target,
+        "drafts": {name: getattr(d.config, "_name_or_path", None) or "random" for name, d in drafts.items()},
+        "draft_configs": {name: draft_summary(d) for name, d in drafts.items()},
+        "random_drafts": bool(args.random_drafts),
+        "settings": dataclasses.asdict(settings) | {"repeats": args.repeats, "num_prompts": args.num_prompts, "greedy": True},
+        "methods": methods,
+        "prompts_skipped_too_long": {d: skipped for d, (_, skipped) in prompts.items()},
+    }
+
+
 def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
     """Everything but loading and writing: returns the JSON-able results."""
     clock = Clock(target.device)
@@ -685,20 +703,7 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
     for summary in summaries:
         summary["mismatches"] = sum(1 for m in mismatches if m["dataset"] == summary["dataset"] and m["method"] == summary["method"])
     results = {
-        "meta": {
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": command_line(args),
-            "hardware": hardware(),
-            "device": str(target.device),
-            "dtype": args.dtype,
-            "target": getattr(target.config, "name_or_path", None) or args.target,
-            "drafts": {name: getattr(d.config, "_name_or_path", None) or "random" for name, d in drafts.items()},
-            "draft_configs": {name: draft_summary(d) for name, d in drafts.items()},
-            "random_drafts": bool(args.random_drafts),
-            "settings": dataclasses.asdict(settings) | {"repeats": args.repeats, "num_prompts": args.num_prompts, "greedy": True},
-            "methods": methods,
-            "prompts_skipped_too_long": {d: skipped for d, (_, skipped) in prompts.items()},
-        },
+        "meta": run_meta(args, target, drafts, settings, methods, prompts),
         "costs": {d: {"context_tokens": len(prompts[d][0][0][1]), "verify_ms": [1000 * s for s in c]} for d, c in costs.items()},
         "results": summaries,
         "per_prompt": per_prompt_rows(records),

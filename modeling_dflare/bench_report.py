@@ -51,6 +51,22 @@ def render_costs(results: dict) -> str:
     return "\n".join(lines)
 
 
+def render_headline(results: dict, method: str = "dflare") -> list[str]:
+    """One line per dataset: ``method``'s speed relative to each alternative that ran (2.00x plain = twice as
+    fast as plain) and its share of the physical bound."""
+    rows = results["results"]
+    lines = []
+    for dataset in dict.fromkeys(r["dataset"] for r in rows):
+        by_method = {r["method"]: r for r in rows if r["dataset"] == dataset}
+        ours = by_method.get(method)
+        if ours is None or not ours["seconds"]:
+            continue
+        parts = [f"{by_method[other]['seconds'] / ours['seconds']:.2f}x {other}" for other in by_method if other != method and by_method[other]["seconds"]]
+        bound = f", {ours['bound_fraction']:.0%} of its bound" if ours.get("bound_fraction") is not None else ""
+        lines.append(f"- {dataset}: {method} (τ {ours['tau']:.2f}) runs at " + ", ".join(parts) + bound)
+    return lines
+
+
 def render_markdown(results: dict) -> str:
     """Full report: setup, results table, forward costs, HumanEval pass@1 and any mismatch."""
     meta = results["meta"]
@@ -75,6 +91,8 @@ def render_markdown(results: dict) -> str:
         f"- Command: `{meta['command']}`",
         "",
         render_table(results),
+        "",
+        *render_headline(results),
         "",
         "Physical bound = τ · t1 / (t_verify + t_draft), with the target forward costs below "
         "(t_verify averaged over the lengths each method verified); % of bound = speedup vs plain / bound.",

@@ -163,3 +163,23 @@ def test_transposed_linear_is_exact():
         batch = layer(torch.randn(3, 24))
     assert torch.equal(got, expected) and batch.shape == (3, 40)
     assert torch.nn.Linear.forward is not None and layer(x).shape == (1, 1, 40)
+
+
+@pytest.mark.slow
+def test_bench_smollm2_lossless(smollm2):
+    """Real target, random drafts: every method's greedy output equals plain decoding's."""
+    import argparse
+
+    target, tokenizer = smollm2
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(
+        ["--random-drafts", "--datasets", "math", "--num-prompts", "1", "--max-new-tokens", "12", "--cost-repeats", "1",
+         "--methods", "plain", "plain-fast", "dflare", "dflare-stock", "prompt-lookup"]
+    )  # fmt: skip
+    methods = [bench.BASELINE] + [m for m in args.methods if m != bench.BASELINE]
+    drafts = bench.load_drafts(args, target, methods, target.device, target.dtype)
+    args.block_size = 16
+    results = bench.run_benchmark(args, target, tokenizer, drafts, methods)
+    assert results["ok"], results["mismatches"]
+    assert {r["method"] for r in results["results"]} == set(methods)
