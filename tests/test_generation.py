@@ -162,6 +162,22 @@ def test_generation_config_block_size_override():
     assert max(draft.dflare_stats.proposed) == 3
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_return_dict_with_scores(path):
+    """``return_dict_in_generate`` / ``output_scores``: same sequences, one score row per new token."""
+    target = cached_target("mistral")
+    prompt = random_prompt(5, seed=12)
+    draft, _ = make_oracle(target, prompt, block_size=4, corruption=0.3)
+    kwargs = dict(max_new_tokens=14, return_dict_in_generate=True, output_scores=True)
+    expected = greedy(target, prompt, **kwargs)
+    got = greedy(target, prompt, assistant_model=draft, **kwargs, **path_kwargs(path))
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert len(got.scores) == len(expected.scores) == 14
+    for ours, plain in zip(got.scores, expected.scores):
+        assert ours.argmax(-1).item() == plain.argmax(-1).item()
+        torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-4)
+
+
 def test_other_assistants_keep_transformers_behaviour():
     """The hook only handles DFlare drafts: a classic assistant still gets AssistedCandidateGenerator."""
     from transformers.generation.candidate_generator import AssistedCandidateGenerator
@@ -354,6 +370,8 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
     ]
     if setting == "t1":
         runs.append(("random draft", dict(assistant_model=random_draft), 1))
+        reduced = make_draft(target, block_size=4, draft_vocab_size=5, confidence_threshold=0.05)
+        runs.append(("reduced draft vocab + confidence cut", dict(assistant_model=reduced), 6))
     for name, kwargs, seed in runs:
         samples, accepted = draw(target, prompt, n, seed, **settings, **kwargs)
         pvalue = chi_square_pvalue(samples, probs)
