@@ -368,18 +368,44 @@ def check_draft_matches_target(draft: "DFlareModel", target: nn.Module) -> None:
     if problems:
         raise ValueError("DFlare draft does not match the target model: " + "; ".join(problems))
     if depth != config.num_target_hidden_layers:
-        logger.warning(
+        _warn_once(
             "DFlare draft was built for a target with %d layers, this target has %d: acceptance will suffer",
             config.num_target_hidden_layers,
             depth,
         )
+    trained_for = _model_name(config.target_name_or_path)
+    used_with = _model_name(getattr(target.config, "name_or_path", None))
     if config.target_model_type and config.target_model_type != target_config.model_type:
-        logger.warning(
+        _warn_once(
             "DFlare draft was trained for a %r target (%s) but is used with a %r one: acceptance will suffer",
             config.target_model_type,
             config.target_name_or_path,
             target_config.model_type,
         )
+    elif trained_for and used_with and trained_for != used_with:
+        # Same family, another checkpoint (a fine-tune, another size or version): drafts transfer badly.
+        _warn_once(
+            "DFlare draft was trained for target %r but is used with %r: acceptance may suffer",
+            config.target_name_or_path,
+            target.config.name_or_path,
+        )
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str, *args) -> None:
+    """Log a soft-mismatch warning once per process, not on every generate call."""
+    text = message % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        logger.warning(text)
+
+
+def _model_name(name_or_path) -> str | None:
+    """Last component of a Hub id or local path (a local copy of a Hub model matches its id); None if unknown."""
+    name = str(name_or_path or "").rstrip("/\\").replace("\\", "/").split("/")[-1]
+    return name.lower() or None
 
 
 def is_dflare_draft(model) -> bool:

@@ -190,8 +190,17 @@ def test_check_draft_matches_target_direct():
         check_draft_matches_target(make_draft(make_target("qwen3", hidden_size=48)), target)
 
 
-def test_soft_mismatch_warns(caplog):
-    """Same geometry, other family or depth: works, but warns that acceptance will suffer."""
+@pytest.fixture
+def fresh_warnings():
+    import modeling_dflare.modeling_dflare as module
+
+    module._WARNED.clear()
+    yield module._WARNED
+    module._WARNED.clear()
+
+
+def test_soft_mismatch_warns(caplog, fresh_warnings):
+    """Same geometry, other family or depth: works, but warns (once) that acceptance will suffer."""
     llama = cached_target("llama")
     draft = make_draft(cached_target("mistral"))  # mistral: 2 layers, llama: 3
     with caplog.at_level(logging.WARNING, logger="modeling_dflare.modeling_dflare"):
@@ -200,4 +209,24 @@ def test_soft_mismatch_warns(caplog):
     assert "'mistral'" in text and "'llama'" in text
     assert "2 layers" in text
     prompt = random_prompt(5)
-    assert greedy(llama, prompt, max_new_tokens=5, assistant_model=draft).tolist() == greedy(llama, prompt, max_new_tokens=5).tolist()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="modeling_dflare.modeling_dflare"):
+        for _ in range(3):
+            got = greedy(llama, prompt, max_new_tokens=5, assistant_model=draft)
+    assert got.tolist() == greedy(llama, prompt, max_new_tokens=5).tolist()
+    assert "acceptance will suffer" not in caplog.text  # already said once
+
+
+def test_other_checkpoint_of_the_same_family_warns(caplog, fresh_warnings):
+    """A draft records its target's name; another checkpoint name warns, a local copy of the same does not."""
+    target = make_target("llama")
+    target.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    draft = make_draft(target)
+    assert draft.config.target_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    with caplog.at_level(logging.WARNING, logger="modeling_dflare.modeling_dflare"):
+        target.config.name_or_path = "/models/smollm2-135m-instruct/"
+        check_draft_matches_target(draft, target)
+        assert "acceptance may suffer" not in caplog.text
+        target.config.name_or_path = "someone/SmolLM2-135M-Instruct-finetuned-math"
+        check_draft_matches_target(draft, target)
+    assert "'someone/SmolLM2-135M-Instruct-finetuned-math'" in caplog.text and "acceptance may suffer" in caplog.text
