@@ -4,7 +4,7 @@ Hypothesis draws a tiny random target (Llama, Qwen3, Mistral or Gemma3 with a sh
 window), a draft (random, or the oracle of conftest with a random corruption rate, so that blocks
 are partly or fully accepted), the fusion mode, block size, draft depth and target layer count,
 the generator (ours or the stock DFlash one), a prompt (length, left padding), and generation
-settings (max_new_tokens, an eos token taken from the true continuation, repetition penalty,
+settings (draft dtype fp32/bf16, max_new_tokens, an eos token taken from the true continuation, repetition penalty,
 no-repeat n-grams, a stop-on-token criterion, a confidence threshold, a reduced draft vocabulary).
 The number of examples is fixed (``DFLARE_FUZZ_EXAMPLES``, default 120) and derandomised so CI runs
 the same cases; ``DFLARE_FUZZ_RANDOM=1`` explores fresh ones.
@@ -50,11 +50,12 @@ def cases(draw):
         path=draw(st.sampled_from(["custom", "stock"])),
         prompt=draw(st.lists(st.integers(0, 99), min_size=1, max_size=20)),
         left_pad=draw(st.sampled_from([0, 0, 3])),
-        max_new_tokens=draw(st.integers(1, 30)),
+        max_new_tokens=draw(st.one_of(st.integers(1, 30), st.sampled_from([17, 24, 30]))),
         eos_index=draw(st.one_of(st.none(), st.integers(0, 29))),
         stop_index=draw(st.one_of(st.none(), st.integers(1, 29))),
         repetition_penalty=draw(st.sampled_from([None, None, 1.5])),
         no_repeat_ngram_size=draw(st.sampled_from([None, None, 3])),
+        draft_dtype=draw(st.sampled_from([torch.float32, torch.float32, torch.bfloat16])),
     )
     if case["path"] == "custom":
         case["confidence_threshold"] = draw(st.sampled_from([0.0, 0.0, 0.2]))
@@ -92,6 +93,7 @@ def run_case(case):
         draft = make_draft(target, **draft_kwargs)
         reference = greedy(target, prompt, attention_mask=mask, max_new_tokens=30)
     continuation = reference[0, prompt.shape[1] :].tolist()
+    draft = draft.to(case["draft_dtype"])
 
     kwargs = dict(max_new_tokens=case["max_new_tokens"], attention_mask=mask)
     if case["eos_index"] is not None and case["eos_index"] < len(continuation):
@@ -136,4 +138,4 @@ def test_fuzz_ran_enough_cases():
         pytest.skip("the property test did not run in this session")
     print(f"\nfuzz: {RAN['cases']} cases ran, {RAN['accepted_cases']} with accepted drafts (fewer target forwards than new tokens)")
     assert RAN["cases"] >= FUZZ_EXAMPLES
-    assert RAN["accepted_cases"] >= RAN["cases"] // 5
+    assert RAN["accepted_cases"] >= RAN["cases"] // 10
