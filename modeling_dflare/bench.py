@@ -285,6 +285,9 @@ def generate_once(method: str, target, input_ids: torch.LongTensor, drafts: dict
         output = target.generate(input_ids, attention_mask=mask, generation_config=config, assistant_model=draft)
         seconds = clock() - start
     tokens = output[0, input_ids.shape[1] :].tolist()
+    stats = getattr(draft, "dflare_stats", None) if method in ("dflare", "dflash") else None
+    if stats is not None and stats.accepted != [accepted for _, accepted in probe.cycles]:
+        logger.warning("%s: draft.dflare_stats disagrees with the measured verify cycles", method)
     return Run(tokens, seconds, probe.target_seconds, probe.cycles, probe.draft_seconds, memory.peak)
 
 

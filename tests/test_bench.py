@@ -80,11 +80,12 @@ def png_size(path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-def test_bench_end_to_end(tiny_setup, tmp_path):
+def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
     out = tmp_path / "out"
     assert cli.main(bench_argv(tiny_setup, out, "--repeats", "2", "--profile", "plain", "dflare")) == 0
     results = json.loads((out / "bench.json").read_text())
     assert results["ok"] and results["mismatches"] == []
+    assert "disagrees" not in caplog.text  # draft.dflare_stats matches the probe's verify cycles
     rows = {(r["dataset"], r["method"]): r for r in results["results"]}
     assert set(rows) == {(d, m) for d in ("math", "humaneval") for m in bench.METHODS}
     for (dataset, method), row in rows.items():
