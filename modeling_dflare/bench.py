@@ -519,10 +519,17 @@ def add_relative_speedups(summaries: list[dict]) -> None:
         summary["speedup_vs_plain_fast"] = reference / summary["seconds"] if reference and summary["seconds"] else None
 
 
-def per_prompt_rows(records: list[dict]) -> list[dict]:
+def per_prompt_rows(records: list[dict], tokenizer) -> list[dict]:
+    """Per prompt: plain decoding's text (every lossless method produced the same) and each method's numbers."""
     rows = []
     for record in records:
-        row = {"dataset": record["dataset"], "prompt_id": record["prompt"].id, "prompt_tokens": record["prompt_tokens"], "methods": {}}
+        row = {
+            "dataset": record["dataset"],
+            "prompt_id": record["prompt"].id,
+            "prompt_tokens": record["prompt_tokens"],
+            "plain_text": tokenizer.decode(record["runs"][BASELINE].tokens, skip_special_tokens=True),
+            "methods": {},
+        }
         for method, run in record["runs"].items():
             taus = (sum(a for _, a in run.cycles) + len(run.cycles)) / len(run.cycles) if run.cycles else None
             row["methods"][method] = {"new_tokens": len(run.tokens), "seconds": run.seconds, "tau": taus}
@@ -709,7 +716,7 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
         "meta": run_meta(args, target, drafts, settings, methods, prompts),
         "costs": {d: {"context_tokens": len(prompts[d][0][0][1]), "verify_ms": [1000 * s for s in c]} for d, c in costs.items()},
         "results": summaries,
-        "per_prompt": per_prompt_rows(records),
+        "per_prompt": per_prompt_rows(records, tokenizer),
         "mismatches": mismatches,
         "ok": not mismatches,
     }
