@@ -22,7 +22,13 @@ verified lengths the method actually used). ``bound_fraction`` is the measured s
 ``plain`` divided by that bound.
 
 Every output is compared with ``plain``'s token ids; any difference is logged as an error, listed
-in the JSON and makes the command exit with status 1.
+in the JSON and makes the command exit with status 1. Repeats of one method must agree too. In
+bfloat16 a verify forward over many tokens and a one-token forward round differently, so a near-tie
+can flip a greedy token without any bug; the JSON's ``first_difference`` and the tokens around it
+show which case it is, and the command still fails, on purpose.
+
+Run ``dflare bench --random-drafts`` to exercise every path before trained drafts exist, and
+``dflare bench --render runs/bench/bench.json`` to redo the markdown and plots of a finished run.
 """
 
 import argparse
@@ -578,7 +584,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="draft block size (default: the draft's)")
     parser.add_argument("--confidence-threshold", type=float, default=None, help="DFlare early block stop (default: the draft's)")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=1, help="timed runs per prompt and method; the median counts")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and method; the median counts")
     parser.add_argument("--cost-repeats", type=int, default=5, help="timed forwards per length for the physical bound")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
