@@ -64,6 +64,7 @@ class TrainArgs:
     eval_every: int = 200
     max_train_sequences: int | None = None
     labels: str = "target"
+    init_layers: str = "target"
     init_from: str | None = None
     seed: int = 0
     confidence_threshold: float = 0.0
@@ -87,14 +88,23 @@ class Sequence:
 # ----------------------------------------------------------------------------------------------
 
 
-def tokenize_conversations(tokenizer, conversations, max_length: int) -> tuple[list[Sequence], dict[str, int]]:
-    """Chat-template each conversation; the last assistant turn is the response. Counts what is skipped."""
-    sequences, skipped = [], {"no assistant reply": 0, "response cut off by max_length": 0}
+def tokenize_conversations(
+    tokenizer, conversations, max_length: int, limit: int | None = None
+) -> tuple[list[Sequence], dict[str, int]]:
+    """Chat-template each conversation (up to ``limit`` kept); the last assistant turn is the
+    response and everything before it the prompt. Counts what is skipped, by reason."""
+    sequences = []
+    skipped = {"no assistant reply": 0, "no user turn before the reply": 0, "response cut off by max_length": 0}
     for conversation in conversations:
+        if limit is not None and len(sequences) >= limit:
+            break
         messages = conversation.messages
         last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
         if last is None or not messages[last]["content"].strip():
             skipped["no assistant reply"] += 1
+            continue
+        if not any(m["role"] == "user" for m in messages[:last]):
+            skipped["no user turn before the reply"] += 1
             continue
         prompt = _template_ids(tokenizer, messages[:last], add_generation_prompt=True)
         full = _template_ids(tokenizer, messages[: last + 1], add_generation_prompt=False)
@@ -386,12 +396,60 @@ def build_draft(args: TrainArgs, target, sequences: list[Sequence]) -> DFlareMod
         confidence_threshold=args.confidence_threshold,
     )
     draft = DFlareModel(config)
+    # Start the final norm at the target's own: the shared LM head then sees familiar scales
+    # (a unit-scale norm gives initial losses of 30+ on real targets).
+    target_norm = getattr(target.get_decoder(), "norm", None) if hasattr(target, "get_decoder") else None
+    if target_norm is not None:
+        with torch.no_grad():  # a row of ones has RMS 1: the output is the norm's effective scale, (1 + w) or w alike
+            ones = torch.ones(1, config.hidden_size, device=target.device, dtype=target.dtype)
+            draft.norm.weight.copy_(target_norm(ones)[0].float().cpu())
+    if args.init_layers == "target":
+        copy_target_layers(draft, target)
     if args.draft_vocab_size:
         eos = target.config.get_text_config().eos_token_id
         always = [config.mask_token_id] + ([eos] if isinstance(eos, int) else list(eos or []))
         vocab = choose_draft_vocab(sequences, args.draft_vocab_size, config.vocab_size, always)
         draft.draft_vocab_ids.copy_(vocab)
     return draft
+
+
+def _effective_scale(norm: torch.nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The per-channel scale an RMS-style norm applies (``w`` or ``1 + w`` alike): its output on ones."""
+    with torch.no_grad():
+        return norm(torch.ones(1, width, device=like.device, dtype=like.dtype))[0].float().cpu()
+
+
+@torch.no_grad()
+def copy_target_layers(draft: DFlareModel, target) -> list[int]:
+    """Start draft layer d as a copy of the target layer at the same relative depth.
+
+    Each draft layer then begins as the target's own computation at that depth, reading (through
+    layer-wise fusion, initialised near one-hot on that depth) the target hidden states that layer
+    normally reads; context K/V projections start as the layer's own K/V projections. Shared fusion
+    starts as the mean of the T target layers. Returns the copied target layer indices.
+    """
+    layers = target.get_decoder().layers
+    config, count = draft.config, len(target.get_decoder().layers)
+    copied = []
+    for index, layer in enumerate(draft.layers):
+        source = layers[max(0, round((index + 1) / len(draft.layers) * count) - 1)]
+        copied.append(layers.index(source) if hasattr(layers, "index") else list(layers).index(source))
+        attention, mlp = source.self_attn, source.mlp
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(layer.self_attn, name).weight.copy_(getattr(attention, name).weight.float())
+        if hasattr(layer.self_attn, "k_proj_target"):
+            layer.self_attn.k_proj_target.weight.copy_(attention.k_proj.weight.float())
+            layer.self_attn.v_proj_target.weight.copy_(attention.v_proj.weight.float())
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(layer.mlp, name).weight.copy_(getattr(mlp, name).weight.float())
+        weight = attention.q_proj.weight
+        layer.input_layernorm.weight.copy_(_effective_scale(source.input_layernorm, config.hidden_size, weight))
+        layer.post_attention_layernorm.weight.copy_(_effective_scale(source.post_attention_layernorm, config.hidden_size, weight))
+    if config.fusion == "shared":
+        eye = torch.eye(config.hidden_size) / config.num_target_layers
+        draft.fc.weight.copy_(eye.repeat(1, config.num_target_layers))
+    logger.info("draft layers initialised from target layers %s", copied)
+    return copied
 
 
 def _precision(args: TrainArgs, device_type: str) -> str:
@@ -417,10 +475,8 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(args.target)
 
     train_convs, heldout_convs = load_training_conversations(args)
-    sequences, skipped = tokenize_conversations(tokenizer, train_convs, args.max_length)
-    heldout, _ = tokenize_conversations(tokenizer, heldout_convs, args.max_length)
-    if args.max_train_sequences:
-        sequences = sequences[: args.max_train_sequences]
+    sequences, skipped = tokenize_conversations(tokenizer, train_convs, args.max_length, args.max_train_sequences)
+    heldout, _ = tokenize_conversations(tokenizer, heldout_convs, args.max_length, 64)
     if not sequences:
         raise ValueError(f"no usable training sequences in {args.data!r} (skipped: {skipped})")
     logger.info("training sequences: %d (skipped %s), held-out: %d", len(sequences), skipped, len(heldout))
@@ -442,6 +498,8 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
         logger.info("resumed from %s at step %d of %d", resumed, step, total_steps)
 
     loop = _Loop(args, accelerator, draft, target, sequences, weights, accum)
+    if resumed is None and not args.init_from:
+        loop.calibrate_output_scale()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_main_process)
     history = []
     while step < total_steps:
@@ -516,6 +574,32 @@ class _Loop:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         return {"loss": sum(losses) / len(losses), "acc": meter.accuracy(), "tau": meter.acceptance_length(), "tokens": tokens}
+
+    @torch.no_grad()
+    def calibrate_output_scale(self, candidates=(1.0, 0.5, 0.25, 0.12, 0.06, 0.03), probes: int = 4) -> float:
+        """Scale the fresh draft's final norm so its first logits are not absurdly confident.
+
+        With tied embeddings, an untrained draft echoes its input embedding and the target's LM
+        head turns that into a confident wrong guess (initial losses of 30+). Adam moves a norm
+        weight by about ``lr`` per step, so a bad scale would take thousands of steps to undo: a
+        line search over a few scales on a few sequences removes the problem before step 1.
+        """
+        norm = self.accelerator.unwrap_model(self.draft).norm.weight
+        base = norm.detach().clone()
+        losses = {}
+        for scale in candidates:
+            norm.copy_(base * scale)
+            total = 0.0
+            for index in range(min(probes, len(self.sequences))):
+                sequence = self.sequences[index]
+                anchors = sample_anchors(sequence.response_start, sequence.input_ids.numel(), self.args.num_anchors, torch.Generator().manual_seed(index))
+                features = self.features(sequence, self.layer_ids)
+                total += block_loss(self.draft, self.embed, self.head_weight, self.token_to_draft, sequence, features, anchors, self.weights, self.args.labels).loss.item()
+            losses[scale] = total
+        best = min(losses, key=losses.get)
+        norm.copy_(base * best)
+        logger.info("output scale calibration: loss by scale %s -> %s", {k: round(v / probes, 3) for k, v in losses.items()}, best)
+        return best
 
     @torch.no_grad()
     def evaluate(self, heldout: list[Sequence], max_sequences: int = 64) -> dict:
@@ -608,6 +692,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--precision", choices=("auto", "no", "bf16", "fp16"), default="auto", help="auto: bf16 on GPU, fp32 on CPU")
     parser.add_argument("--hidden-cache", default=None, help="cache target hidden states in this folder")
     parser.add_argument("--init-from", default=None, help="warm-start from a draft folder")
+    parser.add_argument(
+        "--init-layers",
+        choices=("target", "random"),
+        default="target",
+        help="target: start each draft layer as the target layer at the same relative depth (default); random",
+    )
     parser.add_argument(
         "--labels",
         choices=("target", "data"),

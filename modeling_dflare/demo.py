@@ -1,0 +1,99 @@
+"""``dflare demo``: the embedded SmolLM2 target with the shipped DFlare draft, against plain decoding.
+
+For each prompt it runs plain greedy ``generate`` and ``generate(assistant_model=draft)`` in the
+same process, one after the other, checks that the texts are identical, and prints the text, the
+acceptance length and the wall-clock speedup measured in that run.
+"""
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflare"
+DEMO_PROMPTS = [
+    "Write a Python function that checks whether a string is a palindrome.",
+    "What are three tips for staying productive when working from home?",
+    "A shop sells pencils at 3 for $1. How much do 12 pencils cost? Explain step by step.",
+]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--draft", default=str(SHIPPED_DRAFT), help="draft folder (default: the shipped SmolLM2 DFlare draft)")
+    parser.add_argument("--target", default=None, help="target folder or .gguf (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--prompt", action="append", help="a prompt (repeatable); default: three built-in prompts")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--block-size", type=int, default=None, help="override the draft's block size")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def _timed(fn):
+    start = time.perf_counter()
+    result = fn()
+    return result, time.perf_counter() - start
+
+
+def run(args) -> int:
+    from transformers import AutoModel, GenerationConfig
+
+    from . import DFlareModel  # noqa: F401  (registers the generate() hook)
+    from .targets import load_target, load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    draft_dir = Path(args.draft)
+    if not (draft_dir / "config.json").exists():
+        raise SystemExit(f"no draft at {draft_dir}: train one with `dflare train` or pass --draft DIR")
+    print(f"loading target ({args.target or 'embedded SmolLM2-135M-Instruct'}) and draft ({draft_dir}) ...", flush=True)
+    target, tokenizer = load_target(args.target), load_tokenizer(args.target)
+    draft = AutoModel.from_pretrained(draft_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id)
+    if args.block_size:
+        config.dflare_block_size = args.block_size
+
+    def generate(ids, **kwargs):
+        with torch.inference_mode():
+            return target.generate(ids, generation_config=config, **kwargs)
+
+    prompts = args.prompt or DEMO_PROMPTS
+    encoded = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        for p in prompts
+    ]
+    generate(encoded[0][:, :8], assistant_model=draft)  # warm-up: first calls pay one-off costs
+    generate(encoded[0][:, :8])
+    totals = {"plain": 0.0, "dflare": 0.0, "tokens": 0, "accepted": 0, "cycles": 0}
+    identical = True
+    for prompt, ids in zip(prompts, encoded):
+        plain, plain_s = _timed(lambda: generate(ids))
+        ours, ours_s = _timed(lambda: generate(ids, assistant_model=draft))
+        stats = draft.dflare_stats
+        same = torch.equal(plain, ours)
+        identical &= same
+        new = plain.shape[1] - ids.shape[1]
+        totals["plain"] += plain_s
+        totals["dflare"] += ours_s
+        totals["tokens"] += new
+        totals["accepted"] += sum(stats.accepted)
+        totals["cycles"] += stats.cycles
+        print("\n" + "=" * 80)
+        print(f"PROMPT: {prompt}\n")
+        print(tokenizer.decode(ours[0, ids.shape[1]:], skip_special_tokens=True))
+        print("-" * 80)
+        print(
+            f"{new} tokens | plain {new / plain_s:.1f} tok/s | DFlare {new / ours_s:.1f} tok/s | "
+            f"speedup {plain_s / ours_s:.2f}x | acceptance length {stats.acceptance_length:.2f} | "
+            f"identical to plain: {'yes' if same else 'NO'}"
+        )
+    tau = (totals["accepted"] + totals["cycles"]) / max(1, totals["cycles"])
+    print("\n" + "=" * 80)
+    print(
+        f"OVERALL: {totals['tokens']} tokens | plain {totals['tokens'] / totals['plain']:.1f} tok/s | "
+        f"DFlare {totals['tokens'] / totals['dflare']:.1f} tok/s | speedup {totals['plain'] / totals['dflare']:.2f}x | "
+        f"acceptance length {tau:.2f} | outputs identical: {'yes' if identical else 'NO'}"
+    )
+    return 0 if identical else 1
