@@ -178,7 +178,7 @@ def test_bench_smollm2_lossless(smollm2):
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
     args = parser.parse_args(
-        ["--random-drafts", "--datasets", "math", "--num-prompts", "1", "--max-new-tokens", "12", "--cost-repeats", "1",
+        ["--random-drafts", "--datasets", "math", "--num-prompts", "1", "--max-new-tokens", "12", "--cost-repeats", "1", "--repeats", "1",
          "--methods", "plain", "plain-fast", "dflare", "dflare-stock", "prompt-lookup"]
     )  # fmt: skip
     methods = [bench.BASELINE] + [m for m in args.methods if m != bench.BASELINE]
