@@ -1,0 +1,718 @@
+# Copyright 2026 the modeling_dflare authors. Licensed under the Apache License, Version 2.0.
+"""DFlare / DFlash block-diffusion draft model and its `generate(assistant_model=...)` integration.
+
+A draft fills a whole block ``[anchor, MASK, ..., MASK]`` in one forward pass. Its keys and values
+come from two sources: the block's own tokens, and the target model's hidden states at every
+accepted position ("KV injection"). Queries come only from the block, which attends to all the
+context and bidirectionally to itself:
+
+    keys ->      context (target hidden states)     block
+               c0  c1  c2  c3  c4  c5  c6  c7    a  m  m  m
+    query a     x   x   x   x   x   x   x   x    x  x  x  x
+    query m     x   x   x   x   x   x   x   x    x  x  x  x     (x = attends)
+    query m     x   x   x   x   x   x   x   x    x  x  x  x
+
+What DFlare changes from DFlash (``fusion`` in the config):
+
+* ``"shared"`` (DFlash): ``ctx = RMSNorm(fc(concat(h_t1 .. h_tT)))`` is one vector per position,
+  projected to K/V by each layer's ``k_proj`` / ``v_proj`` (the same ones the block uses).
+* ``"layerwise"`` (DFlare): draft layer ``d`` fuses the T target layers with its own softmax weights
+  ``ctx_d = RMSNorm(sum_t softmax(w[d])_t * h_t)`` and projects them with its own
+  ``k_proj_target`` / ``v_proj_target``, so shallow draft layers can read shallow target features.
+
+The draft borrows the target's token embedding and LM head; neither is stored in the checkpoint.
+
+This file travels to the Hub with the draft: it imports only torch, public transformers API and
+``configuration_dflare``. Importing it installs a narrow hook so that
+``target.generate(..., assistant_model=dflare_draft)`` uses :class:`DFlareCandidateGenerator`.
+"""
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import DynamicCache, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from .configuration_dflare import DFlareConfig
+
+logger = logging.getLogger(__name__)
+
+
+class DFlareRMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = hidden_states.to(torch.float32)
+        variance = hidden_states.pow(2).mean(-1, keepdim=True)
+        hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+        return self.weight * hidden_states.to(input_dtype)
+
+
+class DFlareRotaryEmbedding(nn.Module):
+    def __init__(self, config: DFlareConfig):
+        super().__init__()
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        if rope_type == "default":
+            base = config.rope_parameters.get("rope_theta", 10000.0)
+            dim = config.head_dim
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+            self.attention_scaling = 1.0
+        else:
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](config)
+        self.inv_freq = nn.Buffer(inv_freq, persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(device=x.device, dtype=torch.float)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` [batch, heads, len, head_dim] by the last ``len`` positions of cos/sin [batch, n, head_dim]."""
+    length = x.shape[-2]
+    cos, sin = cos[:, None, -length:], sin[:, None, -length:]
+    return x * cos + rotate_half(x) * sin
+
+
+def eager_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    groups = module.num_key_value_groups
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            weights = weights.masked_fill(~attention_mask, torch.finfo(weights.dtype).min)
+        else:
+            weights = weights + attention_mask
+    weights = nn.functional.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+class DFlareAttention(nn.Module):
+    """Qwen3-style attention (q/k RMSNorm) whose keys/values also cover the injected context."""
+
+    def __init__(self, config: DFlareConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        bias = config.attention_bias
+        q_out, kv_out = config.num_attention_heads * self.head_dim, config.num_key_value_heads * self.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_out, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_out, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_out, bias=bias)
+        self.o_proj = nn.Linear(q_out, config.hidden_size, bias=bias)
+        self.q_norm = DFlareRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = DFlareRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        if config.fusion == "layerwise":
+            self.k_proj_target = nn.Linear(config.hidden_size, kv_out, bias=bias)
+            self.v_proj_target = nn.Linear(config.hidden_size, kv_out, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        past_key_values=None,
+        **kwargs,
+    ) -> torch.Tensor:
+        batch, q_len = hidden_states.shape[:2]
+        shape = (batch, -1, self.config.num_key_value_heads, self.head_dim)
+        k_ctx_proj = getattr(self, "k_proj_target", self.k_proj)
+        v_ctx_proj = getattr(self, "v_proj_target", self.v_proj)
+        query = self.q_norm(self.q_proj(hidden_states).view(batch, q_len, -1, self.head_dim)).transpose(1, 2)
+        key = torch.cat([k_ctx_proj(context), self.k_proj(hidden_states)], dim=1).view(shape)
+        value = torch.cat([v_ctx_proj(context), self.v_proj(hidden_states)], dim=1).view(shape)
+        key = self.k_norm(key).transpose(1, 2)
+        value = value.transpose(1, 2)
+        cos, sin = position_embeddings
+        query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention)
+        output, _ = interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        return self.o_proj(output.reshape(batch, q_len, -1))
+
+
+class DFlareMLP(nn.Module):
+    def __init__(self, config: DFlareConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DFlareDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DFlareConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DFlareAttention(config, layer_idx)
+        self.mlp = DFlareMLP(config)
+        self.input_layernorm = DFlareRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DFlareRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(self, hidden_states, context, position_embeddings, attention_mask=None, past_key_values=None, **kwargs):
+        residual = hidden_states
+        hidden_states = self.self_attn(
+            self.input_layernorm(hidden_states), context, position_embeddings, attention_mask, past_key_values
+        )
+        hidden_states = residual + hidden_states
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+class DFlarePreTrainedModel(PreTrainedModel):
+    config: DFlareConfig
+    config_class = DFlareConfig
+    base_model_prefix = ""
+    main_input_name = "noise_embeds"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DFlareDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        except Exception as error:
+            # safetensors reports a truncated file as a header problem without naming the file.
+            if type(error).__name__ != "SafetensorError":
+                raise
+            raise OSError(
+                f"the DFlare draft weights in {pretrained_model_name_or_path} cannot be read ({error}): the "
+                "safetensors file is truncated or corrupted; download or save the draft again"
+            ) from error
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, DFlareRotaryEmbedding):
+            # Non-persistent buffer: not in the checkpoint, so it must be rebuilt on every load.
+            init.copy_(module.inv_freq, DFlareRotaryEmbedding(self.config).inv_freq)
+        if isinstance(module, DFlareModel):
+            if module.layer_fusion_weights is not None:
+                init.copy_(module.layer_fusion_weights, initial_fusion_logits(self.config))
+            if module.draft_vocab_ids is not None:
+                init.copy_(module.draft_vocab_ids, torch.arange(module.draft_vocab_ids.numel()))
+
+
+def initial_fusion_logits(config: DFlareConfig) -> torch.Tensor:
+    """[num_draft_layers, T] logits: ``fusion_init_logit`` on the target layer whose relative depth
+    matches each draft layer's, 0 elsewhere (a near one-hot starting mapping)."""
+    depths = torch.tensor([(i + 1) / config.num_target_hidden_layers for i in config.target_layer_ids])
+    logits = torch.zeros(config.num_hidden_layers, len(config.target_layer_ids))
+    for layer in range(config.num_hidden_layers):
+        matched = int(torch.argmin((depths - (layer + 1) / config.num_hidden_layers).abs()))
+        logits[layer, matched] = config.fusion_init_logit
+    return logits
+
+
+class DFlareModel(DFlarePreTrainedModel):
+    """Block-diffusion draft: ``num_hidden_layers`` non-causal Qwen3-style layers fed by fused target
+    hidden states. Returns the final hidden states of the block; logits come from the target's LM
+    head (see :meth:`draft_logits`)."""
+
+    def __init__(self, config: DFlareConfig):
+        super().__init__(config)
+        hidden, count = config.hidden_size, config.num_target_layers
+        self.layers = nn.ModuleList([DFlareDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.hidden_norm = DFlareRMSNorm(hidden, eps=config.rms_norm_eps)
+        self.norm = DFlareRMSNorm(hidden, eps=config.rms_norm_eps)
+        self.rotary_emb = DFlareRotaryEmbedding(config)
+        if config.fusion == "shared":
+            self.fc = nn.Linear(count * hidden, hidden, bias=False)
+            self.layer_fusion_weights = None
+        else:
+            self.layer_fusion_weights = nn.Parameter(torch.zeros(config.num_hidden_layers, count))
+        if config.draft_vocab_size is not None:
+            self.draft_vocab_ids = nn.Buffer(torch.arange(config.draft_vocab_size, dtype=torch.long))
+        else:
+            self.draft_vocab_ids = None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def fuse_context(self, context_hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        """Per draft layer context vectors [batch, ctx, hidden] from [batch, ctx, T * hidden]."""
+        if self.config.fusion == "shared":
+            fused = self.hidden_norm(self.fc(context_hidden_states))
+            return [fused] * len(self.layers)
+        batch, length, _ = context_hidden_states.shape
+        stacked = context_hidden_states.view(batch, length, self.config.num_target_layers, self.config.hidden_size)
+        weights = torch.softmax(self.layer_fusion_weights.float(), dim=-1).to(stacked.dtype)
+        fused = torch.einsum("bcth,dt->dbch", stacked, weights)
+        return [self.hidden_norm(fused[d]) for d in range(len(self.layers))]
+
+    def forward(
+        self,
+        noise_embeds: torch.Tensor,
+        context_hidden_states: torch.Tensor,
+        position_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        past_key_values=None,
+        use_cache: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        r"""
+        noise_embeds (`torch.Tensor` of shape `[batch, block, hidden]`):
+            Target embeddings of the block tokens: the anchor then mask tokens (several blocks may be
+            concatenated during training).
+        context_hidden_states (`torch.Tensor` of shape `[batch, ctx, hidden * len(config.target_layer_ids)]`):
+            Target hidden states of the new accepted positions, layers `config.target_layer_ids`
+            concatenated on the last dim (hidden_states index `id + 1`).
+        position_ids (`torch.LongTensor` of shape `[batch, ctx + block]`):
+            Positions of the context tokens followed by those of the block tokens.
+        attention_mask (`torch.Tensor` of shape `[batch, past + ctx + block]` or `[batch, 1, block, past + ctx + block]`):
+            2D padding mask over all keys, or a boolean 4D mask (True = attend), e.g. the sparse
+            training mask. None: every query sees every key.
+        past_key_values (`Cache`, *optional*):
+            Context K/V of earlier positions; the new context and block K/V are appended to it.
+        """
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        ctx_len, block_len = context_hidden_states.shape[1], noise_embeds.shape[1]
+        if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
+            position_ids = torch.arange(past, past + ctx_len + block_len, device=noise_embeds.device)[None]
+        attention_mask = self._expand_mask(attention_mask, block_len)
+        # Compute in the draft's dtype, answer in the caller's: a bf16 draft then serves an fp32 target
+        # whose LM head (stock DFlash generator) is applied to our output as is.
+        output_dtype, dtype = noise_embeds.dtype, self.norm.weight.dtype
+        noise_embeds = noise_embeds.to(dtype)
+        contexts = self.fuse_context(context_hidden_states.to(dtype))
+        position_embeddings = self.rotary_emb(noise_embeds, position_ids)
+        hidden_states = noise_embeds
+        for layer, context in zip(self.layers, contexts):
+            hidden_states = layer(hidden_states, context, position_embeddings, attention_mask, past_key_values)
+        last_hidden_state = self.norm(hidden_states).to(output_dtype)
+        return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, past_key_values=past_key_values)
+
+    @staticmethod
+    def _expand_mask(attention_mask: torch.Tensor | None, block_len: int) -> torch.Tensor | None:
+        if attention_mask is None or attention_mask.dim() == 4:
+            return attention_mask
+        if bool(attention_mask.all()):
+            return None  # nothing padded: the unmasked SDPA path is faster
+        return attention_mask.bool()[:, None, None, :].expand(-1, 1, block_len, -1)
+
+    def draft_logits(self, hidden_states: torch.Tensor, lm_head_weight: torch.Tensor) -> torch.Tensor:
+        """Logits over the draft vocabulary (all tokens, or `draft_vocab_ids` when set)."""
+        if self.draft_vocab_ids is not None:
+            lm_head_weight = lm_head_weight[self.draft_vocab_ids.to(lm_head_weight.device)]
+        return hidden_states.to(lm_head_weight.dtype) @ lm_head_weight.T
+
+
+DFlareForBlockDiffusion = DFlareModel
+
+
+# ----------------------------------------------------------------------------------------------
+# Draft/target compatibility
+# ----------------------------------------------------------------------------------------------
+
+
+def check_draft_matches_target(draft: "DFlareModel", target: nn.Module) -> None:
+    """Raise ``ValueError`` naming the value if ``draft`` cannot serve ``target``; warn on soft mismatches."""
+    config, target_config = draft.config, target.config.get_text_config()
+    head = target.get_output_embeddings()
+    embed = target.get_input_embeddings()
+    if head is None or embed is None:
+        raise ValueError(f"target {type(target).__name__} has no input embedding or LM head: a causal LM is expected")
+    problems = []
+    if embed.weight.shape[-1] != config.hidden_size:
+        problems.append(f"hidden size: draft {config.hidden_size}, target {embed.weight.shape[-1]}")
+    if head.weight.shape[0] != config.vocab_size:
+        problems.append(f"vocab size: draft {config.vocab_size}, target LM head {head.weight.shape[0]}")
+    depth = target_config.num_hidden_layers
+    beyond = [i for i in config.target_layer_ids if i >= depth]
+    if beyond:
+        problems.append(f"target_layer_ids {config.target_layer_ids} include {beyond}, past the target's {depth} layers")
+    if problems:
+        raise ValueError("DFlare draft does not match the target model: " + "; ".join(problems))
+    if depth != config.num_target_hidden_layers:
+        _warn_once(
+            "DFlare draft was built for a target with %d layers, this target has %d: acceptance will suffer",
+            config.num_target_hidden_layers,
+            depth,
+        )
+    trained_for = _model_name(config.target_name_or_path)
+    used_with = _model_name(getattr(target.config, "name_or_path", None))
+    if config.target_model_type and config.target_model_type != target_config.model_type:
+        _warn_once(
+            "DFlare draft was trained for a %r target (%s) but is used with a %r one: acceptance will suffer",
+            config.target_model_type,
+            config.target_name_or_path,
+            target_config.model_type,
+        )
+    elif trained_for and used_with and trained_for != used_with:
+        # Same family, another checkpoint (a fine-tune, another size or version): drafts transfer badly.
+        _warn_once(
+            "DFlare draft was trained for target %r but is used with %r: acceptance may suffer",
+            config.target_name_or_path,
+            target.config.name_or_path,
+        )
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str, *args) -> None:
+    """Log a soft-mismatch warning once per process, not on every generate call."""
+    text = message % args
+    if text not in _WARNED:
+        _WARNED.add(text)
+        logger.warning(text)
+
+
+def _model_name(name_or_path) -> str | None:
+    """Last component of a Hub id or local path (a local copy of a Hub model matches its id); None if unknown."""
+    name = str(name_or_path or "").rstrip("/\\").replace("\\", "/").split("/")[-1]
+    return name.lower() or None
+
+
+def is_dflare_draft(model) -> bool:
+    return model is not None and getattr(getattr(model, "config", None), "model_type", None) == "dflare"
+
+
+# ----------------------------------------------------------------------------------------------
+# Candidate generator
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class DFlareStats:
+    """Per-cycle record of one ``generate`` call: ``proposed[i]`` drafts were verified in cycle i and
+    ``accepted[i]`` of them kept (the target adds one bonus token per cycle)."""
+
+    proposed: list[int] = dataclasses.field(default_factory=list)
+    accepted: list[int] = dataclasses.field(default_factory=list)
+    draft_seconds: float = 0.0
+
+    @property
+    def cycles(self) -> int:
+        return len(self.accepted)
+
+    @property
+    def acceptance_length(self) -> float:
+        """Mean tokens gained per target verify forward (accepted drafts + 1 bonus)."""
+        return (sum(self.accepted) + self.cycles) / self.cycles if self.cycles else 0.0
+
+    def histogram(self, block_size: int) -> list[int]:
+        """How many cycles accepted 0, 1, ..., block_size - 1 drafts."""
+        counts = [0] * block_size
+        for n in self.accepted:
+            counts[min(n, block_size - 1)] += 1
+        return counts
+
+
+# Criteria that assisted decoding already enforces inside a block (length budget, eos crop) or that
+# need the scores of the step (assistant confidence); the others are checked on every drafted prefix.
+_CRITERIA_HANDLED_ELSEWHERE = ("MaxLengthCriteria", "EosTokenCriteria", "ConfidenceCriteria")
+
+
+def prefix_stopping_criteria(generation_config) -> list:
+    """The user's stopping criteria (stop strings, custom ones) for this ``generate`` call, if any."""
+    criteria = getattr(generation_config, "_dflare_stopping_criteria", None) or []
+    return [c for c in criteria if type(c).__name__ not in _CRITERIA_HANDLED_ELSEWHERE]
+
+
+@torch.no_grad()
+def stop_free_length(criteria: list, input_ids: torch.LongTensor, candidates: torch.LongTensor) -> int:
+    """How many leading candidates can be proposed without any of them firing a stopping criterion.
+
+    transformers' assisted decoding checks stopping criteria once per cycle, on the whole sequence
+    after the accepted block is appended, so a stop string completed *inside* a block goes unseen
+    and generation runs on past where plain ``generate`` stops. Proposing only the candidates
+    before the first one that fires keeps the output identical: if the target agrees, it emits that
+    token itself as the cycle's bonus token, which is last, and the cycle-end check stops there.
+    """
+    for j in range(candidates.shape[1] if criteria else 0):
+        prefix = torch.cat([input_ids, candidates[:, : j + 1]], dim=-1)
+        if any(bool(torch.as_tensor(c(prefix, None)).any()) for c in criteria):
+            return j
+    return candidates.shape[1]
+
+
+class DFlareCandidateGenerator(CandidateGenerator):
+    """Drafts a block of candidates per cycle with a DFlare draft, for transformers' assisted decoding.
+
+    The target is asked only for the hidden states of ``config.target_layer_ids``. Context K/V of
+    accepted positions are computed once and cached; the block's own K/V are dropped right after
+    each draft pass. Greedy: candidates are the draft's argmax. Sampling: the argmax proposal is
+    returned with one-hot logits, so transformers' rejection sampling stays exactly lossless (a
+    block-diffusion draft's positions are independent marginals: sampling them independently
+    would give incoherent blocks). Statistics of the last call are in ``draft.dflare_stats``.
+    """
+
+    requires_model_outputs = True
+
+    def __init__(self, assistant_model: "DFlareModel", target_model: nn.Module, generation_config, logits_processor=None):
+        check_draft_matches_target(assistant_model, target_model)
+        config = assistant_model.config
+        self.draft = assistant_model
+        self.target_layer_ids = list(config.target_layer_ids)
+        self.model_kwargs_overrides = {"output_hidden_states": [i + 1 for i in self.target_layer_ids]}
+        self.block_size = int(getattr(generation_config, "dflare_block_size", None) or config.block_size)
+        threshold = getattr(generation_config, "dflare_confidence_threshold", None)
+        self.confidence_threshold = float(config.confidence_threshold if threshold is None else threshold)
+        self.mask_token_id = config.mask_token_id
+        self.max_length = generation_config.max_length
+        self.do_sample = bool(generation_config.do_sample)
+        self.logits_processor = logits_processor if logits_processor else None
+        self.input_embeddings = target_model.get_input_embeddings()
+        head = target_model.get_output_embeddings().weight
+        ids = assistant_model.draft_vocab_ids
+        self.head_weight = head.detach() if ids is None else head.detach()[ids.to(head.device)]
+        self.head_ids = None if ids is None else ids.to(head.device)
+        self.vocab_size = head.shape[0]
+        self.stopping_criteria = prefix_stopping_criteria(generation_config)
+        self.cache = DynamicCache(config=config)
+        self.num_context = 0
+        self.stats = DFlareStats()
+        assistant_model.dflare_stats = self.stats
+        self._last_proposed = 0
+
+    def _embed(self, ids: torch.LongTensor) -> torch.Tensor:
+        # Some targets normalise embeddings inside the module (`embed_norm`); the draft expects raw ones.
+        embed_norm = getattr(self.input_embeddings, "embed_norm", None)
+        if embed_norm is None:
+            return self.input_embeddings(ids)
+        try:
+            self.input_embeddings.embed_norm = nn.Identity()
+            return self.input_embeddings(ids)
+        finally:
+            self.input_embeddings.embed_norm = embed_norm
+
+    @torch.no_grad()
+    def _draft_hidden(self, input_ids, model_kwargs, model_outputs) -> torch.Tensor:
+        """Ingest the new context and run the draft over ``[last token, MASK...]``; returns [1, block-1, hidden]."""
+        cur_len = input_ids.shape[1]
+        new = cur_len - 1 - self.num_context
+        hidden = model_outputs.hidden_states
+        if hidden is None or hidden[self.target_layer_ids[0] + 1] is None or hidden[self.target_layer_ids[0] + 1].shape[1] < new:
+            raise RuntimeError("DFlare: the target did not return the hidden states of the accepted positions")
+        device, dtype = self.draft.device, self.draft.dtype
+        context = torch.cat([hidden[i + 1][:, :new] for i in self.target_layer_ids], dim=-1).to(device, dtype)
+        block = torch.full((1, self.block_size), self.mask_token_id, dtype=torch.long, device=input_ids.device)
+        block[:, 0] = input_ids[:, -1]
+        noise = self._embed(block.to(self.input_embeddings.weight.device)).to(device, dtype)
+        positions = torch.arange(self.num_context, cur_len - 1 + self.block_size, device=device)[None]
+        mask = model_kwargs.get("attention_mask")
+        if mask is not None:
+            pad = torch.ones(1, self.block_size, dtype=mask.dtype, device=mask.device)
+            mask = torch.cat([mask[:, : cur_len - 1], pad], dim=-1).to(device)
+        out = self.draft(
+            noise_embeds=noise,
+            context_hidden_states=context,
+            position_ids=positions,
+            attention_mask=mask,
+            past_key_values=self.cache,
+            use_cache=True,
+        )
+        self.num_context = cur_len - 1
+        self.cache.crop(-self.block_size)  # keep only the context K/V
+        return out.last_hidden_state[:, 1:]
+
+    def _propose(self, input_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.LongTensor:
+        """Candidate ids [1, k] from the draft hidden states [1, k, hidden]."""
+        weight = self.head_weight
+        logits = hidden.to(weight.device, weight.dtype) @ weight.T
+        if self.confidence_threshold > 0:
+            confidence = torch.softmax(logits.float(), dim=-1).amax(-1).cumprod(-1)
+            keep = int((confidence[0] >= self.confidence_threshold).sum())
+            logits = logits[:, :keep]
+        if logits.shape[1] == 0:
+            return input_ids.new_zeros((1, 0))
+        if self.logits_processor is None:
+            ids = logits.argmax(-1)
+            return ids if self.head_ids is None else self.head_ids[ids]
+        full = logits.new_full((1, logits.shape[1], self.vocab_size), float("-inf"), dtype=torch.float32)
+        if self.head_ids is None:
+            full.copy_(logits.float())
+        else:
+            full[..., self.head_ids] = logits.float()
+        sequence = input_ids
+        for i in range(full.shape[1]):
+            scores = self.logits_processor(sequence, full[:, i])
+            sequence = torch.cat([sequence, scores.argmax(-1, keepdim=True).to(sequence.device)], dim=-1)
+        return sequence[:, input_ids.shape[1] :]
+
+    def get_candidates(self, input_ids, model_kwargs=None, model_outputs=None, is_first_iteration=False, n_last_matches=0, **kwargs):
+        """Return ``(input_ids + candidates, candidate_logits or None)``."""
+        if is_first_iteration:
+            return input_ids, None  # the target's prefill forward comes first
+        budget = min(self.block_size - 1, self.max_length - input_ids.shape[1] - 1)
+        self._last_proposed = 0
+        if budget <= 0:
+            return input_ids, None
+        start = time.perf_counter()
+        hidden = self._draft_hidden(input_ids, model_kwargs, model_outputs)[:, :budget]
+        candidates = self._propose(input_ids, hidden).to(input_ids.device)
+        candidates = candidates[:, : stop_free_length(self.stopping_criteria, input_ids, candidates)]
+        self.stats.draft_seconds += time.perf_counter() - start
+        self._last_proposed = candidates.shape[1]
+        if candidates.shape[1] == 0:
+            return input_ids, None
+        logits = None
+        if self.do_sample:
+            # One-hot proposal: q(x) = 1 for the proposed token, so acceptance is p(x) and the residual is p without x.
+            logits = torch.full((1, candidates.shape[1], self.vocab_size), float("-inf"), device=input_ids.device)
+            logits.scatter_(-1, candidates[..., None], 0.0)
+        return torch.cat([input_ids, candidates], dim=-1), logits
+
+    def update_candidate_strategy(self, input_ids, scores, num_matches: int):
+        if self._last_proposed or self.stats.cycles or self.num_context:
+            self.stats.proposed.append(self._last_proposed)
+            self.stats.accepted.append(int(num_matches))
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch: generate(assistant_model=dflare_draft) -> DFlareCandidateGenerator
+# ----------------------------------------------------------------------------------------------
+
+
+def install_generate_hook() -> None:
+    """Make ``GenerationMixin._get_candidate_generator`` return a DFlare generator for DFlare drafts.
+
+    Narrow: only assistants whose ``config.model_type == "dflare"`` are affected, and only when the
+    stock DFlash path was not requested (``speculation_type="dflash"``) and no other candidate
+    strategy (prompt lookup, early exit, MTP) was asked for. Idempotent: wrapping happens once per
+    process, whichever copy of this module (installed package or ``trust_remote_code``) comes first;
+    the generator class is taken from the draft's own module.
+
+    For DFlare drafts on either path (ours or the stock DFlash one) two checks run first, so a user
+    gets an error that names the problem instead of a shape error deep inside a forward:
+    ``generate`` validation also checks the draft against the target (hidden size, vocab, layer
+    ids), and a batch of more than one sequence is refused with what to do instead.
+    """
+    _wrap_once("_validate_generation_mode", _validate_generation_mode_hook)
+    _wrap_once("_assisted_decoding", _assisted_decoding_hook)
+    _wrap_once("_get_candidate_generator", _get_candidate_generator_hook)
+
+
+def _wrap_once(name: str, make_wrapper) -> None:
+    original = getattr(GenerationMixin, name)
+    if getattr(original, "_dflare_hook", False):
+        return
+    wrapper = make_wrapper(original)
+    wrapper._dflare_hook = True
+    wrapper.__wrapped__ = original
+    setattr(GenerationMixin, name, wrapper)
+
+
+def _validate_generation_mode_hook(original):
+    def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs, *args, **kwargs):
+        assistant_model = generation_mode_kwargs.get("assistant_model")
+        if is_dflare_draft(assistant_model):
+            # Before transformers' own assistant checks: a vocab mismatch would otherwise read as a tokenizer problem.
+            check_draft_matches_target(assistant_model, self)
+        return original(self, generation_mode, generation_config, generation_mode_kwargs, *args, **kwargs)
+
+    return _validate_generation_mode
+
+
+def _assisted_decoding_hook(original):
+    def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs):
+        # The candidate generator is built without the stopping criteria; hand them over through this
+        # call's private copy of the generation config (see ``stop_free_length``).
+        if is_dflare_draft(kwargs.get("assistant_model")):
+            generation_config._dflare_stopping_criteria = stopping_criteria
+        try:
+            return original(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs)
+        finally:
+            generation_config.__dict__.pop("_dflare_stopping_criteria", None)
+
+    return _assisted_decoding
+
+
+def _stop_aware(get_candidates, criteria):
+    """Wrap a (stock) generator's ``get_candidates`` so that it proposes no candidate that fires a stop."""
+
+    def wrapped(input_ids, *args, **kwargs):
+        candidate_ids, logits = get_candidates(input_ids, *args, **kwargs)
+        keep = stop_free_length(criteria, input_ids, candidate_ids[:, input_ids.shape[1] :])
+        candidate_ids = candidate_ids[:, : input_ids.shape[1] + keep]
+        return candidate_ids, (logits[:, :keep] if logits is not None and keep else None)
+
+    return wrapped
+
+
+def _get_candidate_generator_hook(original):
+    def _get_candidate_generator(self, generation_config, *args, assistant_model=None, logits_processor=None, **kwargs):
+        if not is_dflare_draft(assistant_model):
+            return original(self, generation_config, *args, assistant_model=assistant_model, logits_processor=logits_processor, **kwargs)
+        input_ids = kwargs.get("input_ids", args[0] if args else None)
+        if input_ids is not None and input_ids.shape[0] > 1:
+            raise ValueError(
+                f"DFlare speculative decoding runs one sequence at a time (transformers' assisted decoding is "
+                f"single-sequence), got a batch of {input_ids.shape[0]}: call generate(assistant_model=draft) once per "
+                "prompt, or generate the batch without assistant_model"
+            )
+        other_strategy = (
+            generation_config.speculation_type == "dflash"
+            or generation_config.prompt_lookup_num_tokens is not None
+            or generation_config.assistant_early_exit is not None
+            or getattr(generation_config, "use_mtp", False)
+        )
+        if not other_strategy:
+            generator_class = getattr(type(assistant_model), "candidate_generator_class", DFlareCandidateGenerator)
+            return generator_class(assistant_model, self, generation_config, logits_processor)
+        generator = original(self, generation_config, *args, assistant_model=assistant_model, logits_processor=logits_processor, **kwargs)
+        criteria = prefix_stopping_criteria(generation_config)
+        if criteria and generation_config.speculation_type == "dflash":
+            generator.get_candidates = _stop_aware(generator.get_candidates, criteria)
+        return generator
+
+    return _get_candidate_generator
+
+
+DFlareModel.candidate_generator_class = DFlareCandidateGenerator
+install_generate_hook()
+
+__all__ = [
+    "DFlareCandidateGenerator",
+    "DFlareForBlockDiffusion",
+    "DFlareModel",
+    "DFlarePreTrainedModel",
+    "DFlareStats",
+    "check_draft_matches_target",
+    "install_generate_hook",
+]
