@@ -1,0 +1,131 @@
+"""Data readers: the cut-off ShareGPT file, malformed records, JSONL, the held-out split; checkpoint safety."""
+
+import errno
+import json
+
+import pytest
+
+from modeling_dflare.data import (
+    humaneval_prompts,
+    is_heldout,
+    read_conversations,
+    read_hf_dataset,
+    read_jsonl,
+    read_sharegpt,
+    sharegpt_path,
+    split_conversations,
+)
+from modeling_dflare.training import latest_checkpoint, save_checkpoint
+
+GOOD = {"id": "a", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+
+
+def _records():
+    return [
+        GOOD,
+        {"id": "b", "conversations": []},  # empty conversation
+        {"id": "c", "conversations": [{"from": "human", "value": 42}]},  # non-string content
+        {"id": "d", "conversations": [{"from": "narrator", "value": "x"}]},  # wrong role
+        {"id": "e", "conversations": [{"from": "human", "value": "y" * 300_000}]},  # huge record
+        "not an object",
+        {"id": "f", "conversations": [{"from": "gpt", "value": "no user turn"}]},
+        {"id": "g", "conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]},
+    ]
+
+
+def test_truncated_sharegpt_keeps_complete_records_and_counts_the_rest(tmp_path):
+    text = json.dumps(_records(), indent=2)
+    cut = text[: text.rindex('"id": "g"') + 20]  # cut in the middle of the last record
+    path = tmp_path / "cut.json"
+    path.write_text(cut)
+    conversations, report = read_sharegpt(path)
+    assert [c.id for c in conversations] == ["a"]
+    assert report.truncated_tail
+    assert report.kept == 1 and report.dropped == 7
+    assert report.skipped["incomplete record at the cut-off end of the file"] == 1
+    assert report.skipped["non-string content"] == 1 and report.skipped["unknown role"] == 1
+    assert report.skipped["empty or non-list conversation"] == 1 and report.skipped["record is not an object"] == 1
+    assert "kept 1 conversations, dropped 7" in report.summary()
+    assert conversations[0].messages == [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+
+
+def test_complete_file_reads_every_record(tmp_path):
+    path = tmp_path / "full.json"
+    path.write_text(json.dumps([GOOD, GOOD | {"id": "z"}]))
+    conversations, report = read_sharegpt(path)
+    assert [c.id for c in conversations] == ["a", "z"] and not report.truncated_tail and report.dropped == 0
+
+
+def test_jsonl_and_datasets_layouts(tmp_path):
+    import datasets
+
+    path = tmp_path / "chats.jsonl"
+    lines = [
+        json.dumps({"id": "p", "prompt": "say hi", "response": "hi"}),
+        "{broken json",
+        json.dumps({"id": "m", "messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": "v"}]}),
+        "",
+    ]
+    path.write_text("\n".join(lines))
+    conversations, report = read_jsonl(path)
+    assert [c.id for c in conversations] == ["p", "m"] and report.skipped["invalid JSON line"] == 1
+    rows = datasets.Dataset.from_list([{"prompt": "a", "response": "b"}, {"prompt": "", "response": "c"}])
+    conversations, report = read_hf_dataset(rows, "mem")
+    assert len(conversations) == 1 and report.skipped["no non-empty user turn"] == 1
+
+
+def test_read_conversations_rejects_unknown_sources(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_conversations(tmp_path / "missing.jsonl")
+    (tmp_path / "data.csv").write_text("a,b")
+    with pytest.raises(ValueError, match="expected 'sharegpt'"):
+        read_conversations(tmp_path / "data.csv")
+
+
+def test_shipped_sharegpt_file_is_cut_off_and_read_tolerantly():
+    conversations, report = read_sharegpt(sharegpt_path())
+    assert report.truncated_tail and report.kept > 10_000 and report.dropped > 0
+    assert all(any(m["role"] == "user" for m in c.messages) for c in conversations[:500])
+
+
+def test_heldout_split_is_stable_and_humaneval_is_separate():
+    conversations, _ = read_sharegpt(sharegpt_path())
+    train, heldout = split_conversations(conversations[:3000])
+    assert 0.005 < len(heldout) / 3000 < 0.05
+    assert not {c.id for c in train} & {c.id for c in heldout}
+    assert all(is_heldout(c.id) for c in heldout)
+    humaneval = humaneval_prompts()
+    assert len(humaneval) == 164 and all(c.id.startswith("HumanEval/") for c in humaneval)
+
+
+class _DiskFullAccelerator:
+    """Writes part of a checkpoint, then fails like a full disk (ENOSPC)."""
+
+    is_main_process = True
+
+    def __init__(self, fail: bool):
+        self.fail = fail
+
+    def save_state(self, folder, safe_serialization=True):
+        import os
+
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "model.safetensors"), "wb") as handle:
+            handle.write(b"partial")
+        if self.fail:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_full_disk_never_replaces_the_last_good_checkpoint(tmp_path):
+    save_checkpoint(_DiskFullAccelerator(fail=False), tmp_path, {"step": 10})
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint(_DiskFullAccelerator(fail=True), tmp_path, {"step": 20})
+    latest = latest_checkpoint(tmp_path)
+    assert latest.name == "step-10" and json.loads((latest / "state.json").read_text())["step"] == 10
+    # the half-written one is never picked up, and the next good save replaces it cleanly
+    assert (tmp_path / "tmp-step-20").exists()
+    save_checkpoint(_DiskFullAccelerator(fail=False), tmp_path, {"step": 20})
+    assert latest_checkpoint(tmp_path).name == "step-20" and not (tmp_path / "tmp-step-20").exists()
