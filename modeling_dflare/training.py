@@ -596,7 +596,8 @@ class _Loop:
                 features = self.features(sequence, self.layer_ids)
                 total += block_loss(self.draft, self.embed, self.head_weight, self.token_to_draft, sequence, features, anchors, self.weights, self.args.labels).loss.item()
             losses[scale] = total
-        best = min(losses, key=losses.get)
+        # a scale whose probe loss is not finite is never chosen
+        best = min(losses, key=lambda scale: losses[scale] if math.isfinite(losses[scale]) else float("inf"))
         norm.copy_(base * best)
         logger.info("output scale calibration: loss by scale %s -> %s", {k: round(v / probes, 3) for k, v in losses.items()}, best)
         return best

@@ -173,6 +173,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
         return result
 
     monkeypatch.setattr(training, "block_loss", poisoned)
+    # count only training steps: the output-scale calibration also calls block_loss
+    monkeypatch.setattr(training._Loop, "calibrate_output_scale", lambda self: 1.0)
     with pytest.raises(FloatingPointError, match="last good checkpoint"):
         train(args, target=tiny_target("llama"), tokenizer=tiny_tokenizer())
     latest = latest_checkpoint(tmp_path / "draft-work" / "checkpoints")
