@@ -293,7 +293,7 @@ def block_loss(
     ``labels_from="target"``: labels are the target's greedy predictions on on-policy positions
     (see :func:`target_labels`); ``"data"``: the data tokens themselves.
     """
-    config = draft.config
+    config = getattr(draft, "module", draft).config  # DDP/FSDP wrappers keep the model in .module
     block, device = config.block_size, features.hidden.device
     ids = sequence.input_ids.to(device)
     anchors = anchors.to(device)
