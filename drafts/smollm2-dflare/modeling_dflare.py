@@ -307,6 +307,9 @@ class DFlareModel(DFlarePreTrainedModel):
         past_key_values (`Cache`, *optional*):
             Context K/V of earlier positions; the new context and block K/V are appended to it.
         """
+        if past_key_values is None:
+            # transformers >= 5.24's stock DFlash generator passes the cache as `cache=`
+            past_key_values = kwargs.get("cache")
         if use_cache and past_key_values is None:
             past_key_values = DynamicCache(config=self.config)
         ctx_len, block_len = context_hidden_states.shape[1], noise_embeds.shape[1]
