@@ -269,6 +269,14 @@ def humaneval_prompts() -> list[Conversation]:
     ]
 
 
+def chat_template_ids(tokenizer, messages: list[dict[str, str]], add_generation_prompt: bool) -> list[int]:
+    """Token ids of ``messages`` under the tokenizer's chat template (whatever container it returns)."""
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
+    if hasattr(ids, "keys"):
+        ids = ids["input_ids"]
+    return list(ids)
+
+
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """Write records atomically (temporary file, then rename)."""
     path = Path(path)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import Conversation, write_jsonl
+from .data import Conversation, chat_template_ids, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +54,11 @@ def _encode_prompts(tokenizer, conversations: list[Conversation], max_prompt_tok
     encoded, too_long = [], 0
     for conversation in conversations:
         prompt = conversation.first_prompt
-        ids = tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False)
-        if hasattr(ids, "input_ids"):
-            ids = ids["input_ids"]
+        ids = chat_template_ids(tokenizer, prompt, add_generation_prompt=True)
         if len(ids) > max_prompt_tokens:
             too_long += 1
             continue
-        encoded.append((conversation, prompt, list(ids)))
+        encoded.append((conversation, prompt, ids))
     return encoded, too_long
 
 

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from .anchors import block_inputs, block_mask, default_gamma, expected_acceptance, position_weights, sample_anchors
 from .configuration_dflare import DFlareConfig
+from .data import chat_template_ids
 from .modeling_dflare import DFlareModel
 
 logger = logging.getLogger(__name__)
@@ -106,20 +107,13 @@ def tokenize_conversations(
         if not any(m["role"] == "user" for m in messages[:last]):
             skipped["no user turn before the reply"] += 1
             continue
-        prompt = _template_ids(tokenizer, messages[:last], add_generation_prompt=True)
-        full = _template_ids(tokenizer, messages[: last + 1], add_generation_prompt=False)
+        prompt = chat_template_ids(tokenizer, messages[:last], add_generation_prompt=True)
+        full = chat_template_ids(tokenizer, messages[: last + 1], add_generation_prompt=False)
         if full[: len(prompt)] != prompt or len(prompt) + 2 > max_length:
             skipped["response cut off by max_length"] += 1
             continue
         sequences.append(Sequence(conversation.id, torch.tensor(full[:max_length]), len(prompt)))
     return sequences, skipped
-
-
-def _template_ids(tokenizer, messages, add_generation_prompt: bool) -> list[int]:
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False)
-    if hasattr(ids, "keys"):
-        ids = ids["input_ids"]
-    return list(ids)
 
 
 def first_exchange(conversation):

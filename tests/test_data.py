@@ -129,3 +129,25 @@ def test_full_disk_never_replaces_the_last_good_checkpoint(tmp_path):
     assert (tmp_path / "tmp-step-20").exists()
     save_checkpoint(_DiskFullAccelerator(fail=False), tmp_path, {"step": 20})
     assert latest_checkpoint(tmp_path).name == "step-20" and not (tmp_path / "tmp-step-20").exists()
+
+
+def test_regeneration_writes_resumable_shards(tmp_path):
+    from modeling_dflare.data import Conversation
+    from modeling_dflare.regenerate import RegenerateConfig, done_ids, read_regenerated, regenerate
+    from modeling_dflare.testing import tiny_target, tiny_tokenizer
+
+    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
+    conversations = [Conversation(f"c{i}", [{"role": "user", "content": f"w{i} w{i + 1} w{i + 2}"}]) for i in range(5)]
+    config = RegenerateConfig(max_new_tokens=6, batch_size=2, shard_size=2)
+    regenerate(target, tokenizer, conversations[:3], tmp_path, config)
+    assert done_ids(tmp_path) == {"c0", "c1", "c2"} and not list(tmp_path.glob("*.tmp"))
+    first = {c.id: c.messages for c in read_regenerated(tmp_path)}
+    # a rerun (as after an interruption) answers only what is missing and keeps what was written
+    regenerate(target, tokenizer, conversations, tmp_path, config)
+    again = {c.id: c.messages for c in read_regenerated(tmp_path)}
+    assert set(again) == {f"c{i}" for i in range(5)} and all(again[k] == v for k, v in first.items())
+    assert all(m[-1]["role"] == "assistant" and m[-1]["content"] for m in again.values())
+    # responses are the target's own greedy continuation of the chat-templated prompt
+    ids = tokenizer.apply_chat_template(conversations[0].messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = target.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert again["c0"][-1]["content"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
