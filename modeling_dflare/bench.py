@@ -57,9 +57,11 @@ from .bench_datasets import DATASETS, BenchPrompt, iter_prompts
 logger = logging.getLogger(__name__)
 
 BASELINE = "plain"
-METHODS = ("plain", "plain-fast", "dflare", "dflare-stock", "dflash", "prompt-lookup")
+METHODS = ("plain", "plain-fast", "dflare", "dflare-hybrid", "dflare-stock", "dflash", "prompt-lookup")
 #: Which draft each draft-based method uses (keys of the drafts dict built by :func:`load_drafts`).
-METHOD_DRAFT = {"dflare": "dflare", "dflare-stock": "dflare", "dflash": "dflash"}
+METHOD_DRAFT = {"dflare": "dflare", "dflare-hybrid": "dflare", "dflare-stock": "dflare", "dflash": "dflash"}
+#: Methods run by our generator (they leave ``draft.dflare_stats``).
+OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflash")
 DEFAULT_DRAFT = "drafts/smollm2-dflare"
 DEFAULT_DFLASH_DRAFT = "drafts/smollm2-dflash"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -246,6 +248,7 @@ class Settings:
     block_size: int
     confidence_threshold: float | None
     prompt_lookup_tokens: int
+    lookup_ngram: int = 3
 
 
 def generation_config_for(method: str, target, settings: Settings):
@@ -253,9 +256,11 @@ def generation_config_for(method: str, target, settings: Settings):
     config = copy.deepcopy(target.generation_config)
     config.update(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=settings.max_new_tokens)
     config.max_length = None
-    if method in ("dflare", "dflash"):
+    if method in OUR_GENERATOR:
         config.dflare_block_size = settings.block_size
         config.dflare_confidence_threshold = settings.confidence_threshold
+        # "dflare"/"dflash" measure the draft alone, "dflare-hybrid" adds prompt lookup after the cut
+        config.dflare_prompt_lookup_ngram = settings.lookup_ngram if method == "dflare-hybrid" else 0
     elif method == "dflare-stock":
         config.speculation_type = "dflash"
     elif method == "prompt-lookup":
@@ -291,7 +296,7 @@ def generate_once(method: str, target, input_ids: torch.LongTensor, drafts: dict
         output = target.generate(input_ids, attention_mask=mask, generation_config=config, assistant_model=draft)
         seconds = clock() - start
     tokens = output[0, input_ids.shape[1] :].tolist()
-    stats = getattr(draft, "dflare_stats", None) if method in ("dflare", "dflash") else None
+    stats = getattr(draft, "dflare_stats", None) if method in OUR_GENERATOR else None
     if stats is not None and stats.accepted != [accepted for _, accepted in probe.cycles]:
         logger.warning("%s: draft.dflare_stats disagrees with the measured verify cycles", method)
     return Run(tokens, seconds, probe.target_seconds, probe.cycles, probe.draft_seconds, memory.peak)
@@ -584,6 +589,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="draft block size (default: the draft's)")
     parser.add_argument("--confidence-threshold", type=float, default=None, help="DFlare early block stop (default: the draft's)")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
+    parser.add_argument("--lookup-ngram", type=int, default=3, help="longest n-gram dflare-hybrid looks up after the cut")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and method; the median counts")
     parser.add_argument("--cost-repeats", type=int, default=5, help="timed forwards per length for the physical bound")
     parser.add_argument("--device", default="cpu")
@@ -696,7 +702,7 @@ def run_meta(args, target, drafts, settings: Settings, methods: list[str], promp
 def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
     """Everything but loading and writing: returns the JSON-able results."""
     clock = Clock(target.device)
-    settings = Settings(args.max_new_tokens, args.block_size, args.confidence_threshold, args.prompt_lookup_tokens)
+    settings = Settings(args.max_new_tokens, args.block_size, args.confidence_threshold, args.prompt_lookup_tokens, args.lookup_ngram)
     prompts = {d: encode_prompts(tokenizer, d, args.num_prompts, args.max_prompt_tokens) for d in args.datasets}
     first = next((p for chosen, _ in prompts.values() for p in chosen[:1]), None)
     if first is None:
@@ -778,7 +784,7 @@ def run(args) -> int:
     if args.profile is not None:
         profiled = [m for m in (args.profile or [BASELINE, "dflare"]) if m in methods]
         prompt = encode_prompts(tokenizer, args.datasets[0], 1, args.max_prompt_tokens)[0][0][1]
-        settings = Settings(args.max_new_tokens, args.block_size, args.confidence_threshold, args.prompt_lookup_tokens)
+        settings = Settings(args.max_new_tokens, args.block_size, args.confidence_threshold, args.prompt_lookup_tokens, args.lookup_ngram)
         ids = torch.tensor([prompt], device=target.device)
         paths.update(profile_methods(target, ids, drafts, profiled, settings, Path(args.output_dir)))
 

@@ -1,4 +1,5 @@
-"""Benchmark prompt sets: HumanEval, the held-out ShareGPT split, and reproducible math word problems.
+"""Benchmark prompt sets: HumanEval, the report half of the held-out ShareGPT split, and
+reproducible math word problems. No training or tuning step reads any of them.
 
 Each loader yields :class:`BenchPrompt` records in a fixed order, so ``--num-prompts N`` always picks
 the same prompts (the benchmark skips prompts longer than its token limit and takes the next).
@@ -14,7 +15,7 @@ import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from .data import humaneval_problems, read_sharegpt, split_conversations
+from .data import humaneval_problems, read_sharegpt, split_conversations, split_heldout
 
 HUMANEVAL_INSTRUCTION = "Complete this Python function:\n```python\n{prompt}```"
 MATH_INSTRUCTION = "Solve this problem step by step. End with a line 'Answer: <number>'.\n\n{problem}"
@@ -39,10 +40,12 @@ def humaneval() -> Iterator[BenchPrompt]:
 
 
 def sharegpt() -> Iterator[BenchPrompt]:
-    """First user turn (with any system turn before it) of each held-out ShareGPT conversation."""
+    """First user turn (with any system turn before it) of each held-out ShareGPT conversation of
+    the *report* half: the *tune* half evaluates training and sets the confidence cut, never this."""
     conversations, _ = read_sharegpt()
     _, heldout = split_conversations(conversations)
-    for conversation in heldout:
+    _, report = split_heldout(heldout)
+    for conversation in report:
         messages = conversation.first_prompt
         if messages[-1]["content"].strip():
             yield BenchPrompt(conversation.id, "sharegpt", messages)

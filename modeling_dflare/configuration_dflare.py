@@ -60,6 +60,10 @@ class DFlareConfig(PreTrainedConfig):
         confidence_threshold (`float`): a drafted block stops before the first position whose
             cumulative draft probability falls below this value (0 disables the cut). Fewer
             candidates make verification cheaper where the target is expensive (CPU).
+        prompt_lookup_ngram (`int`): when > 0 and the confidence cut ends a block early, the
+            positions after the cut take the continuation of the longest n-gram (n <= this value)
+            that ends the sequence so far and occurred earlier in it (prompt lookup). Lossless like
+            every proposal: the target verifies it. 0 disables the hybrid.
         target_model_type / target_name_or_path (`str`): the target the draft was trained for,
             recorded to warn when it is used with another one.
     """
@@ -92,6 +96,7 @@ class DFlareConfig(PreTrainedConfig):
     fusion_init_logit: float = 2.0
     draft_vocab_size: int | None = None
     confidence_threshold: float = 0.0
+    prompt_lookup_ngram: int = 0
     target_model_type: str | None = None
     target_name_or_path: str | None = None
 
@@ -132,6 +137,10 @@ class DFlareConfig(PreTrainedConfig):
         if not 0.0 <= self.confidence_threshold < 1.0:
             raise ValueError(
                 f"DFlareConfig.confidence_threshold={self.confidence_threshold}: expected a value in [0, 1)"
+            )
+        if not (isinstance(self.prompt_lookup_ngram, int) and 0 <= self.prompt_lookup_ngram <= 16):
+            raise ValueError(
+                f"DFlareConfig.prompt_lookup_ngram={self.prompt_lookup_ngram!r}: expected an integer in [0, 16] (0 = off)"
             )
 
     def validate_target_layers(self):

@@ -50,10 +50,14 @@ class Conversation:
 
     @property
     def first_prompt(self) -> list[dict[str, str]]:
-        """The messages up to and including the first user turn (what regeneration answers)."""
+        """System turns, then the first user turn (what regeneration answers).
+
+        Assistant turns before the first user turn (a third of ShareGPT opens with one) are dropped,
+        so such a conversation is answered from its first user turn instead of being unusable.
+        """
         for i, message in enumerate(self.messages):
             if message["role"] == "user":
-                return self.messages[: i + 1]
+                return [m for m in self.messages[:i] if m["role"] == "system"] + [message]
         raise ValueError(f"conversation {self.id!r} has no user turn")
 
 
@@ -239,6 +243,20 @@ def split_conversations(
     for conversation in conversations:
         (heldout if is_heldout(conversation.id, heldout_fraction) else train).append(conversation)
     return train, heldout
+
+
+def is_report_prompt(conversation_id: str) -> bool:
+    """Held-out prompts are halved by a second hash: *tune* prompts may steer choices (training
+    evaluation, the confidence cut, the hybrid), *report* prompts only ever feed ``dflare bench``."""
+    digest = hashlib.sha256(("report/" + conversation_id).encode("utf-8")).digest()
+    return digest[0] < 128
+
+
+def split_heldout(heldout: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:
+    """(tune, report) halves of the held-out conversations (see :func:`is_report_prompt`)."""
+    tune = [c for c in heldout if not is_report_prompt(c.id)]
+    report = [c for c in heldout if is_report_prompt(c.id)]
+    return tune, report
 
 
 def humaneval_path() -> Path:

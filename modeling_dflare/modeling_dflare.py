@@ -423,11 +423,13 @@ def is_dflare_draft(model) -> bool:
 @dataclasses.dataclass
 class DFlareStats:
     """Per-cycle record of one ``generate`` call: ``proposed[i]`` drafts were verified in cycle i and
-    ``accepted[i]`` of them kept (the target adds one bonus token per cycle)."""
+    ``accepted[i]`` of them kept (the target adds one bonus token per cycle). ``lookup_tokens``
+    counts proposed tokens that came from prompt lookup rather than the draft."""
 
     proposed: list[int] = dataclasses.field(default_factory=list)
     accepted: list[int] = dataclasses.field(default_factory=list)
     draft_seconds: float = 0.0
+    lookup_tokens: int = 0
 
     @property
     def cycles(self) -> int:
@@ -474,6 +476,35 @@ def stop_free_length(criteria: list, input_ids: torch.LongTensor, candidates: to
     return candidates.shape[1]
 
 
+def ngram_continuation(sequence: torch.LongTensor, max_ngram: int, count: int) -> torch.LongTensor:
+    """Up to ``count`` tokens that followed the most recent earlier occurrence of the longest n-gram
+    (``max_ngram`` >= n >= 1) ending ``sequence`` (1-D). Empty when nothing matches."""
+    length = sequence.numel()
+    for n in range(min(max_ngram, length - 1), 0, -1):
+        pattern = sequence[-n:]
+        windows = sequence[:-1].unfold(0, n, 1)  # windows ending before the last token
+        hits = (windows == pattern).all(dim=1).nonzero()
+        if hits.numel():
+            start = int(hits[-1]) + n
+            return sequence[start : start + count]
+    return sequence[:0]
+
+
+def draft_head(draft: "DFlareModel", head: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor | None]:
+    """(LM head rows the draft proposes from, their token ids or None), cached on the draft per
+    target head, so repeated ``generate`` calls do not gather the reduced-vocabulary rows again."""
+    ids = draft.draft_vocab_ids
+    if ids is None:
+        return head.detach(), None
+    key = (head.data_ptr(), head.device, head.dtype, tuple(head.shape), ids.data_ptr(), head._version, ids._version)
+    cached = getattr(draft, "_dflare_head_cache", None)
+    if cached is None or cached[0] != key:
+        ids = ids.to(head.device)
+        cached = (key, head.detach()[ids], ids)
+        draft._dflare_head_cache = cached
+    return cached[1], cached[2]
+
+
 class DFlareCandidateGenerator(CandidateGenerator):
     """Drafts a block of candidates per cycle with a DFlare draft, for transformers' assisted decoding.
 
@@ -496,15 +527,15 @@ class DFlareCandidateGenerator(CandidateGenerator):
         self.block_size = int(getattr(generation_config, "dflare_block_size", None) or config.block_size)
         threshold = getattr(generation_config, "dflare_confidence_threshold", None)
         self.confidence_threshold = float(config.confidence_threshold if threshold is None else threshold)
+        lookup = getattr(generation_config, "dflare_prompt_lookup_ngram", None)
+        self.lookup_ngram = int(getattr(config, "prompt_lookup_ngram", 0) if lookup is None else lookup)
         self.mask_token_id = config.mask_token_id
         self.max_length = generation_config.max_length
         self.do_sample = bool(generation_config.do_sample)
         self.logits_processor = logits_processor if logits_processor else None
         self.input_embeddings = target_model.get_input_embeddings()
         head = target_model.get_output_embeddings().weight
-        ids = assistant_model.draft_vocab_ids
-        self.head_weight = head.detach() if ids is None else head.detach()[ids.to(head.device)]
-        self.head_ids = None if ids is None else ids.to(head.device)
+        self.head_weight, self.head_ids = draft_head(assistant_model, head)
         self.vocab_size = head.shape[0]
         self.stopping_criteria = prefix_stopping_criteria(generation_config)
         self.cache = DynamicCache(config=config)
@@ -557,16 +588,25 @@ class DFlareCandidateGenerator(CandidateGenerator):
     def _propose(self, input_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.LongTensor:
         """Candidate ids [1, k] from the draft hidden states [1, k, hidden]."""
         weight = self.head_weight
-        logits = hidden.to(weight.device, weight.dtype) @ weight.T
+        hidden = hidden.to(weight.device, weight.dtype)
+        budget = hidden.shape[1]
         if self.confidence_threshold > 0:
+            # Most blocks stop at the first position on a CPU-sized draft: score it alone first.
+            first = hidden[:, :1] @ weight.T
+            if torch.softmax(first.float(), dim=-1).amax() < self.confidence_threshold:
+                return self._lookup(input_ids, input_ids.new_zeros((1, 0)), budget)
+            logits = torch.cat([first, hidden[:, 1:] @ weight.T], dim=1) if budget > 1 else first
             confidence = torch.softmax(logits.float(), dim=-1).amax(-1).cumprod(-1)
             keep = int((confidence[0] >= self.confidence_threshold).sum())
             logits = logits[:, :keep]
-        if logits.shape[1] == 0:
-            return input_ids.new_zeros((1, 0))
+        else:
+            logits = hidden @ weight.T
         if self.logits_processor is None:
             ids = logits.argmax(-1)
-            return ids if self.head_ids is None else self.head_ids[ids]
+            ids = ids if self.head_ids is None else self.head_ids[ids]
+            return self._lookup(input_ids, ids, budget)
+        if logits.shape[1] == 0:
+            return self._lookup(input_ids, input_ids.new_zeros((1, 0)), budget)
         full = logits.new_full((1, logits.shape[1], self.vocab_size), float("-inf"), dtype=torch.float32)
         if self.head_ids is None:
             full.copy_(logits.float())
@@ -576,7 +616,19 @@ class DFlareCandidateGenerator(CandidateGenerator):
         for i in range(full.shape[1]):
             scores = self.logits_processor(sequence, full[:, i])
             sequence = torch.cat([sequence, scores.argmax(-1, keepdim=True).to(sequence.device)], dim=-1)
-        return sequence[:, input_ids.shape[1] :]
+        return self._lookup(input_ids, sequence[:, input_ids.shape[1] :], budget)
+
+    def _lookup(self, input_ids: torch.LongTensor, drafted: torch.LongTensor, budget: int) -> torch.LongTensor:
+        """Fill the positions after the confidence cut with a prompt-lookup continuation (if enabled)."""
+        need = budget - drafted.shape[1]
+        if self.lookup_ngram <= 0 or need <= 0:
+            return drafted
+        sequence = torch.cat([input_ids[0], drafted[0].to(input_ids.device)])
+        found = ngram_continuation(sequence, self.lookup_ngram, need)
+        if found.numel() == 0:
+            return drafted
+        self.stats.lookup_tokens += found.numel()
+        return torch.cat([drafted, found[None].to(drafted.device, drafted.dtype)], dim=1)
 
     def get_candidates(self, input_ids, model_kwargs=None, model_outputs=None, is_first_iteration=False, n_last_matches=0, **kwargs):
         """Return ``(input_ids + candidates, candidate_logits or None)``."""

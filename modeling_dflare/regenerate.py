@@ -3,11 +3,18 @@
 Responses are written to shards ``shard-NNNNN.jsonl`` under the output folder, each written
 atomically. A restarted run reads the finished shards and continues with the prompts not yet
 answered, so an interrupted regeneration loses at most one batch.
+
+``dflare regenerate --pack`` folds the finished shards into one compressed ``part-NNNNN.jsonl.gz``
+(what a project commits: a few MB for thousands of answers). Packed parts count as answered, so a
+later run, in another session or on another machine, continues where the committed data stops.
 """
 
+import contextlib
 import dataclasses
+import gzip
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -26,27 +33,83 @@ class RegenerateConfig:
     shard_size: int = 32
     do_sample: bool = False
     temperature: float = 0.7
+    #: "fp32", "bf16" (bf16 autocast on CPU, bf16 weights on CUDA) or "auto" (bf16 where the
+    #: hardware has it: CUDA, or a CPU with native bf16 such as AVX512-BF16 / AMX).
+    precision: str = "auto"
+
+
+def _answer_files(out_dir: Path) -> list[Path]:
+    """Packed parts first, then loose shards, each in name order (temporary files are ignored)."""
+    return sorted(out_dir.glob("part-*.jsonl.gz")) + sorted(out_dir.glob("shard-*.jsonl"))
+
+
+def _iter_records(out_dir: Path):
+    for path in _answer_files(out_dir):
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            for line in handle:
+                if line.strip():
+                    yield json.loads(line)
 
 
 def done_ids(out_dir: Path) -> set[str]:
-    """Ids already answered in finished shards (temporary files are ignored)."""
-    ids = set()
-    for shard in sorted(out_dir.glob("shard-*.jsonl")):
-        with open(shard, encoding="utf-8") as handle:
-            ids.update(json.loads(line)["id"] for line in handle if line.strip())
-    return ids
+    """Ids already answered in packed parts or finished shards."""
+    return {record["id"] for record in _iter_records(Path(out_dir))}
 
 
 def read_regenerated(out_dir: str | Path) -> list[Conversation]:
-    """All regenerated conversations in an output folder."""
-    conversations = []
-    for shard in sorted(Path(out_dir).glob("shard-*.jsonl")):
-        with open(shard, encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    record = json.loads(line)
-                    conversations.append(Conversation(record["id"], record["messages"]))
-    return conversations
+    """All regenerated conversations in an output folder (packed parts and loose shards)."""
+    return [Conversation(record["id"], record["messages"]) for record in _iter_records(Path(out_dir))]
+
+
+def pack_shards(out_dir: str | Path) -> Path | None:
+    """Fold the loose shards into one new ``part-NNNNN.jsonl.gz``; returns it (None: nothing to pack).
+
+    The part is written under a temporary name and renamed before any shard is removed, so an
+    interruption leaves either the shards or the part, never neither.
+    """
+    out_dir = Path(out_dir)
+    shards = sorted(out_dir.glob("shard-*.jsonl"))
+    if not shards:
+        return None
+    part = out_dir / f"part-{len(list(out_dir.glob('part-*.jsonl.gz'))):05d}.jsonl.gz"
+    tmp = part.with_name(part.name + ".tmp")
+    # mtime=0: the same answers always give the same bytes, so git sees no spurious change.
+    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as gz:
+        for shard in shards:
+            gz.write(shard.read_bytes())
+    os.chmod(tmp, 0o644)
+    tmp.replace(part)
+    for shard in shards:
+        shard.unlink()
+    return part
+
+
+def bf16_is_native() -> bool:
+    """Whether this machine runs bf16 matmuls natively (CUDA, or a CPU with AVX512-BF16 / AMX)."""
+    if torch.cuda.is_available():
+        return True
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else False
+    except RuntimeError:
+        return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """"auto" -> "bf16" where it is native (measured 1.25x faster generation on an AVX512-BF16 CPU)."""
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision {precision!r}: expected 'auto', 'fp32' or 'bf16'")
+    if precision == "auto":
+        return "bf16" if (str(device).startswith("cuda") or bf16_is_native()) else "fp32"
+    return precision
+
+
+def cpu_autocast(precision: str, device: str):
+    """bf16 autocast for a CPU target in bf16 mode (a CUDA target is loaded in bf16 instead)."""
+    if precision == "bf16" and not str(device).startswith("cuda"):
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def _encode_prompts(tokenizer, conversations: list[Conversation], max_prompt_tokens: int):
@@ -72,16 +135,17 @@ def _generate_batch(target, tokenizer, batch, config: RegenerateConfig) -> list[
         input_ids[row, width - len(ids) :] = torch.tensor(ids)
         attention_mask[row, width - len(ids) :] = 1
     device = target.device
-    out = target.generate(
-        input_ids=input_ids.to(device),
-        attention_mask=attention_mask.to(device),
-        max_new_tokens=config.max_new_tokens,
-        do_sample=config.do_sample,
-        temperature=config.temperature if config.do_sample else None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=pad,
-    )
+    with cpu_autocast(config.precision, str(device)):
+        out = target.generate(
+            input_ids=input_ids.to(device),
+            attention_mask=attention_mask.to(device),
+            max_new_tokens=config.max_new_tokens,
+            do_sample=config.do_sample,
+            temperature=config.temperature if config.do_sample else None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+        )
     return [tokenizer.decode(row[width:], skip_special_tokens=True).strip() for row in out]
 
 
@@ -101,10 +165,18 @@ def regenerate(
     encoded, too_long = _encode_prompts(tokenizer, todo, config.max_prompt_tokens)
     if too_long:
         logger.info("skipped %d prompts longer than %d tokens", too_long, config.max_prompt_tokens)
-    next_shard = len(list(out_dir.glob("shard-*.jsonl")))
+    # Within windows of 8 batches, prompts of similar length share a batch (less left padding);
+    # the windows keep the dataset order, so the first answers arrive early and the order is stable.
+    window = 8 * config.batch_size
+    encoded = [
+        item
+        for start in range(0, len(encoded), window)
+        for item in sorted(encoded[start : start + window], key=lambda item: len(item[2]))
+    ]
+    shard_numbers = [int(p.name.split("-")[1].split(".")[0]) for p in out_dir.glob("shard-*.jsonl")]
+    next_shard = max(shard_numbers, default=-1) + 1
     pending: list[dict] = []
     with tqdm(total=len(encoded), desc="regenerating", unit="prompt") as bar:
-        # Batches keep the dataset order so that a resumed run produces the same shards.
         for start in range(0, len(encoded), config.batch_size):
             batch = encoded[start : start + config.batch_size]
             for (conversation, prompt, _), response in zip(batch, _generate_batch(target, tokenizer, batch, config)):
@@ -125,7 +197,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--target", default=None, help="target folder or .gguf (default: embedded SmolLM2)")
     parser.add_argument("--data", default="sharegpt", help="'sharegpt', a .json array or a .jsonl file")
     parser.add_argument("--output-dir", required=True, help="folder for the resumable response shards")
-    parser.add_argument("--split", choices=("train", "heldout"), default="train", help="which hash split to answer")
+    parser.add_argument(
+        "--split", choices=("train", "heldout"), default="train",
+        help="which hash split to answer (heldout = its tune half; the report half stays for the benchmark)",
+    )
     parser.add_argument("--limit", type=int, default=None, help="answer at most this many conversations")
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed for the conversation order")
     defaults = RegenerateConfig()
@@ -133,6 +208,12 @@ def add_arguments(parser) -> None:
         if field.type in ("int", int):
             parser.add_argument("--" + field.name.replace("_", "-"), type=int, default=getattr(defaults, field.name))
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    parser.add_argument(
+        "--precision", choices=("auto", "fp32", "bf16"), default="auto",
+        help="bf16 autocast on CPU / bf16 weights on CUDA; auto = bf16 where the hardware has it",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 per process when two run)")
+    parser.add_argument("--pack", action="store_true", help="only fold finished shards into a compressed part file")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
@@ -140,13 +221,18 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import random
 
-    from .data import read_conversations, split_conversations
+    from .data import read_conversations, split_conversations, split_heldout
     from .targets import load_target, load_tokenizer
 
+    if args.pack:
+        part = pack_shards(args.output_dir)
+        logger.info("packed into %s" % part if part else "no loose shards to pack in %s" % args.output_dir)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
     conversations, report = read_conversations(args.data)
-    logger.info(report.summary())
     train, heldout = split_conversations(conversations)
-    chosen = train if args.split == "train" else heldout
+    chosen = train if args.split == "train" else split_heldout(heldout)[0]
     random.Random(args.seed).shuffle(chosen)
     if args.limit:
         chosen = chosen[: args.limit]
@@ -157,8 +243,10 @@ def run(args) -> int:
         shard_size=args.shard_size,
         do_sample=args.sample,
         temperature=args.temperature,
+        precision=resolve_precision(args.precision, args.device),
     )
-    dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
+    logger.info("regenerating in %s on %s", config.precision, args.device)
+    dtype = torch.bfloat16 if args.device.startswith("cuda") and config.precision == "bf16" else torch.float32
     target = load_target(args.target, dtype=dtype, device=args.device)
     regenerate(target, load_tokenizer(args.target), chosen, args.output_dir, config)
     logger.info("regenerated conversations in %s: %d", args.output_dir, len(read_regenerated(args.output_dir)))

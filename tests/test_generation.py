@@ -150,6 +150,37 @@ def test_confidence_threshold_and_draft_vocab_stay_lossless():
         assert greedy(target, prompt, max_new_tokens=20, assistant_model=draft).tolist() == expected.tolist(), kwargs
 
 
+def test_ngram_continuation_finds_the_latest_longest_match():
+    from modeling_dflare.modeling_dflare import ngram_continuation
+
+    seq = torch.tensor([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3])
+    # longest suffix with an earlier match is [2, 3] (the 3-gram [5, 2, 3] never occurred): latest is at 5
+    assert ngram_continuation(seq, 3, 4).tolist() == [7, 8, 5, 2]
+    assert ngram_continuation(seq, 1, 2).tolist() == [7, 8]
+    assert ngram_continuation(torch.tensor([4, 5, 6]), 3, 4).tolist() == []  # nothing repeats
+    assert ngram_continuation(torch.tensor([4, 4]), 2, 5).tolist() == [4]  # truncated at the end
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_prompt_lookup_hybrid_is_lossless_and_used(arch):
+    """Positions after the confidence cut take a prompt-lookup continuation: output unchanged,
+    lookup tokens really proposed, and on a looping continuation really accepted."""
+    target = cached_target(arch)
+    proposed = accepted = 0
+    for seed in range(4):
+        base = random_prompt(6, seed=seed)
+        prompt = torch.cat([base, base, base[:, :3]], dim=1)  # an n-gram match is available at once
+        expected = greedy(target, prompt, max_new_tokens=40)
+        # a random draft is never confident: every proposed token comes from the lookup
+        draft = make_draft(target, block_size=8, confidence_threshold=0.9, prompt_lookup_ngram=3)
+        got = greedy(target, prompt, max_new_tokens=40, assistant_model=draft)
+        assert got.tolist() == expected.tolist(), seed
+        stats = draft.dflare_stats
+        assert stats.lookup_tokens == sum(stats.proposed)
+        proposed, accepted = proposed + stats.lookup_tokens, accepted + sum(stats.accepted)
+    assert proposed > 0 and accepted > 0, (proposed, accepted)
+
+
 def test_generation_config_block_size_override():
     """``dflare_block_size`` in the generation config shortens blocks without touching the draft."""
     target = cached_target("llama")
@@ -322,10 +353,11 @@ class BiasedSamplingDraft(DFlareModel):
     candidate_generator_class = BiasedGenerator
 
 
-def draw(target, prompt, n: int, seed: int, **kwargs) -> tuple[torch.LongTensor, int]:
-    """``n`` samples [n, NEW_TOKENS] and the number of drafts accepted by our generator over all calls."""
+def draw(target, prompt, n: int, seed: int, **kwargs) -> tuple[torch.LongTensor, int, int]:
+    """``n`` samples [n, NEW_TOKENS], and the drafts accepted and prompt-lookup tokens proposed by
+    our generator over all calls."""
     torch.manual_seed(seed)
-    rows, accepted = [], 0
+    rows, accepted, lookups = [], 0, 0
     draft = kwargs.get("assistant_model")
     with torch.no_grad():
         for _ in range(n):
@@ -333,7 +365,8 @@ def draw(target, prompt, n: int, seed: int, **kwargs) -> tuple[torch.LongTensor,
             rows.append(out[0, prompt.shape[1] :])
             if draft is not None and "speculation_type" not in kwargs:
                 accepted += sum(draft.dflare_stats.accepted)
-    return torch.stack(rows), accepted
+                lookups += draft.dflare_stats.lookup_tokens
+    return torch.stack(rows), accepted, lookups
 
 
 SAMPLING_SETTINGS = {
@@ -373,13 +406,18 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
         runs.append(("random draft", dict(assistant_model=random_draft), 1))
         reduced = make_draft(target, block_size=4, draft_vocab_size=5, confidence_threshold=0.05)
         runs.append(("reduced draft vocab + confidence cut", dict(assistant_model=reduced), 6))
+        hybrid = make_draft(target, block_size=4, confidence_threshold=0.99, prompt_lookup_ngram=2)
+        runs.append(("prompt-lookup hybrid", dict(assistant_model=hybrid), 7))
     for name, kwargs, seed in runs:
-        samples, accepted = draw(target, prompt, n, seed, **settings, **kwargs)
+        samples, accepted, lookups = draw(target, prompt, n, seed, **settings, **kwargs)
         pvalue = chi_square_pvalue(samples, probs)
         assert pvalue > 1e-3, f"{name}: DFlare samples do not follow the target distribution (p={pvalue:.2e})"
         if name == "oracle draft":
             # The oracle's proposals were verified and often accepted (else this would test little).
             assert accepted > n / 2, accepted
+        if name == "prompt-lookup hybrid":
+            # with 8 tokens, lookups match and some proposals survive: the hybrid path really ran
+            assert lookups > n / 4 and accepted > 0, (lookups, accepted)
 
 
 def test_chi_square_rejects_a_biased_verifier(sampling_target):
@@ -388,7 +426,7 @@ def test_chi_square_rejects_a_biased_verifier(sampling_target):
     prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
     probs = exact_joint(sampling_target, prompt, warpers_for(settings))
     biased = make_draft(sampling_target, block_size=4, cls=BiasedSamplingDraft)
-    samples, _ = draw(sampling_target, prompt, 600, 4, assistant_model=biased, **settings)
+    samples, _, _ = draw(sampling_target, prompt, 600, 4, assistant_model=biased, **settings)
     assert chi_square_pvalue(samples, probs) < 1e-6
 
 
@@ -407,5 +445,5 @@ def test_sampling_with_none_candidate_logits_is_lossless(sampling_target):
     prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
     probs = exact_joint(sampling_target, prompt, warpers_for(settings))
     draft = make_draft(sampling_target, block_size=4, cls=NoLogitsDraft)
-    samples, _ = draw(sampling_target, prompt, 600, 5, assistant_model=draft, **settings)
+    samples, _, _ = draw(sampling_target, prompt, 600, 5, assistant_model=draft, **settings)
     assert chi_square_pvalue(samples, probs) > 1e-3

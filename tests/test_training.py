@@ -107,7 +107,7 @@ RESUME_SCRIPT = textwrap.dedent(
     out, data, slow = sys.argv[1], sys.argv[2], float(sys.argv[3])
     heldout = data.replace("train.jsonl", "heldout.jsonl")
     if slow:  # make each step slow enough to be killed in the middle of the run
-        import modeling_dflare.training as t, time
+        import modeling_dflare.training.loop as t, time
         original = t.block_loss
         def slow_loss(*a, **k):
             time.sleep(slow)
@@ -157,7 +157,7 @@ def test_resume_after_sigkill(tmp_path):
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
-    import modeling_dflare.training as training
+    import modeling_dflare.training.loop as training
 
     data = _tiny_dataset(tmp_path)
     heldout = _tiny_dataset(tmp_path, 4, "heldout", start=100)

