@@ -3,7 +3,7 @@
 One run measures, on the same prompts and machine, with methods interleaved per prompt:
 
 * ``plain``         -- autoregressive greedy ``generate`` (the baseline every output is checked against);
-* ``plain-fast``    -- the same with one-row linear layers computed as ``W @ x`` (DESIGN.md sec. 3);
+* ``plain-fast``    -- the same with one-row linear layers computed as ``W @ x`` (faster on some CPUs);
 * ``dflare``        -- our draft through ``generate(assistant_model=draft)`` (:class:`DFlareCandidateGenerator`);
 * ``dflare-stock``  -- the same draft through transformers' ``speculation_type="dflash"`` generator;
 * ``dflash``        -- the shipped shared-fusion (DFlash) draft through our generator;
@@ -62,8 +62,9 @@ METHODS = ("plain", "plain-fast", "dflare", "dflare-hybrid", "dflare-stock", "df
 METHOD_DRAFT = {"dflare": "dflare", "dflare-hybrid": "dflare", "dflare-stock": "dflare", "dflash": "dflash"}
 #: Methods run by our generator (they leave ``draft.dflare_stats``).
 OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflash")
-DEFAULT_DRAFT = "drafts/smollm2-dflare"
-DEFAULT_DFLASH_DRAFT = "drafts/smollm2-dflash"
+#: The shipped drafts, found next to the package whatever the working folder.
+DEFAULT_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflare")
+DEFAULT_DFLASH_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflash")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -196,7 +197,8 @@ def peak_rss() -> int:
 def transposed_small_row_linear() -> Iterator[None]:
     """Compute one-row ``nn.Linear`` calls as ``W @ x`` (matrix-vector) instead of ``x @ W.T``.
 
-    Stock PyTorch is slow on small-row linears on some CPUs (DESIGN.md sec. 3). The bench checks the
+    Stock PyTorch is slow on small-row linears on some CPUs (measured on SmolLM2 decoding: 1.8x faster on
+    one 2-core machine, only 1.05x on another), so the best plain decoding is reported too. The bench checks the
     outputs token for token against ``plain`` like every other method.
     """
     original = nn.Linear.forward
@@ -672,9 +674,17 @@ def load_models(args):
     from .targets import load_target, load_tokenizer
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    methods = [BASELINE] + [m for m in args.methods if m != BASELINE]
+    if not args.random_drafts:  # a missing draft fails in a second, before the target loads
+        paths = {"dflare": args.draft, "dflash": args.dflash_draft}
+        for name in {METHOD_DRAFT[m] for m in methods if m in METHOD_DRAFT}:
+            if not Path(paths[name], "config.json").is_file():
+                raise FileNotFoundError(
+                    f"no draft at {paths[name]!r} (expected a folder with config.json and weights): pass "
+                    "--draft/--dflash-draft, or --random-drafts for a development run with untrained drafts"
+                )
     target = load_target(args.target, dtype=dtype, device=device)
     tokenizer = load_tokenizer(args.tokenizer or args.target)
-    methods = [BASELINE] + [m for m in args.methods if m != BASELINE]
     drafts = load_drafts(args, target, methods, device, dtype)
     if args.block_size is None:
         args.block_size = next(iter(drafts.values())).config.block_size if drafts else 16

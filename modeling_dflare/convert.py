@@ -1,6 +1,6 @@
 """``dflare convert``: bring published DFlash / DFlare checkpoints into this package's format and back.
 
-Formats (key names and config fields read from the reference model code, see DESIGN.md section 5):
+Formats (key names and config fields as the public reference model code of each project defines them):
 
 ``zlab-dflash`` (z-lab ``dflash/model.py``, the layout vLLM and SGLang load)
     A Qwen3-style ``config.json`` (``model_type: qwen3``, ``architectures: [DFlashDraftModel]``) whose
@@ -27,6 +27,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -338,7 +339,15 @@ def save_draft(config, state: dict[str, torch.Tensor], out: str | Path) -> Path:
     model.load_state_dict(state, strict=True, assign=True)
     model.config.dtype = dtype
     model.save_pretrained(out)
+    _readable(out)
     return out
+
+
+def _readable(folder: Path) -> None:
+    """Make every written file 0644 (``save_pretrained`` leaves model.safetensors 0600)."""
+    for file in Path(folder).iterdir():
+        if file.is_file() and not file.is_symlink():
+            os.chmod(file, 0o644)
 
 
 def convert(
@@ -451,6 +460,7 @@ def export_zlab_dflash(draft_dir: str | Path, out: str | Path, *, drop_draft_voc
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in mapped.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _readable(out)
     (out / "config.json").write_text(json.dumps(zlab_config(config, dtype), indent=2) + "\n")
     logger.info("exported %s -> %s (z-lab DFlash layout, %d tensors)", draft_dir, out, len(mapped))
     return report
@@ -475,6 +485,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if not Path(args.src).exists():
+        raise SystemExit(f"dflare convert: source {str(args.src)!r}: no such folder (convert reads a local checkpoint folder)")
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"dflare convert: output folder {args.out} is not empty; choose a new folder")
     try:

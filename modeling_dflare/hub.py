@@ -549,9 +549,8 @@ def _offline() -> bool:
     return constants.is_offline_mode() if value == "" else value.upper() in ("1", "ON", "YES", "TRUE")
 
 
-def hub_session(repo_id: str):
-    """An authenticated :class:`HfApi` after checking the network and the token, before anything is created."""
-    from huggingface_hub import HfApi
+def check_repo_id(repo_id: str) -> None:
+    """A ``PushError`` naming the value unless ``repo_id`` is a valid ``ORG/NAME`` Hub id (dry runs too)."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -560,6 +559,13 @@ def hub_session(repo_id: str):
         raise PushError(f"--repo-id {repo_id!r}: {error}") from None
     if "/" not in repo_id:
         raise PushError(f"--repo-id {repo_id!r}: expected ORG/NAME")
+
+
+def hub_session(repo_id: str):
+    """An authenticated :class:`HfApi` after checking the network and the token, before anything is created."""
+    from huggingface_hub import HfApi
+
+    check_repo_id(repo_id)
     if _offline():
         raise PushError(
             "HF_HUB_OFFLINE is set (dflare sets it by default): run with HF_HUB_OFFLINE=0 to upload. "
@@ -611,6 +617,7 @@ def _prepare_out(out: Path) -> None:
 
 def publish(files: list[Path], root: Path, args, *, repo_type: str, message: str, **create_kwargs) -> int:
     """Dry run into ``args.dry_run`` or upload ``files``; shared by both commands."""
+    check_repo_id(args.repo_id)
     if args.dry_run:
         out = Path(args.dry_run)
         _prepare_out(out)
@@ -659,9 +666,11 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_push(args: argparse.Namespace) -> int:
     try:
+        check_repo_id(args.repo_id)
         if args.update_code:
             for name in HUB_FILES:
-                shutil.copy2(PACKAGE_DIR / name, args.draft_dir / name)
+                if (args.draft_dir / name).resolve() != (PACKAGE_DIR / name).resolve():  # a link to the package is current
+                    shutil.copy2(PACKAGE_DIR / name, args.draft_dir / name)
             logger.info("copied the installed %s into %s", " and ".join(HUB_FILES), args.draft_dir)
         if args.base_model:
             training_file = args.draft_dir / "training_summary.json"
@@ -681,6 +690,7 @@ def add_push_space_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_push_space(args: argparse.Namespace) -> int:
     try:
+        check_repo_id(args.repo_id)
         files = collect_space_files(args.space_dir)
         return publish(files, args.space_dir, args, repo_type="space", message="Upload DFlare demo Space with dflare push-space", space_sdk="gradio")
     except PushError as error:

@@ -112,10 +112,12 @@ def cpu_autocast(precision: str, device: str):
     return contextlib.nullcontext()
 
 
-def _encode_prompts(tokenizer, conversations: list[Conversation], max_prompt_tokens: int):
-    """Chat-templated prompt ids; prompts over the limit are skipped and counted."""
+def _encode_prompts(tokenizer, conversations: list[Conversation], max_prompt_tokens: int, limit: int | None = None):
+    """Chat-templated prompt ids (at most ``limit``); prompts over the length limit are skipped and counted."""
     encoded, too_long = [], 0
     for conversation in conversations:
+        if limit is not None and len(encoded) >= limit:
+            break
         prompt = conversation.first_prompt
         ids = chat_template_ids(tokenizer, prompt, add_generation_prompt=True)
         if len(ids) > max_prompt_tokens:
@@ -155,14 +157,20 @@ def regenerate(
     conversations: list[Conversation],
     out_dir: str | Path,
     config: RegenerateConfig | None = None,
+    limit: int | None = None,
 ) -> Path:
-    """Answer the first user turn of each conversation with the target; resumable."""
+    """Answer the first user turn of each conversation with the target; resumable.
+
+    ``limit`` caps how many of ``conversations`` end up answered in ``out_dir`` (answers already
+    there count), after prompts over ``max_prompt_tokens`` are skipped.
+    """
     config = config or RegenerateConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     finished = done_ids(out_dir)
     todo = [c for c in conversations if c.id not in finished]
-    encoded, too_long = _encode_prompts(tokenizer, todo, config.max_prompt_tokens)
+    remaining = None if limit is None else max(0, limit - sum(1 for c in conversations if c.id in finished))
+    encoded, too_long = _encode_prompts(tokenizer, todo, config.max_prompt_tokens, remaining)
     if too_long:
         logger.info("skipped %d prompts longer than %d tokens", too_long, config.max_prompt_tokens)
     # Within windows of 8 batches, prompts of similar length share a batch (less left padding);
@@ -222,7 +230,7 @@ def run(args) -> int:
     import random
 
     from .data import read_conversations, split_conversations, split_heldout
-    from .targets import load_target, load_tokenizer
+    from .targets import _split_source, load_target, load_tokenizer
 
     if args.pack:
         part = pack_shards(args.output_dir)
@@ -230,12 +238,13 @@ def run(args) -> int:
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
+    _split_source(args.target)  # a missing target path fails here, before the data is read
+    if args.data != "sharegpt" and not Path(args.data).exists():
+        raise FileNotFoundError(f"--data {args.data!r}: no such file (expected 'sharegpt', a .json or .jsonl file)")
     conversations, report = read_conversations(args.data)
     train, heldout = split_conversations(conversations)
     chosen = train if args.split == "train" else split_heldout(heldout)[0]
     random.Random(args.seed).shuffle(chosen)
-    if args.limit:
-        chosen = chosen[: args.limit]
     config = RegenerateConfig(
         max_prompt_tokens=args.max_prompt_tokens,
         max_new_tokens=args.max_new_tokens,
@@ -248,6 +257,6 @@ def run(args) -> int:
     logger.info("regenerating in %s on %s", config.precision, args.device)
     dtype = torch.bfloat16 if args.device.startswith("cuda") and config.precision == "bf16" else torch.float32
     target = load_target(args.target, dtype=dtype, device=args.device)
-    regenerate(target, load_tokenizer(args.target), chosen, args.output_dir, config)
+    regenerate(target, load_tokenizer(args.target), chosen, args.output_dir, config, limit=args.limit)
     logger.info("regenerated conversations in %s: %d", args.output_dir, len(read_regenerated(args.output_dir)))
     return 0

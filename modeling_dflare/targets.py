@@ -3,6 +3,7 @@
 import importlib.util
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,50 @@ def default_target_path() -> Path:
     return path
 
 
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
+
+
+def local_or_hub(source: str | os.PathLike, what: str = "target") -> tuple[str, str]:
+    """Decide whether ``source`` is a local path or a Hub repo id: ``("path" | "hub", value)``.
+
+    An existing file or folder is a path. Anything that cannot be a repo id (``./x``, ``/x``,
+    ``a/b/c``, ``x.gguf``...) is a path too, and a missing one is a one-line ``FileNotFoundError``
+    instead of the Hub client's "Repo id must be in the form ..." at the end of a long traceback.
+    """
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.exists():
+        return "path", str(path)
+    if not _REPO_ID.match(text) or text.endswith((".gguf", ".json", ".jsonl", ".safetensors")) or text.startswith("."):
+        raise FileNotFoundError(f"{what} {text!r}: no such file or folder (read as a local path: it cannot be a Hub repo id)")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        logger.info("%s %r is not a local path: reading it as a Hub repo id from the local cache (HF_HUB_OFFLINE is set)", what, text)
+    else:
+        logger.info("%s %r is not a local path: reading it as a Hub repo id", what, text)
+    return "hub", text
+
+
+#: The drafts this repository ships for the embedded SmolLM2 target (``drafts/`` next to the package).
+SHIPPED_DRAFTS = {"dflare": "smollm2-dflare", "dflash": "smollm2-dflash"}
+
+
+def shipped_draft(name: str = "dflare") -> Path:
+    """Folder of a shipped SmolLM2 draft (``"dflare"`` or ``"dflash"``), wherever the caller runs.
+
+    The drafts live in the repository's ``drafts/`` folder, next to the package of a checkout or an
+    editable install (``pip install -e .``, what ``make`` does).
+    """
+    if name not in SHIPPED_DRAFTS:
+        raise ValueError(f"shipped draft {name!r}: expected one of {sorted(SHIPPED_DRAFTS)}")
+    folder = Path(__file__).resolve().parent.parent / "drafts" / SHIPPED_DRAFTS[name]
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"the shipped {name} draft is not at {folder}: it comes with a checkout of the repository "
+            "(install it with `pip install -e .` from there)"
+        )
+    return folder
+
+
 def _split_source(source: str | os.PathLike | None) -> tuple[str, dict[str, Any]]:
     """Return (folder or repo id, extra from_pretrained kwargs) for a target source."""
     if source is None or str(source) in ("", "default", "smollm2"):
@@ -42,7 +87,8 @@ def _split_source(source: str | os.PathLike | None) -> tuple[str, dict[str, Any]
         if not path.is_file():
             raise FileNotFoundError(f"target GGUF file {str(path)!r} does not exist")
         return str(path.parent), {"gguf_file": path.name}
-    return str(source), {}
+    _, value = local_or_hub(source, "target")
+    return value, {}
 
 
 def load_tokenizer(source: str | os.PathLike | None = None):

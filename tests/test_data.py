@@ -138,7 +138,7 @@ def test_regeneration_writes_resumable_shards(tmp_path):
 
     target, tokenizer = tiny_target("llama"), tiny_tokenizer()
     conversations = [Conversation(f"c{i}", [{"role": "user", "content": f"w{i} w{i + 1} w{i + 2}"}]) for i in range(5)]
-    config = RegenerateConfig(max_new_tokens=6, batch_size=2, shard_size=2)
+    config = RegenerateConfig(max_new_tokens=6, batch_size=2, shard_size=2, precision="fp32")
     regenerate(target, tokenizer, conversations[:3], tmp_path, config)
     assert done_ids(tmp_path) == {"c0", "c1", "c2"} and not list(tmp_path.glob("*.tmp"))
     first = {c.id: c.messages for c in read_regenerated(tmp_path)}
@@ -151,3 +151,36 @@ def test_regeneration_writes_resumable_shards(tmp_path):
     ids = tokenizer.apply_chat_template(conversations[0].messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
     out = target.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert again["c0"][-1]["content"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_regeneration_limit_packing_and_assistant_first_chats(tmp_path):
+    """``limit`` counts answers after the prompt-length filter, packed parts count as answered, and a
+    chat that opens with an assistant turn is answered from its first user turn."""
+    import gzip
+
+    from modeling_dflare.data import Conversation
+    from modeling_dflare.regenerate import RegenerateConfig, done_ids, pack_shards, read_regenerated, regenerate
+    from modeling_dflare.testing import tiny_target, tiny_tokenizer
+
+    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
+    long_prompt = " ".join(f"w{i % 80}" for i in range(60))
+    conversations = [Conversation("long", [{"role": "user", "content": long_prompt}])] + [
+        Conversation(f"c{i}", [{"role": "assistant", "content": "w1 w2"}, {"role": "user", "content": f"w{i} w{i + 1}"}])
+        for i in range(6)
+    ]
+    config = RegenerateConfig(max_prompt_tokens=30, max_new_tokens=4, batch_size=2, shard_size=2, precision="fp32")
+    regenerate(target, tokenizer, conversations, tmp_path, config, limit=3)
+    assert len(done_ids(tmp_path)) == 3 and "long" not in done_ids(tmp_path)
+    answered = read_regenerated(tmp_path)
+    assert all([m["role"] for m in c.messages] == ["user", "assistant"] for c in answered)
+    part = pack_shards(tmp_path)
+    assert part.name == "part-00000.jsonl.gz" and not list(tmp_path.glob("shard-*.jsonl"))
+    assert oct(part.stat().st_mode & 0o777) == "0o644"
+    with gzip.open(part, "rt") as handle:
+        assert len(handle.read().splitlines()) == 3
+    again = pack_shards(tmp_path)
+    assert again is None  # nothing loose to pack
+    regenerate(target, tokenizer, conversations, tmp_path, config, limit=5)
+    assert len(done_ids(tmp_path)) == 5 and len(read_regenerated(tmp_path)) == 5
+    assert pack_shards(tmp_path).name == "part-00001.jsonl.gz"
+    assert len(done_ids(tmp_path)) == 5

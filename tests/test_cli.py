@@ -1,0 +1,56 @@
+"""The ``dflare`` command as a newcomer meets it: fast help, one-line errors, nothing left behind."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+
+
+def dflare(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dflare_cli", *args], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def test_help_does_not_import_torch():
+    """``dflare --help`` lists the commands without loading torch or transformers (seconds otherwise)."""
+    code = "import sys, dflare_cli\ntry:\n    dflare_cli.main(['--help'])\nexcept SystemExit:\n    pass\nprint(sorted(m for m in ('torch', 'transformers', 'modeling_dflare') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], env=ENV, capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.strip().splitlines()[-1] == "[]", result.stdout + result.stderr
+    assert "regenerate" in result.stdout and "bench" in result.stdout
+
+
+def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("dflare ")]
+    assert len(errors) == 1, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["regenerate", "--target", "no/such/dir", "--output-dir", "out"], ["no/such/dir", "no such file or folder"]),
+        (["regenerate", "--target", "./missing", "--output-dir", "out"], ["./missing", "no such file or folder"]),
+        (["regenerate", "--data", "nope.jsonl", "--output-dir", "out"], ["nope.jsonl", "no such file"]),
+        (["convert", "--to", "zlab-dflash", "no/such/dir", "out"], ["no/such/dir", "no such folder"]),
+        (["train", "--output-dir", "d", "--data", "missing.jsonl"], ["--data", "missing.jsonl", "does not exist"]),
+        (["train", "--output-dir", "d", "--data", "sharegpt", "--init-from", "nowhere"], ["--init-from", "nowhere"]),
+        (["bench", "--draft", "nowhere"], ["nowhere", "no draft"]),
+        (["push", "nowhere", "--repo-id", "bad//id", "--dry-run", "out"], ["bad//id"]),
+    ],
+)
+def test_bad_arguments_fail_in_one_line_and_leave_nothing(tmp_path, argv, needles):
+    result = dflare(*argv, cwd=tmp_path)
+    _one_line_error(result, *needles)
+    assert [p.name for p in tmp_path.iterdir()] == []  # no half-made output or work folder
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = dflare("--debug", "train", "--output-dir", "d", "--data", "missing.jsonl", cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" in result.stderr
