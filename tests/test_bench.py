@@ -101,7 +101,12 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
         prefill = 0 if method == "prompt-lookup" else row["prompts"]
         assert sum(row["histogram"]) * row["tau"] + prefill == pytest.approx(row["new_tokens"])
         assert row["target_forwards"] == sum(row["histogram"]) + prefill
-        assert row["bound"] > 0 and row["bound_fraction"] > 0
+        # the free-draft ceiling is tau * t1 / t_verify >= tau * t1 / t_verify(max): never below the slowest verify
+        costs = results["costs"][dataset]["verify_ms"]
+        assert row["ceiling"] == pytest.approx(row["tau"] * costs[0] / row["t_verify_ms"])
+        assert costs[0] * 0.999 <= row["t_verify_ms"] <= max(costs) * 1.001
+        assert row["ceiling_fraction"] == pytest.approx(row["speedup"] / row["ceiling"])
+        assert 0.0 <= row["draft_share"] < 1.0 and (row["draft_share"] > 0 or method == "prompt-lookup")
     assert rows[("math", "plain")]["speedup"] == pytest.approx(1.0)
     assert len(results["costs"]["math"]["verify_ms"]) == 11  # lengths 1..max(block 4, prompt lookup 10 + 1)
     markdown = (out / "bench.md").read_text()

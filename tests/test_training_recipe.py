@@ -161,8 +161,9 @@ def test_implied_acceptance_matches_generate(tmp_path, looping_target):
     write_jsonl(tmp_path / "heldout.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 4, 100, 40))
     args = TrainArgs(
         output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
-        num_hidden_layers=1, block_size=4, epochs=8, batch_size=2, save_every=1000, eval_every=1000, lr=3e-3,
+        num_hidden_layers=1, block_size=4, epochs=8, batch_size=2, save_every=1000, eval_every=40, lr=3e-3,
         draft_vocab_size=None, consistency_prompts=4, target_precision="fp32",  # generate runs the fp32 target
+        tune_threshold=True,
     )
     out = train(args, target=looping_target, tokenizer=tokenizer)
     import json
@@ -174,6 +175,31 @@ def test_implied_acceptance_matches_generate(tmp_path, looping_target):
     assert consistency["walk_ratio"] == pytest.approx(1.0, abs=0.05), consistency
     card = (out / "README.md").read_text()
     assert str(consistency["generate_tau"]) in card and str(consistency["implied_tau"]) in card
+    # the learning curve has a point per evaluation, each with implied and walked acceptance
+    curve = summary["curve"]
+    assert [p["step"] for p in curve] == [40, 80] and all(p["walk_tau"] >= 1.0 and p["tau"] >= 1.0 for p in curve)
+    assert curve[0]["cpu_hours"] < curve[1]["cpu_hours"]
+    # the confidence cut was chosen by the cost model, and the saved draft carries it
+    tuning = summary["threshold_tuning"]
+    assert set(tuning["predicted_speedup"]) >= {"0.0", "0.3"} and len(tuning["verify_ms"]) == 4
+    assert tuning["predicted_speedup"][str(tuning["best"])] == max(tuning["predicted_speedup"].values())
+    assert DFlareConfig.from_pretrained(out).confidence_threshold == tuning["best"]
+
+
+def test_cost_model_prefers_the_cut_when_drafts_are_wrong_and_expensive():
+    from modeling_dflare.training.consistency import choose_threshold, cut_lengths
+
+    confidence = torch.tensor([[0.9, 0.9, 0.1], [0.2, 0.5, 0.5]])
+    assert cut_lengths(confidence, 0.5).tolist() == [2, 0] and cut_lengths(confidence, 0.0).tolist() == [3, 3]
+    # drafts never right, verifying extra tokens costly: proposing nothing is fastest
+    never = [(torch.zeros(20, dtype=torch.long), torch.full((20, 3), 0.4), 19)]
+    costly = [0.010, 0.020, 0.030, 0.040]
+    result = choose_threshold(never, costly, 0.001, thresholds=(0.0, 0.5))
+    assert result["best"] == 0.5 and result["predicted_speedup"]["0.0"] < result["predicted_speedup"]["0.5"]
+    # drafts always right and verify free of charge: proposing everything is fastest
+    always = [(torch.full((20,), 3), torch.full((20, 3), 0.4), 19)]
+    flat = [0.010, 0.010, 0.010, 0.010]
+    assert choose_threshold(always, flat, 0.001, thresholds=(0.0, 0.5))["best"] == 0.0
 
 
 def test_walk_follows_generation():

@@ -46,6 +46,7 @@ class TrainArgs:
     confidence_threshold: float = 0.0
     threads: int | None = None
     consistency_prompts: int = 8
+    tune_threshold: bool = False
 
     @property
     def work_path(self) -> Path:
@@ -109,6 +110,12 @@ def add_arguments(parser) -> None:
         type=int,
         default=defaults.consistency_prompts,
         help="held-out prompts for the implied-vs-measured acceptance check after training (0 = skip)",
+    )
+    parser.add_argument(
+        "--tune-threshold",
+        action="store_true",
+        help="after training, set the confidence cut that a cost model (this machine's measured target and draft "
+        "forward times, the held-out answers' acceptance) predicts fastest",
     )
 
 

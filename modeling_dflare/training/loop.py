@@ -138,6 +138,10 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
         loop.calibrate_output_scale()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_main_process)
     history, seconds_before = [], float(state.get("train_seconds", 0.0))
+    curve = list(state.get("curve", []))
+    parent_hours = _cumulative(args, 0, 0, 0.0)["cpu_hours"]
+    threads = torch.get_num_threads() * accelerator.num_processes
+    feature_hours = float(feature_stats.get("seconds") or 0.0) * threads / 3600
     while step < total_steps:
         start = time.perf_counter()
         metrics = loop.step(step, optimizer, scheduler)
@@ -149,27 +153,37 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
         if step % 10 == 0 or step == total_steps:
             logger.info("step %d/%d loss %.4f tau %.3f acc %s", step, total_steps, metrics["loss"], metrics["tau"], _fmt(metrics["acc"][:6]))
         if step % args.eval_every == 0 and heldout:
-            logger.info("held-out at step %d: %s", step, loop.evaluate(heldout))
+            seconds = seconds_before + sum(h["seconds"] for h in history)
+            point = loop.curve_point(heldout, step, parent_hours + feature_hours + seconds * threads / 3600)
+            curve.append(point)
+            logger.info("held-out at step %d: %s", step, point)
         if step % args.save_every == 0 or step == total_steps:
             seconds = seconds_before + sum(h["seconds"] for h in history)
             save_checkpoint(
                 accelerator,
                 checkpoint_dir,
-                {"step": step, "total_steps": total_steps, "train_seconds": seconds, "args": dataclasses.asdict(args)},
+                {"step": step, "total_steps": total_steps, "train_seconds": seconds, "curve": curve, "args": dataclasses.asdict(args)},
             )
     bar.close()
     final_eval = loop.evaluate(heldout) if heldout else {}
     train_seconds = seconds_before + sum(h["seconds"] for h in history)
-    consistency = {}
+    consistency, tuning = {}, {}
     if heldout and args.consistency_prompts and accelerator.is_main_process:
-        from .consistency import measure_consistency
+        from .consistency import choose_threshold, measure_consistency, measure_costs
 
-        consistency = measure_consistency(
-            accelerator.unwrap_model(draft), target, loop.features, heldout[: args.consistency_prompts], loop.weights
-        )
+        inner, walks = accelerator.unwrap_model(draft), []
+        consistency = measure_consistency(inner, target, loop.features, heldout[: args.consistency_prompts], loop.weights)
+        if args.tune_threshold:
+            # the cut is chosen on every held-out (tune-half) answer, never on benchmark prompts
+            measure_consistency(inner, target, loop.features, heldout, loop.weights, run_generate=False, walks=walks)
+            verify_s, draft_s = measure_costs(inner, target, heldout[0])
+            tuning = choose_threshold(walks, verify_s, draft_s)
+            tuning["heldout_answers"] = len(walks)
+            inner.config.confidence_threshold = float(tuning["best"])
+            logger.info("confidence cut tuned on %d held-out answers: %s", len(walks), tuning)
     return _finish(
         args, accelerator, draft, target, (len(sequences), len(heldout)), total_steps, final_eval, history, train_seconds,
-        feature_stats, consistency,
+        feature_stats, consistency, tuning, curve,
     )
 
 
@@ -266,6 +280,17 @@ class _Loop:
         return best
 
     @torch.no_grad()
+    def curve_point(self, heldout: list[Sequence], step: int, cpu_hours: float) -> dict:
+        """One point of the learning curve: held-out accuracy, implied and walked acceptance."""
+        from .consistency import measure_consistency
+
+        point = {"step": step, "cpu_hours": round(cpu_hours, 4), **self.evaluate(heldout)}
+        inner = self.accelerator.unwrap_model(self.draft)
+        walked = measure_consistency(inner, self.target, self.features, heldout, self.weights, run_generate=False)
+        point["walk_tau"] = walked.get("walk_tau")
+        return point
+
+    @torch.no_grad()
     def evaluate(self, heldout: list[Sequence], max_sequences: int = HELDOUT_SEQUENCES) -> dict:
         """Per-position accuracy (plain and conditional) and implied acceptance length on held-out
         sequences (fixed anchors, the same at every evaluation)."""
@@ -304,7 +329,8 @@ def _cumulative(args: TrainArgs, steps_here: int, sequences_seen: int, cpu_hours
 
 
 def _finish(
-    args, accelerator, draft, target, counts, total_steps, final_eval, history, train_seconds, feature_stats, consistency
+    args, accelerator, draft, target, counts, total_steps, final_eval, history, train_seconds, feature_stats, consistency, tuning,
+    curve,
 ) -> Path:
     """Save the Hub-ready folder (bf16 weights, config, Hub files, model card) atomically."""
     out = Path(args.output_dir)
@@ -331,6 +357,8 @@ def _finish(
         "final_train_loss": history[-1]["loss"] if history else None,
         "heldout": final_eval,
         "consistency": consistency,
+        "threshold_tuning": tuning,
+        "curve": curve,
         "target_features": feature_stats,
         "args": dataclasses.asdict(args),
         "train_seconds": round(train_seconds, 1),
@@ -370,6 +398,12 @@ def card_facts(summary: dict) -> dict:
         facts["held-out accuracy by position"] = " ".join(f"{a:.2f}" for a in heldout.get("acc", [])[:7])
         facts["held-out conditional accuracy"] = " ".join(f"{a:.2f}" for a in heldout.get("conditional_acc", [])[:7])
         facts["held-out implied tau (random anchors)"] = heldout.get("tau")
+    tuning = summary.get("threshold_tuning") or {}
+    if tuning:
+        facts["confidence cut"] = (
+            f"{tuning['best']}, chosen on {tuning['heldout_answers']} held-out answers for a predicted "
+            f"{tuning['predicted_speedup'][str(tuning['best'])]}x on the training machine"
+        )
     if consistency:
         facts["implied tau (every anchor) / walked / measured in generate"] = (
             f"{consistency['implied_tau']} / {consistency['walk_tau']} / {consistency['generate_tau']} "

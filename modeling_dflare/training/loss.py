@@ -45,6 +45,7 @@ class BlockResult:
     loss: torch.Tensor
     correct: torch.BoolTensor  # [A, B-1] draft argmax == label (False where no label)
     valid: torch.BoolTensor  # [A, B-1]
+    confidence: torch.Tensor | None = None  # [A, B-1] the draft's top probability (with_confidence=True)
 
 
 def block_loss(
@@ -57,6 +58,7 @@ def block_loss(
     anchors: torch.LongTensor,
     weights: torch.Tensor,
     labels_from: str = "target",
+    with_confidence: bool = False,
 ) -> BlockResult:
     """Weighted CE of all anchor blocks of one sequence in a single draft pass.
 
@@ -93,7 +95,12 @@ def block_loss(
     correct = torch.zeros_like(valid)
     correct[valid_loss] = logits.argmax(-1) == target_ids[valid_loss]
     shape = (anchors.numel(), block)
-    return BlockResult(loss, correct.view(shape)[:, 1:], valid.view(shape)[:, 1:])
+    confidence = None
+    if with_confidence:  # what the generator's confidence cut reads, at every block position
+        with torch.no_grad():
+            every = hidden.detach().to(head_weight.dtype) @ head_weight.T
+            confidence = torch.softmax(every.float(), dim=-1).amax(-1).view(shape)[:, 1:]
+    return BlockResult(loss, correct.view(shape)[:, 1:], valid.view(shape)[:, 1:], confidence)
 
 
 class AccuracyMeter:

@@ -1,0 +1,81 @@
+"""The learning curve: held-out acceptance against CPU-hours, from the ``curve`` of training summaries.
+
+``python -m modeling_dflare.training.curve OUT_DIR LABEL=SUMMARY_JSON [LABEL=SUMMARY_JSON ...]``
+writes ``OUT_DIR/training-curve.png`` and prints a markdown table (one row per evaluation) that
+``docs/training-curve.md`` embeds. Each summary's points are placed at their cumulative CPU-hours,
+so a warm-started run continues the line of the run it started from.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+
+def load_curves(specs: list[str]) -> dict[str, list[dict]]:
+    """``{label: points}`` from ``LABEL=path/to/training_summary.json`` specs."""
+    curves = {}
+    for spec in specs:
+        label, _, path = spec.partition("=")
+        if not path:
+            raise ValueError(f"{spec!r}: expected LABEL=path/to/training_summary.json")
+        summary = json.loads(Path(path).read_text())
+        points = list(summary.get("curve") or [])
+        final = summary.get("consistency") or {}
+        if final and points:
+            points[-1] = {**points[-1], "generate_tau": final.get("generate_tau")}
+        curves[label] = points
+    return curves
+
+
+def markdown_table(curves: dict[str, list[dict]]) -> str:
+    rows = ["| run | step | CPU-hours | held-out acc@1 | implied τ (random anchors) | walked τ | τ in generate |", "|---|---|---|---|---|---|---|"]
+    for label, points in curves.items():
+        for point in points:
+            acc = point.get("acc") or [float("nan")]
+            generate = point.get("generate_tau")
+            rows.append(
+                f"| {label} | {point['step']} | {point['cpu_hours']:.2f} | {acc[0]:.3f} | {point['tau']:.3f} | "
+                f"{point.get('walk_tau') or float('nan'):.3f} | {generate if generate is not None else '–'} |"
+            )
+    return "\n".join(rows) + "\n"
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for label, points in curves.items():
+        hours = [p["cpu_hours"] for p in points]
+        axis.plot(hours, [p["tau"] for p in points], "o--", label=f"{label}: implied τ (anchors)")
+        axis.plot(hours, [p.get("walk_tau") or float("nan") for p in points], "o-", label=f"{label}: walked τ (≈ generate)")
+        measured = [(p["cpu_hours"], p["generate_tau"]) for p in points if p.get("generate_tau")]
+        if measured:
+            axis.plot(*zip(*measured), "k*", markersize=12, label=f"{label}: τ measured in generate")
+    axis.set_xlabel("cumulative CPU-hours (2-core machine, threads x wall time)")
+    axis.set_ylabel("acceptance length τ (held-out, no cut)")
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if len(argv) < 2:
+        print(__doc__.strip().splitlines()[2], file=sys.stderr)
+        return 2
+    out, specs = Path(argv[0]), argv[1:]
+    curves = load_curves(specs)
+    print(markdown_table(curves))
+    print(f"wrote {plot(curves, out / 'training-curve.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
