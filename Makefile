@@ -23,8 +23,9 @@ install: $(STAMP)
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null)
 
+# Strict: a skipped test fails the run unless tests/conftest.py lists it in ALLOWED_SKIPS.
 test: install browser
-	$(PY) -m pytest -q -ra tests
+	DFLARE_STRICT_SKIPS=1 $(PY) -m pytest -q -ra tests
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow and not browser" tests

@@ -22,7 +22,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "space" / "app.py"
-CHROMIUM = "/usr/bin/chromium"
+# found the way `make browser` checks for it (Debian's package puts it on PATH as `chromium`)
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PROMPT = "Write a Python function that reverses a string."
 NEW_TOKENS = 24
 STARTUP_TIMEOUT_S = 240

@@ -106,16 +106,17 @@ RESUME_SCRIPT = textwrap.dedent(
     from modeling_dflare.training import TrainArgs, train
     out, data, slow = sys.argv[1], sys.argv[2], float(sys.argv[3])
     heldout = data.replace("train.jsonl", "heldout.jsonl")
-    if slow:  # make each step slow enough to be killed in the middle of the run
-        import modeling_dflare.training.loop as t, time
-        original = t.block_loss
-        def slow_loss(*a, **k):
-            time.sleep(slow)
-            return original(*a, **k)
-        t.block_loss = slow_loss
+    import modeling_dflare.training.loop as t, time
+    original, calls = t.block_loss, [0]
+    def counted_loss(*a, **k):  # slow enough to be killed mid-run; counts the loop's loss calls
+        calls[0] += 1
+        time.sleep(slow)
+        return original(*a, **k)
+    t.block_loss = counted_loss
     args = TrainArgs(output_dir=out, data=data, heldout=heldout, num_hidden_layers=1, block_size=4, num_anchors=4,
                      max_steps=30, batch_size=1, save_every=5, eval_every=1000, lr=1e-3, draft_vocab_size=32)
     train(args, target=tiny_target("llama"), tokenizer=tiny_tokenizer())
+    print("LOSS CALLS", calls[0])
     """
 )
 
@@ -147,6 +148,10 @@ def test_resume_after_sigkill(tmp_path):
     assert seen_steps == sorted(seen_steps)
     finished = subprocess.run([sys.executable, str(script), str(out), str(data), "0"], env=env, capture_output=True, text=True)
     assert finished.returncode == 0, finished.stderr[-2000:]
+    # the last process trained only the steps after its checkpoint (plus the final held-out pass of
+    # at most 4 sequences): a restart at step 0 would need 30 training calls
+    calls = int(finished.stdout.split("LOSS CALLS")[-1].split()[0])
+    assert 30 - seen_steps[-1] <= calls <= 30 - seen_steps[-1] + 4, (calls, seen_steps)
     assert "resumed from" in (tmp_path / "draft-work" / "train.log").read_text()
     final_state = json.loads((latest_checkpoint(checkpoints) / "state.json").read_text())
     assert final_state["step"] == 30
@@ -154,6 +159,28 @@ def test_resume_after_sigkill(tmp_path):
     assert summary["steps"] == 30
     draft = DFlareModel.from_pretrained(out)
     assert draft.config.draft_vocab_size == 32 and draft.draft_vocab_ids.unique().numel() == 32
+
+    # The killed-and-resumed run ends exactly where an uninterrupted run of the same command ends:
+    # same fp32 weights, same optimizer moments, same step (a restart at step 0 would differ).
+    straight = tmp_path / "straight"
+    uninterrupted = subprocess.run([sys.executable, str(script), str(straight), str(data), "0"], env=env, capture_output=True, text=True)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+    assert int(uninterrupted.stdout.split("LOSS CALLS")[-1].split()[0]) >= 30
+    resumed_ckpt = latest_checkpoint(checkpoints)
+    straight_ckpt = latest_checkpoint(tmp_path / "straight-work" / "checkpoints")
+    assert resumed_ckpt.name == straight_ckpt.name == "step-30"
+    from safetensors.torch import load_file
+
+    weights_a, weights_b = load_file(resumed_ckpt / "model.safetensors"), load_file(straight_ckpt / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    for key in weights_a:
+        assert torch.equal(weights_a[key], weights_b[key]), key
+    optim_a = torch.load(resumed_ckpt / "optimizer.bin", weights_only=False)["state"]
+    optim_b = torch.load(straight_ckpt / "optimizer.bin", weights_only=False)["state"]
+    assert optim_a.keys() == optim_b.keys() and optim_a
+    for index in optim_a:
+        for name in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(optim_a[index][name]), torch.as_tensor(optim_b[index][name])), (index, name)
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
