@@ -284,8 +284,14 @@ def exact_joint(target, prompt, warpers: LogitsProcessorList) -> torch.Tensor:
 
 
 def chi_square_pvalue(samples: torch.LongTensor, joint: torch.Tensor) -> float:
-    """Smallest chi-square p-value over the pairs (t1, t2) and (t3, t4) of samples [N, 4] vs ``joint``."""
-    pairs = [(samples[:, :2], joint.sum(dim=(2, 3))), (samples[:, 2:], joint.sum(dim=(0, 1)))]
+    """Smallest chi-square p-value over the pairs (t1, t2), (t2, t3) and (t3, t4) of samples [N, 4]
+    vs ``joint``. t2 and t3 are the two *drafted* tokens of the first cycle (t1 comes from the
+    prefill, t4 is the bonus), so (t2, t3) is the joint that rejection sampling must get right."""
+    pairs = [
+        (samples[:, :2], joint.sum(dim=(2, 3))),
+        (samples[:, 1:3], joint.sum(dim=(0, 3))),
+        (samples[:, 2:], joint.sum(dim=(0, 1))),
+    ]
     return min(_chi_square(s, p) for s, p in pairs)
 
 
@@ -408,6 +414,10 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
         runs.append(("reduced draft vocab + confidence cut", dict(assistant_model=reduced), 6))
         hybrid = make_draft(target, block_size=4, confidence_threshold=0.99, prompt_lookup_ngram=2)
         runs.append(("prompt-lookup hybrid", dict(assistant_model=hybrid), 7))
+    # The real generator end to end (draft forward, _propose, one-hot candidate logits): the draft's
+    # hidden states are the target's own on its greedy path, so drafted pairs are often accepted.
+    primed, _ = make_oracle(target, prompt, block_size=4)
+    runs.append(("real _propose, primed draft", dict(assistant_model=primed), 8))
     for name, kwargs, seed in runs:
         samples, accepted, lookups = draw(target, prompt, n, seed, **settings, **kwargs)
         pvalue = chi_square_pvalue(samples, probs)
@@ -415,6 +425,8 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
         if name == "oracle draft":
             # The oracle's proposals were verified and often accepted (else this would test little).
             assert accepted > n / 2, accepted
+        if name == "real _propose, primed draft":
+            assert accepted > n / 4, accepted  # drafted tokens were really accepted, so (t2, t3) tests them
         if name == "prompt-lookup hybrid":
             # with 8 tokens, lookups match and some proposals survive: the hybrid path really ran
             assert lookups > n / 4 and accepted > 0, (lookups, accepted)
