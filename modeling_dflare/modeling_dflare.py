@@ -428,8 +428,18 @@ class DFlareStats:
 
     proposed: list[int] = dataclasses.field(default_factory=list)
     accepted: list[int] = dataclasses.field(default_factory=list)
-    draft_seconds: float = 0.0
+    host_draft_seconds: float = 0.0
     lookup_tokens: int = 0
+    #: (start, end) CUDA events of each draft pass: read (and synchronised) only when asked for.
+    cuda_events: list = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def draft_seconds(self) -> float:
+        """Time spent drafting: host wall time on CPU; CUDA event time on a GPU (synchronises once, here)."""
+        if not self.cuda_events:
+            return self.host_draft_seconds
+        self.cuda_events[-1][1].synchronize()
+        return self.host_draft_seconds + sum(start.elapsed_time(end) for start, end in self.cuda_events) / 1000.0
 
     @property
     def cycles(self) -> int:
@@ -543,6 +553,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         self.stats = DFlareStats()
         assistant_model.dflare_stats = self.stats
         self._last_proposed = 0
+        self._prompt_unpadded: bool | None = None
 
     def _embed(self, ids: torch.LongTensor) -> torch.Tensor:
         # Some targets normalise embeddings inside the module (`embed_norm`); the draft expects raw ones.
@@ -564,15 +575,21 @@ class DFlareCandidateGenerator(CandidateGenerator):
         if hidden is None or hidden[self.target_layer_ids[0] + 1] is None or hidden[self.target_layer_ids[0] + 1].shape[1] < new:
             raise RuntimeError("DFlare: the target did not return the hidden states of the accepted positions")
         device, dtype = self.draft.device, self.draft.dtype
-        context = torch.cat([hidden[i + 1][:, :new] for i in self.target_layer_ids], dim=-1).to(device, dtype)
+        # each layer moves on its own: a target sharded with device_map returns them on several devices
+        context = torch.cat([hidden[i + 1][:, :new].to(device, dtype) for i in self.target_layer_ids], dim=-1)
         block = torch.full((1, self.block_size), self.mask_token_id, dtype=torch.long, device=input_ids.device)
         block[:, 0] = input_ids[:, -1]
         noise = self._embed(block.to(self.input_embeddings.weight.device)).to(device, dtype)
         positions = torch.arange(self.num_context, cur_len - 1 + self.block_size, device=device)[None]
         mask = model_kwargs.get("attention_mask")
-        if mask is not None:
+        if mask is not None and self._prompt_unpadded is None:
+            # decided once per generate call (one host sync): later positions are never padding
+            self._prompt_unpadded = bool(mask.all())
+        if mask is not None and not self._prompt_unpadded:
             pad = torch.ones(1, self.block_size, dtype=mask.dtype, device=mask.device)
             mask = torch.cat([mask[:, : cur_len - 1], pad], dim=-1).to(device)
+        else:
+            mask = None
         out = self.draft(
             noise_embeds=noise,
             context_hidden_states=context,
@@ -591,11 +608,14 @@ class DFlareCandidateGenerator(CandidateGenerator):
         hidden = hidden.to(weight.device, weight.dtype)
         budget = hidden.shape[1]
         if self.confidence_threshold > 0:
-            # Most blocks stop at the first position on a CPU-sized draft: score it alone first.
-            first = hidden[:, :1] @ weight.T
-            if torch.softmax(first.float(), dim=-1).amax() < self.confidence_threshold:
-                return self._lookup(input_ids, input_ids.new_zeros((1, 0)), budget)
-            logits = torch.cat([first, hidden[:, 1:] @ weight.T], dim=1) if budget > 1 else first
+            if hidden.device.type == "cpu":
+                # Most blocks stop at the first position on a CPU-sized draft: score it alone first.
+                first = hidden[:, :1] @ weight.T
+                if torch.softmax(first.float(), dim=-1).amax() < self.confidence_threshold:
+                    return self._lookup(input_ids, input_ids.new_zeros((1, 0)), budget)
+                logits = torch.cat([first, hidden[:, 1:] @ weight.T], dim=1) if budget > 1 else first
+            else:
+                logits = hidden @ weight.T
             confidence = torch.softmax(logits.float(), dim=-1).amax(-1).cumprod(-1)
             keep = int((confidence[0] >= self.confidence_threshold).sum())
             logits = logits[:, :keep]
@@ -638,11 +658,20 @@ class DFlareCandidateGenerator(CandidateGenerator):
         self._last_proposed = 0
         if budget <= 0:
             return input_ids, None
-        start = time.perf_counter()
+        on_cuda = self.draft.device.type == "cuda"
+        if on_cuda:
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        else:
+            start = time.perf_counter()
         hidden = self._draft_hidden(input_ids, model_kwargs, model_outputs)[:, :budget]
         candidates = self._propose(input_ids, hidden).to(input_ids.device)
         candidates = candidates[:, : stop_free_length(self.stopping_criteria, input_ids, candidates)]
-        self.stats.draft_seconds += time.perf_counter() - start
+        if on_cuda:
+            events[1].record()
+            self.stats.cuda_events.append(events)
+        else:
+            self.stats.host_draft_seconds += time.perf_counter() - start
         self._last_proposed = candidates.shape[1]
         if candidates.shape[1] == 0:
             return input_ids, None
