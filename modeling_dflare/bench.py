@@ -232,7 +232,6 @@ def measure_forward_costs(target, input_ids: torch.LongTensor, max_length: int, 
 
     cache = DynamicCache(config=target.config)
     target(input_ids, past_key_values=cache, use_cache=True)
-    context = input_ids.shape[1]
     seconds = []
     for length in range(1, max_length + 1):
         new = input_ids[:, -1:].repeat(1, length)

@@ -1,37 +1,57 @@
-"""Tiny real components for tests and examples: a word-level chat tokenizer and random targets.
+"""Tiny real components for tests, examples and the GPU check: the one home of every test helper.
 
 Nothing here is a mock: the tokenizer is a real ``PreTrainedTokenizerFast`` with a chat template,
-and the targets are real transformers causal LMs with random weights.
+the targets are real transformers causal LMs with random weights, and the oracle draft runs the real
+draft forward before steering its output.
+
+* :func:`make_target` -- one builder for every architecture (``llama``, ``qwen3``, ``mistral``,
+  ``gemma3``), tiny by default, any field overridable; :func:`tiny_target` is its preset for
+  training tests (vocab 96, 4 layers, chat special tokens).
+* :func:`tiny_tokenizer` -- word-level tokenizer with a chat template, any vocabulary size.
+* :func:`make_draft`, :class:`OracleDraft` / :func:`make_oracle` -- random and acceptance-forcing drafts.
+* :func:`greedy`, :func:`random_prompt`, :class:`VerifyCounter`, :class:`StopOnToken`,
+  :func:`path_kwargs` -- small helpers the generation tests share.
+
+The oracle draft exists because a randomly initialised draft accepts almost nothing, which would
+leave the acceptance path (accepted blocks, eos inside a block, max length reached mid-block)
+untested. It runs the real draft forward (so caches, masks and positions are exercised) and then
+replaces the block's hidden states with the target's own final hidden states at the preceding
+positions of a precomputed greedy reference, optionally corrupted at random, or wrong from a fixed
+block position on (``accept_first``: every cycle then accepts exactly that many drafts). Through the
+target's LM head these give the target's true next tokens, so blocks are accepted by either
+generator (ours or the stock DFlash one).
 """
 
 import torch
+from transformers import StoppingCriteria
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
-TINY_WORDS = [f"w{i}" for i in range(88)]
+from .configuration_dflare import DFlareConfig
+from .modeling_dflare import DFlareModel
+
+VOCAB = 100
+ARCHITECTURES = ("llama", "qwen3", "mistral", "gemma3")
 SPECIAL = ["<pad>", "<eos>", "<bos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
 CHAT_TEMPLATE = (
     "{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
 )
+TINY_WORDS = [f"w{i}" for i in range(88)]
+
+_COMMON = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=None,
+)
 
 
-def tiny_tokenizer():
-    """A 96-token word-level tokenizer (``w0`` .. ``w87`` plus specials) with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {token: i for i, token in enumerate(SPECIAL + TINY_WORDS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
-    )
-    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[4:]})
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
-
-
-def tiny_target(arch: str = "llama", vocab_size: int = 96, num_hidden_layers: int = 4, seed: int = 0, **overrides):
-    """A random causal LM of the given architecture (llama, qwen3, mistral, gemma3), eval mode."""
+def _architectures() -> dict:
     from transformers import (
         Gemma3ForCausalLM,
         Gemma3TextConfig,
@@ -43,30 +63,238 @@ def tiny_target(arch: str = "llama", vocab_size: int = 96, num_hidden_layers: in
         Qwen3ForCausalLM,
     )
 
-    classes = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-        "mistral": (MistralConfig, MistralForCausalLM),
-        "gemma3": (Gemma3TextConfig, Gemma3ForCausalLM),
+    return {
+        "llama": (LlamaConfig, LlamaForCausalLM, dict(num_hidden_layers=3, initializer_range=0.15)),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(num_hidden_layers=3, head_dim=8, initializer_range=0.15)),
+        "mistral": (MistralConfig, MistralForCausalLM, dict(num_hidden_layers=2, sliding_window=64, initializer_range=0.2)),
+        # Mixed sliding/full layers with a short window, so the target's sliding cache is cropped too.
+        "gemma3": (
+            Gemma3TextConfig,
+            Gemma3ForCausalLM,
+            dict(
+                num_hidden_layers=4,
+                head_dim=8,
+                sliding_window=8,
+                layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                initializer_range=0.08,
+            ),
+        ),
     }
-    if arch not in classes:
-        raise ValueError(f"arch={arch!r}: expected one of {sorted(classes)}")
-    config_class, model_class = classes[arch]
+
+
+def target_config(arch: str, **overrides):
+    """The tiny config of ``arch`` (vocab 100, hidden 32, 2 to 4 layers) with ``overrides`` applied."""
+    table = _architectures()
+    if arch not in table:
+        raise ValueError(f"arch={arch!r}: expected one of {sorted(table)}")
+    config_class, _, extra = table[arch]
+    values = {**_COMMON, **extra, **overrides}
+    if arch == "gemma3" and "num_hidden_layers" in overrides and "layer_types" not in overrides:
+        values["layer_types"] = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(values["num_hidden_layers"])]
+    return config_class(**values)
+
+
+def make_target(arch: str = "llama", seed: int = 0, **overrides):
+    """A tiny random causal LM of architecture ``arch`` in eval mode (fp32), frozen, generating to
+    ``max_new_tokens`` unless the overrides give it an eos token."""
+    model_class = _architectures()[arch][1] if arch in _architectures() else None
+    config = target_config(arch, **overrides)
+    torch.manual_seed(seed)
+    model = model_class(config).eval()
+    model.requires_grad_(False)
+    model.generation_config.pad_token_id = config.pad_token_id
+    model.generation_config.eos_token_id = config.eos_token_id
+    return model
+
+
+def tiny_target(arch: str = "llama", vocab_size: int = 96, num_hidden_layers: int = 4, seed: int = 0, **overrides):
+    """:func:`make_target` preset for chat data with :func:`tiny_tokenizer`: vocab 96, 4 layers,
+    pad/eos/bos = 0/1/2, 512 positions."""
     values = dict(
         vocab_size=vocab_size,
-        hidden_size=32,
-        intermediate_size=64,
         num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=512,
         pad_token_id=0,
         eos_token_id=1,
         bos_token_id=2,
+        initializer_range=0.02,
     )
+    if arch == "mistral":
+        values.pop("head_dim")
     values.update(overrides)
+    return make_target(arch, seed, **values)
+
+
+def tiny_tokenizer(vocab_size: int = 96, words: list[str] | tuple[str, ...] = ()):
+    """A word-level tokenizer of ``vocab_size`` tokens with a chat template: the specials
+    (``<pad>``=0, ``<eos>``=1, ``<bos>``=2, ``<unk>``=3, chat markers), then ``words``, then ``w0``, ``w1``, ...
+    Unknown words become ``<unk>``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    filler = vocab_size - len(SPECIAL) - len(words)
+    if filler < 0:
+        raise ValueError(f"vocab_size={vocab_size} is too small for {len(SPECIAL)} specials and {len(words)} words")
+    vocab = {token: i for i, token in enumerate(SPECIAL + list(words) + [f"w{i}" for i in range(filler)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": SPECIAL[4:]})
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+def make_draft(target, fusion: str = "layerwise", block_size: int = 4, seed: int = 1, cls=DFlareModel, **kwargs):
+    """A randomly initialised draft of class ``cls`` built from ``target``'s config."""
     torch.manual_seed(seed)
-    model = model_class(config_class(**values)).eval()
-    model.requires_grad_(False)
-    return model
+    kwargs.setdefault("num_hidden_layers", 2)
+    config = DFlareConfig.from_target_config(target.config, fusion=fusion, block_size=block_size, **kwargs)
+    return cls(config).eval()
+
+
+def greedy(model, input_ids, **kwargs):
+    """``model.generate`` with greedy decoding and no grad."""
+    kwargs.setdefault("do_sample", False)
+    with torch.no_grad():
+        return model.generate(input_ids, **kwargs)
+
+
+def random_prompt(length: int, seed: int = 0, vocab: int = VOCAB) -> torch.LongTensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (1, length), generator=generator)
+
+
+def path_kwargs(path: str) -> dict:
+    """``generate`` kwargs of a generator path: ``"custom"`` (ours) or ``"stock"`` (transformers' DFlash)."""
+    return {"speculation_type": "dflash"} if path == "stock" else {}
+
+
+class StopOnToken(StoppingCriteria):
+    """Stops a row when its last token is ``token``."""
+
+    def __init__(self, token: int):
+        self.token = token
+
+    def __call__(self, input_ids, scores, **kwargs):
+        return input_ids[:, -1] == self.token
+
+
+class VerifyCounter:
+    """Counts target forward passes (prefill + one per verify cycle) through a forward hook."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self._handle = model.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, output):
+        self.calls += 1
+
+    def close(self):
+        self._handle.remove()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def lm_head_inputs(target, sequence: torch.LongTensor, attention_mask=None) -> torch.Tensor:
+    """The LM head's input at every position of ``sequence`` [1, n] -> [n, hidden]."""
+    captured = []
+    handle = target.get_output_embeddings().register_forward_hook(lambda m, args, out: captured.append(args[0]))
+    try:
+        with torch.no_grad():
+            target(sequence, attention_mask=attention_mask, logits_to_keep=0)
+    finally:
+        handle.remove()
+    return captured[0][0].detach()
+
+
+class OracleDraft(DFlareModel):
+    """A DFlare draft that knows the target's greedy continuation (see the module docstring).
+
+    Set with :meth:`prime`. ``corruption`` is the probability that a block position gets a random
+    hidden state instead of the true one (a likely rejection); ``accept_first`` (when set) makes block
+    positions ``>= accept_first`` certainly wrong (the negated true state), so a cycle accepts
+    exactly ``accept_first - 1`` drafts. ``position_offset`` converts the draft's position ids to
+    indices of the reference sequence: our generator uses sequence indices, the stock DFlash one uses
+    padding-aware positions (offset = number of left pads there).
+    """
+
+    table: torch.Tensor | None = None
+    corruption: float = 0.0
+    accept_first: int | None = None
+    position_offset: int = 0
+    rng: torch.Generator | None = None
+
+    def prime(self, target, reference: torch.LongTensor, corruption: float = 0.0, seed: int = 0, attention_mask=None, position_offset: int = 0):
+        """``reference`` [1, n]: prompt + the target's greedy continuation (longer than any run)."""
+        if attention_mask is not None:
+            attention_mask = torch.cat(
+                [attention_mask, attention_mask.new_ones(1, reference.shape[1] - attention_mask.shape[1])], dim=-1
+            )
+        self.table = lm_head_inputs(target, reference, attention_mask)
+        self.corruption = corruption
+        self.position_offset = position_offset
+        self.rng = torch.Generator().manual_seed(seed)
+        return self
+
+    def forward(self, noise_embeds, context_hidden_states, position_ids=None, attention_mask=None, past_key_values=None, use_cache=None, **kwargs):
+        out = super().forward(noise_embeds, context_hidden_states, position_ids, attention_mask, past_key_values, use_cache, **kwargs)
+        if self.table is None:
+            return out
+        block = noise_embeds.shape[1]
+        positions = position_ids[0, -block:].tolist() if position_ids is not None else None
+        hidden = out.last_hidden_state.clone()
+        table = self.table.to(hidden.device)
+        for i in range(1, block):
+            # The target's LM-head input at index p - 1 yields its greedy token at index p.
+            index = positions[i] + self.position_offset - 1
+            inside = 0 <= index < table.shape[0]
+            if self.accept_first is not None:
+                vector = table[min(max(index, 0), table.shape[0] - 1)]
+                vector = vector if (i < self.accept_first and inside) else -vector
+            else:
+                corrupt = torch.rand((), generator=self.rng).item() < self.corruption
+                if corrupt or not inside:
+                    vector = torch.randn(table.shape[1], generator=self.rng).to(table.device) * table.std()
+                else:
+                    vector = table[index]
+            hidden[0, i] = vector.to(hidden.dtype)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out.past_key_values)
+
+
+def make_oracle(target, prompt, fusion="layerwise", block_size=4, corruption=0.0, seed=0, extra_tokens=64, attention_mask=None, position_offset=0, **kwargs):
+    """An :class:`OracleDraft` primed with the target's greedy continuation of ``prompt``."""
+    config = target.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = None
+    try:
+        reference = greedy(target, prompt, attention_mask=attention_mask, max_new_tokens=extra_tokens, min_new_tokens=extra_tokens)
+    finally:
+        config.eos_token_id = saved
+    draft = make_draft(target, fusion=fusion, block_size=block_size, cls=OracleDraft, **kwargs)
+    return draft.prime(target, reference, corruption, seed, attention_mask, position_offset), reference
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "OracleDraft",
+    "StopOnToken",
+    "VOCAB",
+    "VerifyCounter",
+    "greedy",
+    "lm_head_inputs",
+    "make_draft",
+    "make_oracle",
+    "make_target",
+    "path_kwargs",
+    "random_prompt",
+    "target_config",
+    "tiny_target",
+    "tiny_tokenizer",
+]

@@ -5,55 +5,25 @@ import struct
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
 from modeling_dflare import DFlareConfig, DFlareModel, bench, cli
+from modeling_dflare.testing import make_target, tiny_tokenizer
 from modeling_dflare.bench_datasets import math_problem
 from modeling_dflare.bench_report import render_markdown
 
 VOCAB = 100
-SPECIALS = ["<unk>", "<pad>", "<eos>", "<|user|>", "<|assistant|>"]
+# real words where the bench's HumanEval and math prompts use them, so the tiny target sees varied ids
 WORDS = "the a of to and is in that for it def return if else x y n list int str python function number how many".split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} {% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """Word-level tokenizer over a fixed vocabulary of 100 (unknown words -> <unk>) with a chat template."""
-    words = SPECIALS + WORDS + [f"w{i}" for i in range(VOCAB - len(SPECIALS) - len(WORDS))]
-    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
     """Folders with a tiny random Llama target (+ tokenizer) and two random drafts (DFlare, DFlash)."""
     root = tmp_path_factory.mktemp("bench")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.15,
-        pad_token_id=1,
-        eos_token_id=2,
-        bos_token_id=None,
-    )
-    target = LlamaForCausalLM(config).eval()
+    target = make_target("llama", vocab_size=VOCAB, num_hidden_layers=3, max_position_embeddings=1024, pad_token_id=0, eos_token_id=1)
     target.save_pretrained(root / "target")
-    tiny_tokenizer().save_pretrained(root / "target")
+    tiny_tokenizer(VOCAB, WORDS).save_pretrained(root / "target")
     for name, fusion in (("dflare", "layerwise"), ("dflash", "shared")):
-        draft_config = DFlareConfig.from_target_config(config, fusion=fusion, block_size=4, num_hidden_layers=1)
+        draft_config = DFlareConfig.from_target_config(target.config, fusion=fusion, block_size=4, num_hidden_layers=1)
         DFlareModel(draft_config).save_pretrained(root / name)
     return root
 

@@ -14,23 +14,15 @@ import os
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, VerifyCounter, greedy, make_draft, make_oracle, make_target
+from conftest import ARCHITECTURES, StopOnToken, VerifyCounter, greedy, make_draft, make_oracle, make_target
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from transformers import StoppingCriteria, StoppingCriteriaList
+from transformers import StoppingCriteriaList
 
 FUZZ_EXAMPLES = int(os.environ.get("DFLARE_FUZZ_EXAMPLES", "120"))
 # DFLARE_FUZZ_RANDOM=1 explores new cases on every run (for local bug hunting; CI stays derandomised).
 FUZZ_RANDOM = os.environ.get("DFLARE_FUZZ_RANDOM") == "1"
 RAN = {"cases": 0, "accepted_cases": 0}
-
-
-class StopOnToken(StoppingCriteria):
-    def __init__(self, token: int):
-        self.token = token
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return input_ids[:, -1] == self.token
 
 
 @st.composite

@@ -23,6 +23,7 @@ from conftest import (
     make_draft,
     make_oracle,
     make_target,
+    path_kwargs,
     random_prompt,
 )
 from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
@@ -32,10 +33,6 @@ from modeling_dflare import DFlareCandidateGenerator, DFlareModel
 PATHS = ("custom", "stock")
 BLOCK_SIZES = (2, 4, 16)
 FUSIONS = ("layerwise", "shared")
-
-
-def path_kwargs(path: str) -> dict:
-    return {"speculation_type": "dflash"} if path == "stock" else {}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -24,10 +24,11 @@ import transformers
 import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import modeling_dflare  # noqa: F401  (registers the model type; save_pretrained copies the Hub files)
 from modeling_dflare import DFlareConfig, DFlareModel, cli
+from modeling_dflare.testing import make_target, tiny_tokenizer
 from modeling_dflare.hub import (
     REPO_ID_PLACEHOLDER,
     REQUIRED_TAGS,
@@ -65,31 +66,11 @@ BENCH = {
 # ----------------------------------------------------------------------------------------------
 
 
-def tiny_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
-    vocab = {token: i for i, token in enumerate(specials + [f"w{i}" for i in range(94)])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
-    tokenizer.chat_template = (
-        "{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}{% endfor %}"
-        "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
-    )
-    return tokenizer
-
-
-def save_tiny_target(folder: Path) -> LlamaForCausalLM:
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.15,
-                         pad_token_id=0, eos_token_id=1, bos_token_id=None)
-    target = LlamaForCausalLM(config).eval()
+def save_tiny_target(folder: Path):
+    target = make_target("llama", vocab_size=100, num_hidden_layers=4, max_position_embeddings=512, pad_token_id=0, eos_token_id=1)
     target.generation_config.eos_token_id = None  # run to max_new_tokens: a long output makes equality meaningful
     target.save_pretrained(folder)
-    tiny_tokenizer().save_pretrained(folder)
+    tiny_tokenizer(100).save_pretrained(folder)
     return target
 
 
@@ -360,13 +341,16 @@ def test_card_rejected_by_the_hub_stops_before_the_repository_exists(draft_copy,
     assert [c[0] for c in hub.calls] == ["whoami"]
 
 
-def test_failed_upload_removes_the_repository_it_created(draft_copy, hub, monkeypatch):
+def test_failed_upload_removes_the_repository_it_created(draft_copy, hub, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     hub.fail_upload = True
-    with pytest.raises(OSError, match="connection reset"):
-        cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
+    # the network error reaches the user as one line (the CLI's --debug shows the traceback)
+    assert cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"]) == 2
+    assert "connection reset" in capsys.readouterr().err
     assert hub.calls[-1] == ("delete_repo", "my-org/tiny-dflare")
+    with pytest.raises(OSError, match="connection reset"):
+        cli.main(["--debug", "push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
 
 
 def test_push_can_write_the_card_itself(draft_copy, tmp_path, models):

@@ -10,23 +10,21 @@ import weakref
 import pytest
 import torch
 from conftest import (
+    StopOnToken,
     VerifyCounter,
     cached_target,
     greedy,
     make_draft,
     make_oracle,
     make_target,
+    path_kwargs,
     random_prompt,
 )
-from transformers import AutoModel, StoppingCriteria, StoppingCriteriaList
+from transformers import AutoModel, StoppingCriteriaList
 
 from modeling_dflare import DFlareCandidateGenerator, DFlareConfig, DFlareModel
 
 PATHS = ("custom", "stock")
-
-
-def path_kwargs(path: str) -> dict:
-    return {"speculation_type": "dflash"} if path == "stock" else {}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -118,14 +116,6 @@ def test_sampling_top_k_one_equals_greedy():
     got = target.generate(prompt, do_sample=True, top_k=1, max_new_tokens=20, assistant_model=draft)
     assert got.tolist() == expected.tolist()
     assert sum(draft.dflare_stats.accepted) > 0
-
-
-class StopOnToken(StoppingCriteria):
-    def __init__(self, token: int):
-        self.token = token
-
-    def __call__(self, input_ids, scores, **kwargs):
-        return input_ids[:, -1] == self.token
 
 
 def _fresh_token_mid_block(target, prompt, block_size):
