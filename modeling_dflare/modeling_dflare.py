@@ -486,6 +486,19 @@ def stop_free_length(criteria: list, input_ids: torch.LongTensor, candidates: to
     return candidates.shape[1]
 
 
+def hidden_state_request(layer_ids: list[int]):
+    """The ``output_hidden_states`` value that returns target layers ``layer_ids``: their
+    ``hidden_states`` indices (``id + 1``) where transformers can keep only those (5.2x), else ``True``
+    (all layers, e.g. transformers 5.17; same result, more memory)."""
+    try:
+        from transformers.utils import output_capturing
+    except ImportError:
+        return True
+    if hasattr(output_capturing, "selected_hidden_states"):
+        return [i + 1 for i in layer_ids]
+    return True
+
+
 def ngram_continuation(sequence: torch.LongTensor, max_ngram: int, count: int) -> torch.LongTensor:
     """Up to ``count`` tokens that followed the most recent earlier occurrence of the longest n-gram
     (``max_ngram`` >= n >= 1) ending ``sequence`` (1-D). Empty when nothing matches."""
@@ -533,7 +546,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         config = assistant_model.config
         self.draft = assistant_model
         self.target_layer_ids = list(config.target_layer_ids)
-        self.model_kwargs_overrides = {"output_hidden_states": [i + 1 for i in self.target_layer_ids]}
+        self.model_kwargs_overrides = {"output_hidden_states": hidden_state_request(self.target_layer_ids)}
         self.block_size = int(getattr(generation_config, "dflare_block_size", None) or config.block_size)
         threshold = getattr(generation_config, "dflare_confidence_threshold", None)
         self.confidence_threshold = float(config.confidence_threshold if threshold is None else threshold)

@@ -248,22 +248,26 @@ class OracleDraft(DFlareModel):
         if self.table is None:
             return out
         block = noise_embeds.shape[1]
-        positions = position_ids[0, -block:].tolist() if position_ids is not None else None
         hidden = out.last_hidden_state.clone()
         table = self.table.to(hidden.device)
+        if self.accept_first is not None:
+            # vectorised (no host sync): what a GPU timing of the draft should see
+            index = position_ids[0, -block:] + self.position_offset - 1
+            inside = (index >= 0) & (index < table.shape[0])
+            vectors = table[index.clamp(0, table.shape[0] - 1)]
+            keep = inside & (torch.arange(block, device=hidden.device) < self.accept_first)
+            steered = torch.where(keep[:, None], vectors, -vectors).to(hidden.dtype)
+            hidden[0, 1:] = steered[1:]
+            return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out.past_key_values)
+        positions = position_ids[0, -block:].tolist() if position_ids is not None else None
         for i in range(1, block):
             # The target's LM-head input at index p - 1 yields its greedy token at index p.
             index = positions[i] + self.position_offset - 1
-            inside = 0 <= index < table.shape[0]
-            if self.accept_first is not None:
-                vector = table[min(max(index, 0), table.shape[0] - 1)]
-                vector = vector if (i < self.accept_first and inside) else -vector
+            corrupt = torch.rand((), generator=self.rng).item() < self.corruption
+            if corrupt or not 0 <= index < table.shape[0]:
+                vector = torch.randn(table.shape[1], generator=self.rng).to(table.device) * table.std()
             else:
-                corrupt = torch.rand((), generator=self.rng).item() < self.corruption
-                if corrupt or not inside:
-                    vector = torch.randn(table.shape[1], generator=self.rng).to(table.device) * table.std()
-                else:
-                    vector = table[index]
+                vector = table[index]
             hidden[0, i] = vector.to(hidden.dtype)
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out.past_key_values)
 

@@ -190,15 +190,18 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     block = draft.config.block_size
     prompt = sequence.input_ids[: sequence.response_start][None].to(target.device)
     cache = DynamicCache(config=target.config)
+    from ..modeling_dflare import hidden_state_request
+
     layers = [i + 1 for i in draft.config.target_layer_ids]
-    out = target(prompt, past_key_values=cache, use_cache=True, output_hidden_states=layers)
+    request = hidden_state_request(draft.config.target_layer_ids)
+    out = target(prompt, past_key_values=cache, use_cache=True, output_hidden_states=request)
     verify = []
     for length in range(1, block + 1):
         new = prompt[:, -1:].repeat(1, length)
         times = []
         for _ in range(repeats + 1):  # the first is a warm-up
             start = time.perf_counter()
-            target(new, past_key_values=cache, use_cache=True, output_hidden_states=layers)
+            target(new, past_key_values=cache, use_cache=True, output_hidden_states=request)
             times.append(time.perf_counter() - start)
             cache.crop(-length)
         verify.append(statistics.median(times[1:]))

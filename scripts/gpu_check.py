@@ -1,0 +1,371 @@
+#!/usr/bin/env python
+"""Prove it on a GPU: CUDA correctness, the speedup-vs-acceptance curve at real model sizes, and
+training throughput, in one prepared run (under 8 minutes on one H100/H200).
+
+    python scripts/gpu_check.py --out docs/gpu-run            # on the GPU machine
+    python scripts/gpu_check.py --device cpu --quick --out /tmp/gpu-check   # same code paths, tiny shapes
+
+Writes ``gpu_check.json``, ``gpu_check.md`` and ``speedup_vs_tau.png`` into ``--out``.
+
+1. **Correctness**: greedy equality of ``generate(assistant_model=draft)`` with plain ``generate`` on
+   tiny random targets of four architectures, fp32 and bf16, our generator and (where this
+   transformers has it) the stock ``speculation_type="dflash"`` path, random and oracle drafts.
+   fp32 must be identical; in bf16 a verify over many tokens and a one-token step round
+   differently, so a near-tie may flip a token: bf16 rows report equality instead of failing.
+2. **Speedup vs τ**: random-weight bf16 targets of real geometries (Qwen3-1.7B, -4B, -8B shapes)
+   and a 5-layer draft of the papers' geometry whose output is steered to accept exactly ``τ - 1``
+   drafts per cycle (the real draft forward still runs, so its cost is real). For τ = 1..10, block
+   16 and 8, our generator and the stock one: the wall-clock speedup over plain ``generate`` and the
+   per-cycle draft / verify / overhead split. This is the curve "at τ = x, expect y" on this GPU.
+3. **Training throughput**: tokens/s and peak memory of draft training steps (online target
+   features, anchors, block mask, bf16) for a Qwen3-4B-shape random target and a 5-layer draft.
+
+Weights are random: cost does not depend on them. Nothing is downloaded.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+
+#: Real target geometries (Qwen3 model cards); the CPU/quick mode shrinks them.
+SHAPES = {
+    "qwen3-1.7b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128),
+    "qwen3-4b": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+    "qwen3-8b": dict(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128),
+}
+QUICK_SHAPES = {
+    "tiny-a": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "tiny-b": dict(hidden_size=96, intermediate_size=192, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=24),
+}
+VOCAB, QUICK_VOCAB = 151936, 512
+
+
+def stock_dflash_available() -> bool:
+    """Whether this transformers has the stock DFlash candidate generator (5.23 has it)."""
+    try:
+        from transformers.generation import candidate_generator
+
+        return hasattr(candidate_generator, "DFlashTokenCandidateGenerator")
+    except ImportError:
+        return False
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. correctness
+# ----------------------------------------------------------------------------------------------
+
+
+def correctness(device: torch.device, quick: bool) -> list[dict]:
+    from modeling_dflare.testing import ARCHITECTURES, greedy, make_draft, make_oracle, make_target, path_kwargs, random_prompt
+
+    paths = ["custom"] + (["stock"] if stock_dflash_available() else [])
+    rows = []
+    for arch in ARCHITECTURES if not quick else ("llama", "qwen3"):
+        for dtype in (torch.float32, torch.bfloat16):
+            target = make_target(arch).to(device, dtype)
+            for seed in range(1 if quick else 3):
+                prompt = random_prompt(6 + seed, seed=seed).to(device)
+                expected = greedy(target, prompt, max_new_tokens=24)
+                for path in paths:
+                    for block in (4, 16):
+                        random_draft = make_draft(target, block_size=block).to(device, dtype)
+                        got_random = greedy(target, prompt, max_new_tokens=24, assistant_model=random_draft, **path_kwargs(path))
+                        oracle, _ = make_oracle(target, prompt, block_size=block, corruption=0.2, seed=seed)
+                        oracle = oracle.to(device, dtype)
+                        got_oracle = greedy(target, prompt, max_new_tokens=24, assistant_model=oracle, **path_kwargs(path))
+                        stats = getattr(oracle, "dflare_stats", None)
+                        rows.append(
+                            {
+                                "arch": arch,
+                                "dtype": str(dtype).replace("torch.", ""),
+                                "path": path,
+                                "block": block,
+                                "seed": seed,
+                                "random_equal": torch.equal(got_random, expected),
+                                "oracle_equal": torch.equal(got_oracle, expected),
+                                "oracle_tau": round(stats.acceptance_length, 3) if (stats and path == "custom") else None,
+                            }
+                        )
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. speedup vs tau
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CurvePoint:
+    shape: str
+    path: str
+    block: int
+    forced_tau: int
+    measured_tau: float
+    seconds: float
+    plain_seconds: float
+    speedup: float
+    cycles: int
+    draft_ms_per_cycle: float
+    verify_ms_per_cycle: float
+    overhead_ms_per_cycle: float
+    identical: bool
+
+
+def _target(shape: dict, vocab: int, device, dtype):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False, **shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = Qwen3ForCausalLM(config).to(dtype).eval()
+    model.requires_grad_(False)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = None
+    return model
+
+
+def speed_curve(device: torch.device, quick: bool, new_tokens: int) -> list[CurvePoint]:
+    from modeling_dflare.bench import Clock, Settings, generate_once
+    from modeling_dflare.testing import OracleDraft, greedy, make_draft
+
+    shapes, vocab = (QUICK_SHAPES, QUICK_VOCAB) if quick else (SHAPES, VOCAB)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    taus = (1, 2, 3) if quick else (1, 2, 3, 4, 5, 6, 8, 10)
+    blocks = (4,) if quick else (16, 8)
+    methods = ["dflare"] + (["dflare-stock"] if stock_dflash_available() else [])
+    clock, points = Clock(device), []
+    for name, shape in shapes.items():
+        target = _target(shape, vocab, device, dtype)
+        prompt = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
+        reference = greedy(target, prompt, max_new_tokens=new_tokens + 16, min_new_tokens=new_tokens + 16)
+        plain_runs = [generate_once("plain", target, prompt, {}, Settings(new_tokens, 16, 0.0, 10), clock) for _ in range(2)]
+        plain = min(run.seconds for run in plain_runs)
+        expected = plain_runs[0].tokens
+        for block in blocks:
+            draft = make_draft(target, block_size=block, cls=OracleDraft, num_hidden_layers=5).to(device, dtype)
+            draft.prime(target, reference)
+            for tau in (t for t in taus if t <= block):
+                draft.accept_first = tau
+                for method in methods:
+                    settings = Settings(new_tokens, block, 0.0, 10)
+                    generate_once(method, target, prompt, {"dflare": draft}, settings, clock)  # warm-up
+                    run = generate_once(method, target, prompt, {"dflare": draft}, settings, clock)
+                    cycles = max(1, len(run.cycles))
+                    verify = sum(run.target_seconds[1:])
+                    overhead = run.seconds - run.target_seconds[0] - verify - run.draft_seconds if run.target_seconds else 0.0
+                    points.append(
+                        CurvePoint(
+                            shape=name,
+                            path="ours" if method == "dflare" else "stock",
+                            block=block,
+                            forced_tau=tau,
+                            measured_tau=round((sum(a for _, a in run.cycles) + len(run.cycles)) / cycles, 3),
+                            seconds=round(run.seconds, 4),
+                            plain_seconds=round(plain, 4),
+                            speedup=round(plain / run.seconds, 3),
+                            cycles=len(run.cycles),
+                            draft_ms_per_cycle=round(1000 * run.draft_seconds / cycles, 3),
+                            verify_ms_per_cycle=round(1000 * verify / cycles, 3),
+                            overhead_ms_per_cycle=round(1000 * overhead / cycles, 3),
+                            identical=run.tokens == expected,
+                        )
+                    )
+        del target
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return points
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. training throughput
+# ----------------------------------------------------------------------------------------------
+
+
+def training_throughput(device: torch.device, quick: bool) -> dict:
+    from modeling_dflare.anchors import position_weights, sample_anchors
+    from modeling_dflare.testing import make_draft
+    from modeling_dflare.training import Sequence, TargetFeatures, block_loss
+
+    shape_name = "tiny-b" if quick else "qwen3-4b"
+    shape = (QUICK_SHAPES if quick else SHAPES)[shape_name]
+    vocab = QUICK_VOCAB if quick else VOCAB
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    length, anchors_per_sequence, block = (96, 8, 8) if quick else (2048, 512, 16)
+    target = _target(shape, vocab, device, dtype)
+    draft = make_draft(target, block_size=block, num_hidden_layers=5).to(device)
+    draft.train()
+    features = TargetFeatures(target, precision="fp32" if device.type == "cpu" else "bf16")
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=6e-4)
+    weights = position_weights(block, 7.0)
+    head = target.get_output_embeddings().weight
+    generator = torch.Generator().manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for step in range(2 + (2 if quick else 4)):
+        sequence = Sequence(f"s{step}", torch.randint(0, vocab, (length,), generator=generator), length // 4)
+        anchors = sample_anchors(sequence.response_start, length, anchors_per_sequence, generator)
+        synchronize(device)
+        start = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            result = block_loss(draft, target.get_input_embeddings(), head, None, sequence, features(sequence, draft.config.target_layer_ids), anchors, weights, "data")
+        result.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    steady = times[2:]
+    seconds = sum(steady) / len(steady)
+    return {
+        "target_shape": shape_name,
+        "draft_layers": 5,
+        "sequence_tokens": length,
+        "anchors": anchors_per_sequence,
+        "block_size": block,
+        "seconds_per_sequence": round(seconds, 4),
+        "tokens_per_second": round(length / seconds, 1),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "note": "online target features (the target forward is inside the step), bf16 autocast on CUDA",
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------
+
+
+def render_markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [
+        "# GPU check",
+        "",
+        f"- Device: {meta['device_name']} ({meta['device']}); torch {meta['torch']}, transformers {meta['transformers']}; "
+        f"{meta['date']}; {meta['seconds']:.0f} s in all",
+        f"- Command: `{meta['command']}`",
+        f"- Stock `speculation_type=\"dflash\"` path available: {meta['stock_dflash']}",
+        "",
+        "## Correctness (greedy equality with plain generate)",
+        "",
+        "| dtype | path | cases | random draft identical | oracle draft identical | mean oracle τ (ours) |",
+        "|---|---|---|---|---|---|",
+    ]
+    rows = results["correctness"]
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        for path in dict.fromkeys(r["path"] for r in rows):
+            chosen = [r for r in rows if r["dtype"] == dtype and r["path"] == path]
+            taus = [r["oracle_tau"] for r in chosen if r["oracle_tau"]]
+            lines.append(
+                f"| {dtype} | {path} | {len(chosen)} | {sum(r['random_equal'] for r in chosen)} | "
+                f"{sum(r['oracle_equal'] for r in chosen)} | {sum(taus) / len(taus):.2f} |" if taus else
+                f"| {dtype} | {path} | {len(chosen)} | {sum(r['random_equal'] for r in chosen)} | {sum(r['oracle_equal'] for r in chosen)} | – |"
+            )
+    lines += ["", "fp32 must be identical in every case; bf16 verification is not bit-identical to bf16 one-token decoding (near-ties may flip), so bf16 rows are reported, not required.", ""]
+    lines += ["## Speedup over plain generate vs acceptance length", "", "| target | block | path | τ forced | τ measured | speedup | draft ms/cycle | verify ms/cycle | overhead ms/cycle | identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for p in results["curve"]:
+        lines.append(
+            f"| {p['shape']} | {p['block']} | {p['path']} | {p['forced_tau']} | {p['measured_tau']:.2f} | {p['speedup']:.2f}x | "
+            f"{p['draft_ms_per_cycle']:.1f} | {p['verify_ms_per_cycle']:.1f} | {p['overhead_ms_per_cycle']:.1f} | {'yes' if p['identical'] else 'NO'} |"
+        )
+    t = results["training"]
+    lines += [
+        "",
+        "## Training throughput",
+        "",
+        f"{t['target_shape']} target, {t['draft_layers']}-layer draft, sequences of {t['sequence_tokens']} tokens with "
+        f"{t['anchors']} anchors of block {t['block_size']}: {t['tokens_per_second']} tokens/s "
+        f"({t['seconds_per_sequence']} s per sequence), peak memory {t['peak_memory_gib']} GiB. {t['note']}.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shapes = list(dict.fromkeys(p["shape"] for p in results["curve"]))
+    figure, axes = plt.subplots(1, max(1, len(shapes)), figsize=(4.5 * max(1, len(shapes)), 3.8), squeeze=False)
+    for axis, shape in zip(axes[0], shapes):
+        for block in sorted({p["block"] for p in results["curve"] if p["shape"] == shape}, reverse=True):
+            for generator in ("ours", "stock"):
+                points = [p for p in results["curve"] if p["shape"] == shape and p["block"] == block and p["path"] == generator]
+                if points:
+                    style = "o-" if generator == "ours" else "s--"
+                    axis.plot([p["measured_tau"] for p in points], [p["speedup"] for p in points], style, label=f"{generator}, block {block}")
+        axis.axhline(1.0, color="black", linewidth=0.8)
+        axis.set_title(shape)
+        axis.set_xlabel("acceptance length τ")
+        axis.set_ylabel("speedup over plain generate")
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.suptitle(f"{results['meta']['device_name']}")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and fewer points (the CPU test mode)")
+    parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per timed generate (default 128, quick 24)")
+    parser.add_argument("--out", default="gpu-check", help="output folder")
+    parser.add_argument("--skip", nargs="*", default=[], choices=("correctness", "curve", "training"))
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {args.device}: CUDA is not available here; use --device cpu --quick")
+    import transformers
+
+    import modeling_dflare  # noqa: F401  (registers the generate() hook)
+
+    start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {
+        "meta": {
+            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+            "device": str(device),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine()),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "stock_dflash": stock_dflash_available(),
+        }
+    }
+    new_tokens = args.new_tokens or (24 if args.quick else 128)
+    results["correctness"] = [] if "correctness" in args.skip else correctness(device, args.quick)
+    print(f"correctness: {len(results['correctness'])} cases in {time.perf_counter() - start:.0f} s", flush=True)
+    results["curve"] = [] if "curve" in args.skip else [dataclasses.asdict(p) for p in speed_curve(device, args.quick, new_tokens)]
+    print(f"curve: {len(results['curve'])} points at {time.perf_counter() - start:.0f} s", flush=True)
+    results["training"] = training_throughput(device, args.quick) if "training" not in args.skip else {}
+    results["meta"]["seconds"] = time.perf_counter() - start
+    (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+    if results["training"] and results["curve"] and results["correctness"]:
+        (out / "gpu_check.md").write_text(render_markdown(results))
+        plot(results, out / "speedup_vs_tau.png")
+    fp32_failures = [r for r in results["correctness"] if r["dtype"] == "float32" and not (r["random_equal"] and r["oracle_equal"])]
+    curve_failures = [p for p in results["curve"] if device.type == "cpu" and not p["identical"]]
+    print(f"wrote {out}; {results['meta']['seconds']:.0f} s; fp32 mismatches: {len(fp32_failures)}", flush=True)
+    return 1 if fp32_failures or curve_failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
