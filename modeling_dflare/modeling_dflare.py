@@ -486,6 +486,12 @@ def stop_free_length(criteria: list, input_ids: torch.LongTensor, candidates: to
     return candidates.shape[1]
 
 
+#: With the prompt-lookup hybrid on, drafted positions whose cumulative confidence falls below this
+#: (or below the confidence cut, if higher) are "unsure": a lookup continuation replaces them when
+#: the context holds an n-gram match; without a match the draft's own proposals stand.
+LOOKUP_CONFIDENCE = 0.3
+
+
 def hidden_state_request(layer_ids: list[int]):
     """The ``output_hidden_states`` value that returns target layers ``layer_ids``: their
     ``hidden_states`` indices (``id + 1``) where transformers can keep only those (5.2x), else ``True``
@@ -552,6 +558,8 @@ class DFlareCandidateGenerator(CandidateGenerator):
         self.confidence_threshold = float(config.confidence_threshold if threshold is None else threshold)
         lookup = getattr(generation_config, "dflare_prompt_lookup_ngram", None)
         self.lookup_ngram = int(getattr(config, "prompt_lookup_ngram", 0) if lookup is None else lookup)
+        unsure = getattr(generation_config, "dflare_lookup_confidence", None)
+        self.lookup_confidence = float(LOOKUP_CONFIDENCE if unsure is None else unsure)
         self.mask_token_id = config.mask_token_id
         self.max_length = generation_config.max_length
         self.do_sample = bool(generation_config.do_sample)
@@ -620,26 +628,29 @@ class DFlareCandidateGenerator(CandidateGenerator):
         weight = self.head_weight
         hidden = hidden.to(weight.device, weight.dtype)
         budget = hidden.shape[1]
-        if self.confidence_threshold > 0:
-            if hidden.device.type == "cpu":
+        sure = None  # with the hybrid: how many leading drafts are confident enough to keep over a lookup
+        if self.confidence_threshold > 0 or self.lookup_ngram > 0:
+            if hidden.device.type == "cpu" and self.confidence_threshold > 0:
                 # Most blocks stop at the first position on a CPU-sized draft: score it alone first.
                 first = hidden[:, :1] @ weight.T
                 if torch.softmax(first.float(), dim=-1).amax() < self.confidence_threshold:
-                    return self._lookup(input_ids, input_ids.new_zeros((1, 0)), budget)
+                    return self._lookup(input_ids, input_ids.new_zeros((1, 0)), budget, 0)
                 logits = torch.cat([first, hidden[:, 1:] @ weight.T], dim=1) if budget > 1 else first
             else:
                 logits = hidden @ weight.T
-            confidence = torch.softmax(logits.float(), dim=-1).amax(-1).cumprod(-1)
-            keep = int((confidence[0] >= self.confidence_threshold).sum())
+            confidence = torch.softmax(logits.float(), dim=-1).amax(-1).cumprod(-1)[0]
+            keep = int((confidence >= self.confidence_threshold).sum())
+            if self.lookup_ngram > 0:
+                sure = min(keep, int((confidence >= max(self.confidence_threshold, self.lookup_confidence)).sum()))
             logits = logits[:, :keep]
         else:
             logits = hidden @ weight.T
         if self.logits_processor is None:
             ids = logits.argmax(-1)
             ids = ids if self.head_ids is None else self.head_ids[ids]
-            return self._lookup(input_ids, ids, budget)
+            return self._lookup(input_ids, ids, budget, sure)
         if logits.shape[1] == 0:
-            return self._lookup(input_ids, input_ids.new_zeros((1, 0)), budget)
+            return self._lookup(input_ids, input_ids.new_zeros((1, 0)), budget, 0)
         full = logits.new_full((1, logits.shape[1], self.vocab_size), float("-inf"), dtype=torch.float32)
         if self.head_ids is None:
             full.copy_(logits.float())
@@ -649,19 +660,20 @@ class DFlareCandidateGenerator(CandidateGenerator):
         for i in range(full.shape[1]):
             scores = self.logits_processor(sequence, full[:, i])
             sequence = torch.cat([sequence, scores.argmax(-1, keepdim=True).to(sequence.device)], dim=-1)
-        return self._lookup(input_ids, sequence[:, input_ids.shape[1] :], budget)
+        return self._lookup(input_ids, sequence[:, input_ids.shape[1] :], budget, sure)
 
-    def _lookup(self, input_ids: torch.LongTensor, drafted: torch.LongTensor, budget: int) -> torch.LongTensor:
-        """Fill the positions after the confidence cut with a prompt-lookup continuation (if enabled)."""
-        need = budget - drafted.shape[1]
-        if self.lookup_ngram <= 0 or need <= 0:
+    def _lookup(self, input_ids: torch.LongTensor, drafted: torch.LongTensor, budget: int, sure: int | None) -> torch.LongTensor:
+        """Replace the unsure drafts (from ``sure`` on) with a prompt-lookup continuation, when the
+        hybrid is on and the context holds an n-gram match; otherwise keep the drafts as they are."""
+        if self.lookup_ngram <= 0 or sure is None or budget - sure <= 0:
             return drafted
-        sequence = torch.cat([input_ids[0], drafted[0].to(input_ids.device)])
-        found = ngram_continuation(sequence, self.lookup_ngram, need)
+        kept = drafted[:, :sure]
+        sequence = torch.cat([input_ids[0], kept[0].to(input_ids.device)])
+        found = ngram_continuation(sequence, self.lookup_ngram, budget - sure)
         if found.numel() == 0:
             return drafted
         self.stats.lookup_tokens += found.numel()
-        return torch.cat([drafted, found[None].to(drafted.device, drafted.dtype)], dim=1)
+        return torch.cat([kept, found[None].to(kept.device, kept.dtype)], dim=1)
 
     def get_candidates(self, input_ids, model_kwargs=None, model_outputs=None, is_first_iteration=False, n_last_matches=0, **kwargs):
         """Return ``(input_ids + candidates, candidate_logits or None)``."""

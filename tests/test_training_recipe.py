@@ -202,6 +202,16 @@ def test_cost_model_prefers_the_cut_when_drafts_are_wrong_and_expensive():
     assert choose_threshold(always, flat, 0.001, thresholds=(0.0, 0.5))["best"] == 0.0
 
 
+def test_monotone_fit_smooths_noisy_forward_times():
+    from modeling_dflare.training.consistency import monotone_fit
+
+    noisy = [0.056, 0.095, 0.116, 0.081, 0.073, 0.080, 0.106, 0.086]
+    fitted = monotone_fit(noisy)
+    assert all(b >= a for a, b in zip(fitted, fitted[1:]))
+    assert sum(fitted) == pytest.approx(sum(noisy))
+    assert monotone_fit([0.05, 0.04, 0.03]) == pytest.approx([0.04] * 3)  # never decreasing
+
+
 def test_walk_follows_generation():
     runs = torch.tensor([2, 0, 0, 1, 0, 3, 0, 0, 0, 0])
     # cycle at 0 gains 3 -> position 3 gains 2 -> position 5 gains 4 -> position 9 gains 1

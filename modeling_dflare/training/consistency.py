@@ -179,9 +179,22 @@ def measure_consistency(
     return report
 
 
+def monotone_fit(seconds: list[float]) -> list[float]:
+    """Least-squares line ``a + b * n`` through per-length timings (b >= 0): single timings on a
+    busy CPU jump around by 2x, a verify of n tokens does not get cheaper with n."""
+    n = torch.arange(1, len(seconds) + 1, dtype=torch.float64)
+    y = torch.tensor(seconds, dtype=torch.float64)
+    slope = max(0.0, float(((n - n.mean()) * (y - y.mean())).sum() / ((n - n.mean()) ** 2).sum())) if len(seconds) > 1 else 0.0
+    intercept = float(y.mean() - slope * n.mean())
+    return [max(1e-6, intercept + slope * float(k)) for k in n]
+
+
 @torch.no_grad()
-def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int = 5) -> tuple[list[float], float]:
-    """(target forward seconds for 1..B new tokens after ``sequence``'s prompt, draft seconds per block)."""
+def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int = 7) -> tuple[list[float], float]:
+    """(target forward seconds for 1..B new tokens after ``sequence``'s prompt, draft seconds per block).
+
+    The forward times are medians of ``repeats`` timings per length, smoothed by :func:`monotone_fit`.
+    """
     import statistics
     import time
 
@@ -205,6 +218,7 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
             times.append(time.perf_counter() - start)
             cache.crop(-length)
         verify.append(statistics.median(times[1:]))
+    verify = monotone_fit(verify)
     context = torch.cat([out.hidden_states[i] for i in layers], dim=-1).to(draft.dtype)
     embed = target.get_input_embeddings()
     noise = embed(torch.full((1, block), draft.config.mask_token_id, device=target.device)).to(draft.dtype)

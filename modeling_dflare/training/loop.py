@@ -317,7 +317,7 @@ def _cumulative(args: TrainArgs, steps_here: int, sequences_seen: int, cpu_hours
     if args.init_from:
         summary = Path(args.init_from) / "training_summary.json"
         if summary.is_file():
-            parent = json.loads(summary.read_text()).get("cumulative", {})
+            parent = _parent_totals(json.loads(summary.read_text()))
     return {
         "runs": parent.get("runs", 0) + 1,
         "steps": parent.get("steps", 0) + steps_here,
@@ -325,6 +325,23 @@ def _cumulative(args: TrainArgs, steps_here: int, sequences_seen: int, cpu_hours
         "cpu_hours": round(parent.get("cpu_hours", 0.0) + cpu_hours, 3),
         "data": sorted(set(parent.get("data", [])) | {args.data or "sharegpt"}),
         "commands": parent.get("commands", []) + [" ".join(["dflare", "train", *sys.argv[2:]]) if sys.argv[1:2] == ["train"] else None],
+    }
+
+
+def _parent_totals(summary: dict) -> dict:
+    """The ``cumulative`` block of a parent summary; summaries written before it existed (one run,
+    single-threaded CPU training) are converted from their own fields."""
+    if "cumulative" in summary:
+        return summary["cumulative"]
+    args = summary.get("args", {})
+    steps = int(summary.get("steps") or 0)
+    return {
+        "runs": 1,
+        "steps": steps,
+        "sequences_seen": steps * int(args.get("batch_size") or 1),
+        "cpu_hours": round(float(summary.get("train_seconds") or 0.0) * int(summary.get("threads") or 1) / 3600, 3),
+        "data": sorted(set((args.get("data") or "sharegpt").split(","))),
+        "commands": [summary.get("command")] if summary.get("command") else [],
     }
 
 
@@ -418,10 +435,30 @@ def _write_card(folder: Path, draft: DFlareModel, summary: dict) -> None:
     except ImportError:  # the Hub module is optional for training
         logger.warning("modeling_dflare.hub is unavailable: no model card written")
         return
-    data = [d for d in (summary["args"]["data"] or "sharegpt").split(",") if not Path(d).is_absolute()]
     write_model_card(
-        folder, base_model=draft.config.target_name_or_path or "unknown", datasets=data or ["local data"], training=card_facts(summary)
+        folder, base_model=draft.config.target_name_or_path or "unknown", datasets=card_datasets(summary), training=card_facts(summary)
     )
+
+
+#: Hub datasets behind the data sources this project reads (local regenerated data comes from ShareGPT).
+SOURCE_DATASETS = {"sharegpt": "anon8231489123/ShareGPT_Vicuna_unfiltered"}
+
+
+def card_datasets(summary: dict) -> list[str]:
+    """Hub dataset ids for the card's ``datasets:`` metadata: never a local path (those are described
+    in the card's training table instead)."""
+    import re
+
+    found = []
+    this_run = (summary["args"].get("data") or "sharegpt").split(",")
+    for source in this_run + summary.get("cumulative", {}).get("data", []):
+        if source in SOURCE_DATASETS:
+            found.append(SOURCE_DATASETS[source])
+        elif "sharegpt" in source.lower():  # regenerated answers to ShareGPT prompts
+            found.append(SOURCE_DATASETS["sharegpt"])
+        elif source in this_run and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not Path(source).exists():
+            found.append(source)  # a Hub dataset id given to this run
+    return sorted(set(found))
 
 
 def _log_to_file(path: Path) -> None:
