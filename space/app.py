@@ -343,8 +343,9 @@ def render_summary(
     ]
     if check is not None:
         cards.append(card("Output check", check[0], check[1], check[2]))
-    classes = "summary" + (" done" if finished else "") + (" startup" if caption else "")
-    done_attr = ' data-done="1"' if finished else ""
+    complete = finished and check is not None  # the last update: speedup, tau and the output check all shown
+    classes = "summary" + (" done" if complete else "") + (" startup" if caption else "")
+    done_attr = ' data-done="1"' if complete else ""
     caption_html = f'<div class="caption">{caption}</div>' if caption else ""
     return f'{caption_html}<div class="{classes}"{done_attr}>{"".join(cards)}</div>'
 

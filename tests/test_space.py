@@ -84,6 +84,16 @@ def test_output_check_is_honest():
     assert headline == "Same distribution" and "distribution" in note
 
 
+def test_summary_is_done_only_with_the_output_check():
+    """The page (and the browser test) wait for `.summary.done`: it must not appear before the check card."""
+    app = load_app_module()
+    dflare, plain = app.Run(chunks=[[1, 2]], seconds=1.0, done=True), app.Run(chunks=[[1, 2]], seconds=2.0, done=True)
+    streaming = app.render_summary(dflare, plain, 1.5, None)
+    assert "Speedup" in streaming and "summary done" not in streaming and "data-done" not in streaming
+    final = app.render_summary(dflare, plain, 1.5, app.compare_outputs([1, 2], [1, 2], sampled=False)[:3])
+    assert 'class="summary done"' in final and 'data-done="1"' in final and "Identical" in final
+
+
 def test_bad_controls_give_a_message():
     app = load_app_module()
 
