@@ -5,7 +5,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install browser test test-fast demo space bench clean-venv
+.PHONY: install browser test test-oldest test-fast demo space bench clean-venv
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,18 @@ browser:
 # Strict: a skipped test fails the run unless tests/conftest.py lists it in ALLOWED_SKIPS.
 test: install browser
 	DFLARE_STRICT_SKIPS=1 $(PY) -m pytest -q -ra tests
+
+# The generation tests again on the oldest supported transformers (setup.cfg's lower bound), laid
+# over the venv with `pip --target` (with the huggingface-hub and tokenizers that version accepts).
+OLDEST_TRANSFORMERS := 5.15.0
+OLDEST := $(VENV)/oldest-transformers
+$(OLDEST)/.installed: $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(OLDEST) transformers==$(OLDEST_TRANSFORMERS) huggingface-hub==1.33.0 tokenizers==0.22.2
+	touch $@
+
+test-oldest: $(OLDEST)/.installed
+	PYTHONPATH=$(OLDEST) $(PY) -c "import transformers as t; assert t.__version__ == '$(OLDEST_TRANSFORMERS)', t.__version__; print('transformers', t.__version__)"
+	PYTHONPATH=$(OLDEST) DFLARE_STRICT_SKIPS=1 $(PY) -m pytest -q -ra tests/test_generation.py
 
 test-fast: install
 	$(PY) -m pytest -q -ra -m "not slow and not browser" tests

@@ -458,9 +458,12 @@ class DFlareStats:
         return counts
 
 
-# Criteria that assisted decoding already enforces inside a block (length budget, eos crop) or that
-# need the scores of the step (assistant confidence); the others are checked on every drafted prefix.
-_CRITERIA_HANDLED_ELSEWHERE = ("MaxLengthCriteria", "EosTokenCriteria", "ConfidenceCriteria")
+# Criteria that assisted decoding already enforces inside a block (length budget) or that need the
+# scores of the step (assistant confidence); the others are checked on every drafted prefix. Eos is
+# checked here too: transformers >= 5.18 crops an accepted block at its first eos, older versions
+# keep the tokens after it (as padding), so proposing nothing past an eos is what keeps every
+# supported version identical to plain ``generate``.
+_CRITERIA_HANDLED_ELSEWHERE = ("MaxLengthCriteria", "ConfidenceCriteria")
 
 
 def prefix_stopping_criteria(generation_config) -> list:
@@ -718,6 +721,65 @@ class DFlareCandidateGenerator(CandidateGenerator):
 # ----------------------------------------------------------------------------------------------
 
 
+#: The transformers versions this file is tested against (oldest and newest, in CI). The oldest is
+#: the first with the stock DFlash path (``speculation_type="dflash"``) the bench and ``convert``
+#: compare against; setup.cfg's ``install_requires`` carries the same range (a test checks).
+SUPPORTED_TRANSFORMERS = ">=5.15.0,<5.25"
+
+#: The leading parameters each wrapped private method must still take, in order. The wrappers pass
+#: these positionally or by name, so a transformers that renamed or reordered them would misroute
+#: arguments silently; the hook refuses to install instead.
+_HOOKED_SIGNATURES = {
+    "_validate_generation_mode": ("self", "generation_mode", "generation_config", "generation_mode_kwargs"),
+    "_assisted_decoding": ("self", "input_ids", "logits_processor", "stopping_criteria", "generation_config"),
+    "_get_candidate_generator": ("self", "generation_config", "input_ids"),
+}
+_HOOKED_KEYWORDS = {"_get_candidate_generator": ("assistant_model", "logits_processor")}
+
+
+def check_transformers_compatible(mixin: type = GenerationMixin) -> None:
+    """Raise ``ImportError`` naming the supported range if ``mixin``'s private methods that the
+    generate hook wraps no longer have the signatures it was written for."""
+    import inspect
+
+    import transformers
+
+    problems = []
+    for name, leading in _HOOKED_SIGNATURES.items():
+        method = getattr(mixin, name, None)
+        if method is None:
+            problems.append(f"GenerationMixin.{name} is gone")
+            continue
+        method = inspect.unwrap(method)
+        params = list(inspect.signature(method).parameters)
+        if tuple(params[: len(leading)]) != leading:
+            problems.append(f"GenerationMixin.{name}{tuple(params[: len(leading)])} (expected {leading})")
+        missing = [k for k in _HOOKED_KEYWORDS.get(name, ()) if k not in params]
+        if missing:
+            problems.append(f"GenerationMixin.{name} takes no {', '.join(missing)}")
+    if problems:
+        raise ImportError(
+            f"modeling_dflare's generate() hook does not fit transformers {transformers.__version__}: "
+            + "; ".join(problems)
+            + f". Supported: transformers{SUPPORTED_TRANSFORMERS} (pip install 'transformers{SUPPORTED_TRANSFORMERS}')"
+        )
+
+
+def _warn_if_untested_transformers() -> None:
+    import transformers
+    from packaging.specifiers import SpecifierSet
+    from packaging.version import Version
+
+    version = Version(transformers.__version__)
+    if version.release and Version(version.base_version) not in SpecifierSet(SUPPORTED_TRANSFORMERS):
+        logger.warning(
+            "transformers %s is outside the range modeling_dflare is tested with (%s); its hook signatures "
+            "fit, so it is installed, but report anything odd",
+            transformers.__version__,
+            SUPPORTED_TRANSFORMERS,
+        )
+
+
 def install_generate_hook() -> None:
     """Make ``GenerationMixin._get_candidate_generator`` return a DFlare generator for DFlare drafts.
 
@@ -731,7 +793,12 @@ def install_generate_hook() -> None:
     gets an error that names the problem instead of a shape error deep inside a forward:
     ``generate`` validation also checks the draft against the target (hidden size, vocab, layer
     ids), and a batch of more than one sequence is refused with what to do instead.
+
+    Raises ``ImportError`` (naming :data:`SUPPORTED_TRANSFORMERS`) when the wrapped private methods
+    changed signature, rather than patching them blind.
     """
+    check_transformers_compatible()
+    _warn_if_untested_transformers()
     _wrap_once("_validate_generation_mode", _validate_generation_mode_hook)
     _wrap_once("_assisted_decoding", _assisted_decoding_hook)
     _wrap_once("_get_candidate_generator", _get_candidate_generator_hook)
@@ -822,6 +889,8 @@ __all__ = [
     "DFlareModel",
     "DFlarePreTrainedModel",
     "DFlareStats",
+    "SUPPORTED_TRANSFORMERS",
     "check_draft_matches_target",
+    "check_transformers_compatible",
     "install_generate_hook",
 ]

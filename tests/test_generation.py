@@ -456,3 +456,54 @@ def test_sampling_with_none_candidate_logits_is_lossless(sampling_target):
     draft = make_draft(sampling_target, block_size=4, cls=NoLogitsDraft)
     samples, _, _ = draw(sampling_target, prompt, 600, 5, assistant_model=draft, **settings)
     assert chi_square_pvalue(samples, probs) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# transformers versions: the range is declared once, checked, and the hook refuses a misfit
+# ----------------------------------------------------------------------------------------------
+
+
+def test_installed_transformers_is_in_the_supported_range():
+    import configparser
+    import re
+    from pathlib import Path
+
+    import transformers
+    from packaging.specifiers import SpecifierSet
+
+    from modeling_dflare.modeling_dflare import SUPPORTED_TRANSFORMERS
+
+    root = Path(__file__).resolve().parent.parent
+    setup = configparser.ConfigParser()
+    setup.read(root / "setup.cfg")
+    requires = [line.strip() for line in setup["options"]["install_requires"].splitlines() if line.strip()]
+    assert f"transformers{SUPPORTED_TRANSFORMERS}" in requires
+    oldest = re.search(r"^OLDEST_TRANSFORMERS := (\S+)$", (root / "Makefile").read_text(), flags=re.M).group(1)
+    assert SUPPORTED_TRANSFORMERS.startswith(f">={oldest},")  # CI's second run is the range's lower bound
+    assert transformers.__version__ in SpecifierSet(SUPPORTED_TRANSFORMERS)
+
+
+def test_hook_refuses_transformers_whose_private_signatures_changed():
+    import transformers
+    from transformers import GenerationMixin
+
+    from modeling_dflare.modeling_dflare import SUPPORTED_TRANSFORMERS, check_transformers_compatible
+
+    check_transformers_compatible(GenerationMixin)  # the installed one fits (wrapped methods are unwrapped)
+
+    class Reordered(GenerationMixin):
+        def _assisted_decoding(self, input_ids, generation_config, logits_processor, stopping_criteria, **kwargs):
+            pass
+
+    with pytest.raises(ImportError) as info:
+        check_transformers_compatible(Reordered)
+    message = str(info.value)
+    assert "_assisted_decoding" in message and "'generation_config', 'logits_processor'" in message
+    assert f"transformers{SUPPORTED_TRANSFORMERS}" in message and transformers.__version__ in message
+
+    class NoAssistantKeyword(GenerationMixin):
+        def _get_candidate_generator(self, generation_config, input_ids, inputs_tensor, logits_processor, model_kwargs):
+            pass
+
+    with pytest.raises(ImportError, match=r"_get_candidate_generator takes no assistant_model"):
+        check_transformers_compatible(NoAssistantKeyword)
