@@ -226,23 +226,30 @@ def transposed_small_row_linear() -> Iterator[None]:
 
 
 @torch.no_grad()
-def measure_forward_costs(target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock: Clock) -> list[float]:
-    """Median seconds of a cached target forward over 1..``max_length`` new tokens after ``input_ids``."""
+def measure_forward_costs(
+    target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock, output_hidden_states=None
+):
+    """Median seconds of a cached target forward over 1..``max_length`` new tokens after ``input_ids``.
+
+    With ``output_hidden_states`` (a generation-time request), every forward asks for those hidden
+    states too and ``(seconds, prompt forward output)`` is returned; without it, the seconds only.
+    """
     from transformers import DynamicCache
 
+    extra = {} if output_hidden_states is None else {"output_hidden_states": output_hidden_states}
     cache = DynamicCache(config=target.config)
-    target(input_ids, past_key_values=cache, use_cache=True)
+    prompt_out = target(input_ids, past_key_values=cache, use_cache=True, **extra)
     seconds = []
     for length in range(1, max_length + 1):
         new = input_ids[:, -1:].repeat(1, length)
         times = []
         for _ in range(repeats + 1):  # the first is a warm-up
             start = clock()
-            target(new, past_key_values=cache, use_cache=True)
+            target(new, past_key_values=cache, use_cache=True, **extra)
             times.append(clock() - start)
             cache.crop(-length)
         seconds.append(statistics.median(times[1:]))
-    return seconds
+    return seconds if output_hidden_states is None else (seconds, prompt_out)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -66,6 +66,10 @@ class DFlareConfig(PreTrainedConfig):
             every proposal: the target verifies it. 0 disables the hybrid.
         target_model_type / target_name_or_path (`str`): the target the draft was trained for,
             recorded to warn when it is used with another one.
+        target_fingerprint (`list[float]`): a few input-embedding entries of the exact weights the
+            draft was trained against (see ``modeling_dflare.target_fingerprint``). Names can agree
+            while weights differ (a quantised copy renamed to its source's Hub id, a fine-tune); the
+            fingerprint tells them apart, and a mismatch warns.
     """
 
     model_type = "dflare"
@@ -99,6 +103,7 @@ class DFlareConfig(PreTrainedConfig):
     prompt_lookup_ngram: int = 0
     target_model_type: str | None = None
     target_name_or_path: str | None = None
+    target_fingerprint: list[float] | None = None
 
     pad_token_id: int | None = None
     bos_token_id: int | None = None

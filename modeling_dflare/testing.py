@@ -11,6 +11,9 @@ draft forward before steering its output.
 * :func:`make_draft`, :class:`OracleDraft` / :func:`make_oracle` -- random and acceptance-forcing drafts.
 * :func:`greedy`, :func:`random_prompt`, :class:`VerifyCounter`, :class:`StopOnToken`,
   :func:`path_kwargs` -- small helpers the generation tests share.
+* :func:`exact_joint`, :func:`sample_continuations`, :func:`chi_square_pvalue` -- the sampling
+  check: exact distribution of the first tokens by enumeration (tiny vocabulary), many sampled
+  continuations, and a chi-square test of every pair of consecutive tokens against the exact joint.
 
 The oracle draft exists because a randomly initialised draft accepts almost nothing, which would
 leave the acceptance path (accepted blocks, eos inside a block, max length reached mid-block)
@@ -21,6 +24,8 @@ block position on (``accept_first``: every cycle then accepts exactly that many 
 target's LM head these give the target's true next tokens, so blocks are accepted by either
 generator (ours or the stock DFlash one).
 """
+
+import itertools
 
 import torch
 from transformers import StoppingCriteria
@@ -285,12 +290,91 @@ def make_oracle(target, prompt, fusion="layerwise", block_size=4, corruption=0.0
     return draft.prime(target, reference, corruption, seed, attention_mask, position_offset), reference
 
 
+# ----------------------------------------------------------------------------------------------
+# Sampling: exact distributions and a chi-square test
+# ----------------------------------------------------------------------------------------------
+
+#: Vocabulary of the sampling targets (the exact joint enumerates SAMPLING_VOCAB ** NEW_TOKENS continuations).
+SAMPLING_VOCAB = 8
+#: Tokens sampled per continuation: with a block of 4 the first cycle proposes 2 drafts and can accept both.
+NEW_TOKENS = 4
+
+
+def exact_joint(target, prompt: torch.LongTensor, warpers, new_tokens: int = NEW_TOKENS) -> torch.Tensor:
+    """Exact probability of every ``new_tokens``-token continuation of ``prompt``, after the logits
+    processors ``warpers`` (temperature, top-k, ...): a tensor of shape [V] * new_tokens."""
+    vocab = target.get_output_embeddings().weight.shape[0]
+    joint = torch.ones(())
+    for step in range(new_tokens):
+        prefixes = torch.tensor(list(itertools.product(range(vocab), repeat=step)), dtype=torch.long).view(vocab**step, step)
+        batch = torch.cat([prompt.expand(prefixes.shape[0], -1), prefixes], dim=-1)
+        with torch.no_grad():
+            logits = target(batch).logits[:, -1].float()
+        probs = torch.softmax(warpers(batch, logits), dim=-1).view(*([vocab] * step), vocab)
+        joint = joint.unsqueeze(-1) * probs
+    return joint
+
+
+def sample_continuations(target, prompt, n: int, seed: int, new_tokens: int = NEW_TOKENS, **kwargs) -> tuple[torch.LongTensor, int, int]:
+    """``n`` sampled continuations [n, new_tokens] (one ``generate`` call each, as assisted decoding
+    is single-sequence), and the drafts accepted and prompt-lookup tokens proposed by our generator
+    over all calls (0 on the stock path, which keeps no ``dflare_stats``)."""
+    torch.manual_seed(seed)
+    rows, accepted, lookups = [], 0, 0
+    draft = kwargs.get("assistant_model")
+    with torch.no_grad():
+        for _ in range(n):
+            out = target.generate(prompt, do_sample=True, max_new_tokens=new_tokens, **kwargs)
+            rows.append(out[0, prompt.shape[1] :])
+            if draft is not None and "speculation_type" not in kwargs:
+                accepted += sum(draft.dflare_stats.accepted)
+                lookups += draft.dflare_stats.lookup_tokens
+    return torch.stack(rows), accepted, lookups
+
+
+def chi_square_pvalue(samples: torch.LongTensor, joint: torch.Tensor) -> float:
+    """Smallest chi-square p-value over every pair of consecutive tokens (t1, t2), (t2, t3), ... of
+    ``samples`` [N, k] against the exact ``joint`` [V] * k. With a block of 4 and 4 new tokens, t2
+    and t3 are the two *drafted* tokens of the first cycle (t1 comes from the prefill, t4 is the
+    bonus), so (t2, t3) is the joint that rejection sampling must get right."""
+    k = samples.shape[1]
+    pvalues = []
+    for i in range(k - 1):
+        others = tuple(d for d in range(k) if d not in (i, i + 1))
+        pair = joint.sum(dim=others) if others else joint
+        pvalues.append(_chi_square(samples[:, i : i + 2], pair))
+    return min(pvalues)
+
+
+def _chi_square(samples: torch.LongTensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
+    """Chi-square goodness of fit of joint samples [N, k] to ``probs`` [V] * k; rare cells are pooled."""
+    n, vocab = samples.shape[0], probs.shape[0]
+    flat = probs.flatten().double()
+    index = torch.zeros(n, dtype=torch.long)
+    for j in range(samples.shape[1]):
+        index = index * vocab + samples[:, j]
+    observed = torch.bincount(index, minlength=flat.numel()).double()
+    expected = flat * n
+    assert observed[expected == 0].sum() == 0, "a sample the exact distribution says is impossible"
+    big = expected >= min_expected
+    obs = torch.cat([observed[big], observed[~big].sum()[None]])
+    exp = torch.cat([expected[big], expected[~big].sum()[None]])
+    keep = exp > 0
+    statistic = (((obs - exp) ** 2)[keep] / exp[keep]).sum()
+    dof = int(keep.sum()) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), statistic / 2))
+
+
 __all__ = [
     "ARCHITECTURES",
+    "NEW_TOKENS",
+    "SAMPLING_VOCAB",
     "OracleDraft",
     "StopOnToken",
     "VOCAB",
     "VerifyCounter",
+    "chi_square_pvalue",
+    "exact_joint",
     "greedy",
     "lm_head_inputs",
     "make_draft",
@@ -298,6 +382,7 @@ __all__ = [
     "make_target",
     "path_kwargs",
     "random_prompt",
+    "sample_continuations",
     "target_config",
     "tiny_target",
     "tiny_tokenizer",

@@ -230,3 +230,26 @@ def test_other_checkpoint_of_the_same_family_warns(caplog, fresh_warnings):
         target.config.name_or_path = "someone/SmolLM2-135M-Instruct-finetuned-math"
         check_draft_matches_target(draft, target)
     assert "'someone/SmolLM2-135M-Instruct-finetuned-math'" in caplog.text and "acceptance may suffer" in caplog.text
+
+
+def test_same_name_other_weights_warns(caplog, fresh_warnings):
+    """A quantised copy renamed to its source's Hub id (or the other way round) must not silence the
+    warning: the draft's embedding fingerprint tells the weights apart, bf16 rounding does not."""
+    from modeling_dflare.modeling_dflare import target_fingerprint
+
+    target = make_target("llama")
+    target.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    draft = make_draft(target)
+    draft.config.target_fingerprint = target_fingerprint(target)
+    with caplog.at_level(logging.WARNING, logger="modeling_dflare.modeling_dflare"):
+        check_draft_matches_target(draft, target)
+        check_draft_matches_target(draft, target.to(torch.bfloat16))  # same weights, another dtype
+        assert "other weights" not in caplog.text
+        target.to(torch.float32)
+        weight = target.get_input_embeddings().weight
+        with torch.no_grad():  # 4-bit-like quantisation noise: about 0.1 standard deviation per entry
+            weight.add_(torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.1 * weight.std())
+        check_draft_matches_target(draft, target)
+    assert "trained against other weights of 'HuggingFaceTB/SmolLM2-135M-Instruct'" in caplog.text
+    prompt = random_prompt(5)
+    assert greedy(target, prompt, max_new_tokens=5, assistant_model=draft).tolist() == greedy(target, prompt, max_new_tokens=5).tolist()

@@ -11,8 +11,6 @@ enumeration and DFlare samples are checked against it with a chi-square test; a 
 biased verifier is shown to be rejected by the same test.
 """
 
-import itertools
-
 import pytest
 import torch
 from conftest import (
@@ -29,6 +27,7 @@ from conftest import (
 from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
 
 from modeling_dflare import DFlareCandidateGenerator, DFlareModel
+from modeling_dflare.testing import NEW_TOKENS, SAMPLING_VOCAB, chi_square_pvalue, exact_joint, sample_continuations
 
 PATHS = ("custom", "stock")
 BLOCK_SIZES = (2, 4, 16)
@@ -247,8 +246,7 @@ def test_hook_is_idempotent():
 # Sampling
 # ----------------------------------------------------------------------------------------------
 
-SAMPLING_VOCAB = 8
-NEW_TOKENS = 4  # with a block of 4 the first cycle proposes 2 drafts and can accept both
+# SAMPLING_VOCAB = 8 tokens, NEW_TOKENS = 4: with a block of 4 the first cycle proposes 2 drafts and can accept both
 
 
 @pytest.fixture(scope="module")
@@ -264,51 +262,6 @@ def sampling_target():
         num_key_value_heads=1,
         initializer_range=0.5,
     )
-
-
-def exact_joint(target, prompt, warpers: LogitsProcessorList) -> torch.Tensor:
-    """Exact probability of every ``NEW_TOKENS``-token continuation: [V] * NEW_TOKENS."""
-    vocab = SAMPLING_VOCAB
-    joint = torch.ones(())
-    for step in range(NEW_TOKENS):
-        prefixes = torch.tensor(list(itertools.product(range(vocab), repeat=step)), dtype=torch.long).view(vocab**step, step)
-        batch = torch.cat([prompt.expand(prefixes.shape[0], -1), prefixes], dim=-1)
-        with torch.no_grad():
-            logits = target(batch).logits[:, -1].float()
-        probs = torch.softmax(warpers(batch, logits), dim=-1).view(*([vocab] * step), vocab)
-        joint = joint.unsqueeze(-1) * probs
-    return joint
-
-
-def chi_square_pvalue(samples: torch.LongTensor, joint: torch.Tensor) -> float:
-    """Smallest chi-square p-value over the pairs (t1, t2), (t2, t3) and (t3, t4) of samples [N, 4]
-    vs ``joint``. t2 and t3 are the two *drafted* tokens of the first cycle (t1 comes from the
-    prefill, t4 is the bonus), so (t2, t3) is the joint that rejection sampling must get right."""
-    pairs = [
-        (samples[:, :2], joint.sum(dim=(2, 3))),
-        (samples[:, 1:3], joint.sum(dim=(0, 3))),
-        (samples[:, 2:], joint.sum(dim=(0, 1))),
-    ]
-    return min(_chi_square(s, p) for s, p in pairs)
-
-
-def _chi_square(samples: torch.LongTensor, probs: torch.Tensor, min_expected: float = 5.0) -> float:
-    """Chi-square goodness of fit of joint samples [N, k] to ``probs`` [V] * k; rare cells are pooled."""
-    n = samples.shape[0]
-    flat = probs.flatten().double()
-    index = torch.zeros(n, dtype=torch.long)
-    for j in range(samples.shape[1]):
-        index = index * SAMPLING_VOCAB + samples[:, j]
-    observed = torch.bincount(index, minlength=flat.numel()).double()
-    expected = flat * n
-    assert observed[expected == 0].sum() == 0, "a sample the exact distribution says is impossible"
-    big = expected >= min_expected
-    obs = torch.cat([observed[big], observed[~big].sum()[None]])
-    exp = torch.cat([expected[big], expected[~big].sum()[None]])
-    keep = exp > 0
-    statistic = (((obs - exp) ** 2)[keep] / exp[keep]).sum()
-    dof = int(keep.sum()) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2.0, dtype=torch.float64), statistic / 2))
 
 
 class GreedyOracleGenerator(DFlareCandidateGenerator):
@@ -356,22 +309,6 @@ class BiasedSamplingDraft(DFlareModel):
     candidate_generator_class = BiasedGenerator
 
 
-def draw(target, prompt, n: int, seed: int, **kwargs) -> tuple[torch.LongTensor, int, int]:
-    """``n`` samples [n, NEW_TOKENS], and the drafts accepted and prompt-lookup tokens proposed by
-    our generator over all calls."""
-    torch.manual_seed(seed)
-    rows, accepted, lookups = [], 0, 0
-    draft = kwargs.get("assistant_model")
-    with torch.no_grad():
-        for _ in range(n):
-            out = target.generate(prompt, do_sample=True, max_new_tokens=NEW_TOKENS, **kwargs)
-            rows.append(out[0, prompt.shape[1] :])
-            if draft is not None and "speculation_type" not in kwargs:
-                accepted += sum(draft.dflare_stats.accepted)
-                lookups += draft.dflare_stats.lookup_tokens
-    return torch.stack(rows), accepted, lookups
-
-
 SAMPLING_SETTINGS = {
     "t1": dict(temperature=1.0, top_k=0),
     "t0.7-top5": dict(temperature=0.7, top_k=5),
@@ -390,7 +327,7 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
     settings = SAMPLING_SETTINGS[setting]
     target = sampling_target
     prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
-    probs = exact_joint(target, prompt, warpers_for(settings))
+    probs = exact_joint(target, prompt, warpers_for(settings), NEW_TOKENS)
     n = 600
 
     # Sanity of the exact computation: plain batched sampling agrees with it.
@@ -416,7 +353,7 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
     primed, _ = make_oracle(target, prompt, block_size=4)
     runs.append(("real _propose, primed draft", dict(assistant_model=primed), 8))
     for name, kwargs, seed in runs:
-        samples, accepted, lookups = draw(target, prompt, n, seed, **settings, **kwargs)
+        samples, accepted, lookups = sample_continuations(target, prompt, n, seed, NEW_TOKENS, **settings, **kwargs)
         pvalue = chi_square_pvalue(samples, probs)
         assert pvalue > 1e-3, f"{name}: DFlare samples do not follow the target distribution (p={pvalue:.2e})"
         if name == "oracle draft":
@@ -433,9 +370,9 @@ def test_chi_square_rejects_a_biased_verifier(sampling_target):
     """The same test, same sample size, flags the wrong-q verifier: the check above has teeth."""
     settings = SAMPLING_SETTINGS["t1"]
     prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
-    probs = exact_joint(sampling_target, prompt, warpers_for(settings))
+    probs = exact_joint(sampling_target, prompt, warpers_for(settings), NEW_TOKENS)
     biased = make_draft(sampling_target, block_size=4, cls=BiasedSamplingDraft)
-    samples, _, _ = draw(sampling_target, prompt, 600, 4, assistant_model=biased, **settings)
+    samples, _, _ = sample_continuations(sampling_target, prompt, 600, 4, NEW_TOKENS, assistant_model=biased, **settings)
     assert chi_square_pvalue(samples, probs) < 1e-6
 
 
@@ -452,9 +389,9 @@ def test_sampling_with_none_candidate_logits_is_lossless(sampling_target):
 
     settings = SAMPLING_SETTINGS["t1"]
     prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
-    probs = exact_joint(sampling_target, prompt, warpers_for(settings))
+    probs = exact_joint(sampling_target, prompt, warpers_for(settings), NEW_TOKENS)
     draft = make_draft(sampling_target, block_size=4, cls=NoLogitsDraft)
-    samples, _, _ = draw(sampling_target, prompt, 600, 5, assistant_model=draft, **settings)
+    samples, _, _ = sample_continuations(sampling_target, prompt, 600, 5, NEW_TOKENS, assistant_model=draft, **settings)
     assert chi_square_pvalue(samples, probs) > 1e-3
 
 
@@ -481,6 +418,11 @@ def test_installed_transformers_is_in_the_supported_range():
     oldest = re.search(r"^OLDEST_TRANSFORMERS := (\S+)$", (root / "Makefile").read_text(), flags=re.M).group(1)
     assert SUPPORTED_TRANSFORMERS.startswith(f">={oldest},")  # CI's second run is the range's lower bound
     assert transformers.__version__ in SpecifierSet(SUPPORTED_TRANSFORMERS)
+    # the hook's own check (no `packaging` in a Hub file) agrees with pip's reading of the range
+    from modeling_dflare.modeling_dflare import _in_supported_range
+
+    for version in ("5.14.1", "5.15.0", "5.20.2", "5.24.0", "5.24.9", "5.25.0", "5.25.0rc1", "6.0.0", transformers.__version__):
+        assert _in_supported_range(version) == (version in SpecifierSet(SUPPORTED_TRANSFORMERS, prereleases=True)), version
 
 
 def test_hook_refuses_transformers_whose_private_signatures_changed():

@@ -88,3 +88,16 @@ def test_trained_draft_same_text_and_accepts(smollm2, plain_outputs, path):
     assert calls < tokens, (calls, tokens)
     if path == "custom":
         assert accepted > 0
+
+
+@pytest.mark.parametrize("name", ["smollm2-dflare", "smollm2-dflash"])
+def test_shipped_drafts_know_the_weights_they_were_trained_against(smollm2, name):
+    """The shipped drafts were trained against the Q4_1 GGUF dequantised to fp32 although their
+    config names the Hub checkpoint: their fingerprint is that of the embedded target, so the Hub
+    bf16 original (other weights, same name) gets the mismatch warning."""
+    from modeling_dflare.modeling_dflare import fingerprints_match, target_fingerprint
+
+    target, _ = smollm2
+    config = DFlareConfig.from_pretrained(TRAINED_DRAFT.parent / name)
+    assert config.target_name_or_path == target.config.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert config.target_fingerprint and fingerprints_match(config.target_fingerprint, target_fingerprint(target))

@@ -30,7 +30,7 @@ import torch
 from ..modeling_dflare import DFlareModel
 from .data import Sequence
 from .features import TargetFeatures
-from .loss import block_loss
+from .loss import block_loss, training_head
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +110,8 @@ def measure_consistency(
     """
     was_training = draft.training
     draft.eval()
-    embed, head = target.get_input_embeddings(), target.get_output_embeddings().weight.detach()
-    ids = draft.draft_vocab_ids
-    head_weight = head if ids is None else head[ids.to(head.device)]
-    token_to_draft = None
-    if ids is not None:
-        token_to_draft = torch.full((head.shape[0],), -1, dtype=torch.long, device=head.device)
-        token_to_draft[ids.to(head.device)] = torch.arange(ids.numel(), device=head.device)
+    embed = target.get_input_embeddings()
+    head_weight, token_to_draft = training_head(draft, target)
     layer_ids = list(draft.config.target_layer_ids)
     all_runs, walk_tokens, walk_cycles, gen_tokens, gen_cycles = [], 0, 0, 0, 0
     threshold = draft.config.confidence_threshold
@@ -180,57 +175,53 @@ def measure_consistency(
 
 
 def monotone_fit(seconds: list[float]) -> list[float]:
-    """Least-squares line ``a + b * n`` through per-length timings (b >= 0): single timings on a
-    busy CPU jump around by 2x, a verify of n tokens does not get cheaper with n."""
-    n = torch.arange(1, len(seconds) + 1, dtype=torch.float64)
-    y = torch.tensor(seconds, dtype=torch.float64)
-    slope = max(0.0, float(((n - n.mean()) * (y - y.mean())).sum() / ((n - n.mean()) ** 2).sum())) if len(seconds) > 1 else 0.0
+    """Smooth per-length forward timings (index n: n + 1 tokens) without hiding the one-token step.
+
+    A forward of one token runs matrix-vector kernels; two or more tokens switch to matrix-matrix
+    ones, which on a CPU cost a step more (here about 58 vs 85 ms) and then grow slowly. So the
+    one-token time is kept as measured (capped by the fitted two-token time), and lengths >= 2 get
+    a least-squares line ``a + b * n`` (b >= 0): single timings on a busy CPU jump around by 2x,
+    and a verify of n tokens does not get cheaper with n.
+    """
+    if len(seconds) <= 1:
+        return [max(1e-6, s) for s in seconds]
+    n = torch.arange(2, len(seconds) + 1, dtype=torch.float64)
+    y = torch.tensor(seconds[1:], dtype=torch.float64)
+    slope = max(0.0, float(((n - n.mean()) * (y - y.mean())).sum() / ((n - n.mean()) ** 2).sum())) if len(y) > 1 else 0.0
     intercept = float(y.mean() - slope * n.mean())
-    return [max(1e-6, intercept + slope * float(k)) for k in n]
+    fitted = [max(1e-6, intercept + slope * float(k)) for k in n]
+    return [max(1e-6, min(seconds[0], fitted[0]))] + fitted
 
 
 @torch.no_grad()
 def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int = 7) -> tuple[list[float], float]:
     """(target forward seconds for 1..B new tokens after ``sequence``'s prompt, draft seconds per block).
 
-    The forward times are medians of ``repeats`` timings per length, smoothed by :func:`monotone_fit`.
+    The forward times (with the hidden states the draft reads, as in generation) are medians of
+    ``repeats`` timings per length, smoothed by :func:`monotone_fit`.
     """
     import statistics
     import time
 
-    from transformers import DynamicCache
+    from ..bench import measure_forward_costs
+    from ..modeling_dflare import draft_head, head_logits, hidden_state_request
 
     block = draft.config.block_size
     prompt = sequence.input_ids[: sequence.response_start][None].to(target.device)
-    cache = DynamicCache(config=target.config)
-    from ..modeling_dflare import hidden_state_request
-
-    layers = [i + 1 for i in draft.config.target_layer_ids]
     request = hidden_state_request(draft.config.target_layer_ids)
-    out = target(prompt, past_key_values=cache, use_cache=True, output_hidden_states=request)
-    verify = []
-    for length in range(1, block + 1):
-        new = prompt[:, -1:].repeat(1, length)
-        times = []
-        for _ in range(repeats + 1):  # the first is a warm-up
-            start = time.perf_counter()
-            target(new, past_key_values=cache, use_cache=True, output_hidden_states=request)
-            times.append(time.perf_counter() - start)
-            cache.crop(-length)
-        verify.append(statistics.median(times[1:]))
+    verify, out = measure_forward_costs(target, prompt, block, repeats, time.perf_counter, output_hidden_states=request)
     verify = monotone_fit(verify)
+    layers = [i + 1 for i in draft.config.target_layer_ids]
     context = torch.cat([out.hidden_states[i] for i in layers], dim=-1).to(draft.dtype)
     embed = target.get_input_embeddings()
     noise = embed(torch.full((1, block), draft.config.mask_token_id, device=target.device)).to(draft.dtype)
     positions = torch.arange(prompt.shape[1] + block, device=target.device)[None]
-    from ..modeling_dflare import draft_head
-
     head_rows, _ = draft_head(draft, target.get_output_embeddings().weight)
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
         hidden = draft(noise_embeds=noise, context_hidden_states=context, position_ids=positions).last_hidden_state
-        hidden[:, 1:] @ head_rows.T
+        head_logits(hidden[:, 1:], head_rows)
         times.append(time.perf_counter() - start)
     return verify, statistics.median(times[1:])
 

@@ -21,13 +21,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ..anchors import default_gamma, position_weights, sample_anchors
-from ..modeling_dflare import DFlareModel
+from ..modeling_dflare import DFlareModel, target_fingerprint
 from .args import TrainArgs
 from .checkpoints import latest_checkpoint, save_checkpoint
 from .data import Sequence, load_training_conversations, tokenize_conversations
 from .draft_init import build_draft
 from .features import TargetFeatures
-from .loss import AccuracyMeter, block_loss
+from .loss import AccuracyMeter, block_loss, training_head
 
 logger = logging.getLogger(__name__)
 
@@ -211,13 +211,7 @@ class _Loop:
         self.layer_ids = list(inner.config.target_layer_ids)
         self.features = TargetFeatures(target, args.hidden_cache, args.target_precision)
         self.embed = target.get_input_embeddings()
-        head = target.get_output_embeddings().weight.detach()
-        ids = inner.draft_vocab_ids
-        self.head_weight = head if ids is None else head[ids.to(head.device)]
-        self.token_to_draft = None
-        if ids is not None:
-            self.token_to_draft = torch.full((head.shape[0],), -1, dtype=torch.long, device=head.device)
-            self.token_to_draft[ids.to(head.device)] = torch.arange(ids.numel(), device=head.device)
+        self.head_weight, self.token_to_draft = training_head(inner, target)
 
     def _sequence(self, stream_index: int) -> tuple[Sequence, torch.Generator]:
         count = len(self.sequences)
@@ -355,6 +349,7 @@ def _finish(
         return out
     inner = accelerator.unwrap_model(draft)
     inner.config.target_name_or_path = inner.config.target_name_or_path or getattr(target.config, "name_or_path", None)
+    inner.config.target_fingerprint = target_fingerprint(target)  # the weights trained against, whatever their name
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     inner.to(torch.bfloat16).save_pretrained(tmp)

@@ -40,6 +40,22 @@ def target_labels(
     return torch.where(ok.view(-1), new_labels, torch.full_like(new_labels, -100))
 
 
+def training_head(draft: DFlareModel, target: torch.nn.Module) -> tuple[torch.Tensor, torch.LongTensor | None]:
+    """(LM head rows the draft is scored with, full-vocabulary id -> draft-vocabulary index or None).
+
+    The map holds -1 for tokens outside a reduced draft vocabulary (their labels are not learnable);
+    it is None when the draft proposes from the whole vocabulary.
+    """
+    head = target.get_output_embeddings().weight.detach()
+    ids = draft.draft_vocab_ids
+    if ids is None:
+        return head, None
+    ids = ids.to(head.device)
+    token_to_draft = torch.full((head.shape[0],), -1, dtype=torch.long, device=head.device)
+    token_to_draft[ids] = torch.arange(ids.numel(), device=head.device)
+    return head[ids], token_to_draft
+
+
 @dataclasses.dataclass
 class BlockResult:
     loss: torch.Tensor
