@@ -252,6 +252,18 @@ def measure_forward_costs(
     return seconds if output_hidden_states is None else (seconds, prompt_out)
 
 
+def forward_costs(target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock) -> dict[str, list[float]]:
+    """Target forward costs over 1..``max_length`` new tokens with the stock kernels (what plain
+    decoding and prompt lookup run) and with the small-row kernels a DFlare draft's generation
+    verifies on (:func:`~modeling_dflare.modeling_dflare.small_row_linears`)."""
+    from .modeling_dflare import small_row_linears
+
+    stock = measure_forward_costs(target, input_ids, max_length, repeats, clock)
+    with small_row_linears(target):
+        small_rows = measure_forward_costs(target, input_ids, max_length, repeats, clock)
+    return {"stock": stock, "small_rows": small_rows}
+
+
 # ----------------------------------------------------------------------------------------------
 # Methods
 # ----------------------------------------------------------------------------------------------
@@ -480,7 +492,7 @@ def position_acceptance(cycles: list[tuple[int, int]], width: int) -> list[float
     return curve
 
 
-def summarize(dataset: str, method: str, records: list[dict], costs: list[float], block_size: int) -> dict:
+def summarize(dataset: str, method: str, records: list[dict], costs: dict[str, list[float]], block_size: int) -> dict:
     """Aggregate the median runs of ``method`` over a dataset's prompts."""
     runs = [record["runs"][method] for record in records]
     base = [record["runs"][BASELINE] for record in records]
@@ -514,7 +526,9 @@ def summarize(dataset: str, method: str, records: list[dict], costs: list[float]
         "overhead_ms_per_cycle": 1000 * (seconds - prefill - verify - draft) / steps if steps else 0.0,
         "peak_memory_mib": max((run.peak_memory or 0) for run in runs) / 2**20 if runs else None,
     }
-    summary.update(free_draft_ceiling(summary, cycles, costs, speculative))
+    # DFlare drafts (ours and the stock DFlash path) verify on the small-row kernels, other methods on stock ones
+    verify_costs = costs.get("small_rows" if method in METHOD_DRAFT else "stock") if costs else None
+    summary.update(free_draft_ceiling(summary, cycles, costs.get("stock") if costs else None, verify_costs, speculative))
     return summary
 
 
@@ -526,24 +540,25 @@ def histogram(cycles: list[tuple[int, int]], width: int) -> list[int]:
     return counts
 
 
-def free_draft_ceiling(summary: dict, cycles, costs: list[float], speculative: bool) -> dict:
+def free_draft_ceiling(summary: dict, cycles, plain_costs: list[float] | None, costs: list[float] | None, speculative: bool) -> dict:
     """What a zero-cost draft would reach at this τ: ``τ · t1 / t_verify(mean verified length)``.
 
-    ``t1`` and ``t_verify`` come from the separately measured forward costs (not from this method's
+    ``t1`` (``plain_costs[0]``, plain decoding's step) and ``t_verify`` (from ``costs``, the kernels
+    this method verifies on) come from separately measured forward costs (not from this method's
     own timings), so the ceiling is an independent yardstick: ``ceiling_fraction`` (speedup /
     ceiling) is how much of it the draft and loop overheads leave, and ``draft_share`` is the
     draft's part of a measured cycle.
     """
     cycle_ms = summary["draft_ms_per_cycle"] + summary["verify_ms_per_cycle"] + summary["overhead_ms_per_cycle"]
     draft_share = summary["draft_ms_per_cycle"] / cycle_ms if speculative and cycle_ms > 0 else None
-    if not speculative or not cycles or not costs:
+    if not speculative or not cycles or not costs or not plain_costs:
         return {"ceiling": None, "ceiling_fraction": None, "t_verify_ms": None, "draft_share": draft_share}
     mean_verified = sum(p + 1 for p, _ in cycles) / len(cycles)
     low = max(1, min(int(mean_verified), len(costs)))
     high = min(low + 1, len(costs))
     weight = min(max(mean_verified - low, 0.0), 1.0)
     t_verify = costs[low - 1] * (1 - weight) + costs[high - 1] * weight  # interpolated at the mean length
-    ceiling = summary["tau"] * costs[0] / t_verify
+    ceiling = summary["tau"] * plain_costs[0] / t_verify
     return {"ceiling": ceiling, "ceiling_fraction": summary["speedup"] / ceiling, "t_verify_ms": 1000 * t_verify, "draft_share": draft_share}
 
 
@@ -754,7 +769,7 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
             if not chosen:
                 continue
             context = torch.tensor([chosen[0][1]], device=target.device)
-            costs[dataset] = measure_forward_costs(target, context, max_verify, args.cost_repeats, clock)
+            costs[dataset] = forward_costs(target, context, max_verify, args.cost_repeats, clock)
             found, bad = run_dataset(dataset, chosen, target, drafts, methods, settings, args.repeats, clock, tokenizer, bar)
             records += found
             mismatches += bad
@@ -764,7 +779,14 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
         summary["mismatches"] = sum(1 for m in mismatches if m["dataset"] == summary["dataset"] and m["method"] == summary["method"])
     results = {
         "meta": run_meta(args, target, drafts, settings, methods, prompts),
-        "costs": {d: {"context_tokens": len(prompts[d][0][0][1]), "verify_ms": [1000 * s for s in c]} for d, c in costs.items()},
+        "costs": {
+            d: {
+                "context_tokens": len(prompts[d][0][0][1]),
+                "verify_ms": [1000 * s for s in c["stock"]],
+                "verify_ms_small_rows": [1000 * s for s in c["small_rows"]],
+            }
+            for d, c in costs.items()
+        },
         "results": summaries,
         "per_prompt": per_prompt_rows(records, tokenizer),
         "mismatches": mismatches,

@@ -44,11 +44,16 @@ def render_table(results: dict) -> str:
 
 def render_costs(results: dict) -> str:
     """Measured target forward costs behind the free-draft ceiling."""
-    lines = ["| Dataset | Context tokens | t_target(1 token) ms | t_target(verify B) ms |", "|---|---|---|---|"]
+    lines = [
+        "| Dataset | Context tokens | t_target(1 token) ms | t_target(verify B) ms | small-row kernels: 1 token | 2 tokens | verify B |",
+        "|---|---|---|---|---|---|---|",
+    ]
     block = results["meta"]["settings"]["block_size"]
     for dataset, cost in results.get("costs", {}).items():
-        verify = cost["verify_ms"]
-        lines.append(f"| {dataset} | {cost['context_tokens']} | {verify[0]:.1f} | {verify[min(block, len(verify)) - 1]:.1f} |")
+        verify, small = cost["verify_ms"], cost.get("verify_ms_small_rows") or []
+        row = f"| {dataset} | {cost['context_tokens']} | {verify[0]:.1f} | {verify[min(block, len(verify)) - 1]:.1f} |"
+        row += f" {small[0]:.1f} | {small[1]:.1f} | {small[min(block, len(small)) - 1]:.1f} |" if len(small) > 1 else " – | – | – |"
+        lines.append(row)
     return "\n".join(lines)
 
 
@@ -108,8 +113,9 @@ def render_markdown(results: dict) -> str:
         *render_headline(results),
         "",
         "Free-draft ceiling = τ · t1 / t_verify(mean verified length): the speedup a draft costing nothing "
-        "would give at the measured τ, from the target forward costs below; % of ceiling = speedup vs plain / "
-        "ceiling; draft share = draft time / measured cycle time.",
+        "would give at the measured τ, from the target forward costs below (t1: plain decoding's step; t_verify: "
+        "the kernels the method verifies on, small-row ones for DFlare drafts, which compute a verify over a few "
+        "rows as W @ x.T); % of ceiling = speedup vs plain / ceiling; draft share = draft time / measured cycle time.",
         "",
         render_costs(results),
     ]

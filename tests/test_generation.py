@@ -449,3 +449,55 @@ def test_hook_refuses_transformers_whose_private_signatures_changed():
 
     with pytest.raises(ImportError, match=r"_get_candidate_generator takes no assistant_model"):
         check_transformers_compatible(NoAssistantKeyword)
+
+
+# ----------------------------------------------------------------------------------------------
+# Small-row CPU kernels for the verify forward
+# ----------------------------------------------------------------------------------------------
+
+
+def test_small_row_linears_switch_plain_linears_only_and_restore_them():
+    from torch import nn
+
+    from modeling_dflare.modeling_dflare import SMALL_ROWS, small_row_linears
+
+    class Subclassed(nn.Linear):  # e.g. a quantised or LoRA layer: its own forward must stay
+        pass
+
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), Subclassed(32, 32), nn.Linear(32, 8, bias=False))
+    offloaded = nn.Linear(8, 8)
+    offloaded.forward = lambda x: x  # what accelerate's offload hooks do
+    model.append(offloaded)
+    inputs = [torch.randn(1, rows, 16, generator=torch.Generator().manual_seed(rows)) for rows in (1, 2, 7, SMALL_ROWS, SMALL_ROWS + 1)]
+    expected = [model(x) for x in inputs]
+    with small_row_linears(model) as switched:
+        assert switched == 2 and "forward" in model[0].__dict__ and "forward" in model[3].__dict__
+        assert "forward" not in model[2].__dict__ and offloaded.forward(torch.ones(1)) == 1
+        got = [model(x) for x in inputs]
+    for x, want, have in zip(inputs, expected, got):
+        assert have.shape == want.shape and torch.allclose(have, want, atol=1e-5, rtol=1e-5), x.shape
+    assert "forward" not in model[0].__dict__ and "forward" not in model[3].__dict__  # restored
+    assert model(inputs[1]).equal(expected[1])
+
+
+def test_generate_verifies_on_small_row_kernels_unless_told_not_to():
+    target = cached_target("llama")
+    prompt = random_prompt(6)
+    draft, _ = make_oracle(target, prompt, block_size=4)
+    layer = next(m for m in target.modules() if type(m) is torch.nn.Linear)
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append("forward" in module.__dict__))
+    try:
+        expected = greedy(target, prompt, max_new_tokens=12)
+        assert not any(seen)  # plain generate: stock kernels
+        seen.clear()
+        got = greedy(target, prompt, max_new_tokens=12, assistant_model=draft)
+        assert got.tolist() == expected.tolist() and seen and all(seen)
+        seen.clear()
+        config = GenerationConfig(**target.generation_config.to_dict())
+        config.dflare_small_row_kernels = False
+        got = greedy(target, prompt, max_new_tokens=12, assistant_model=draft, generation_config=config)
+        assert got.tolist() == expected.tolist() and seen and not any(seen)
+    finally:
+        handle.remove()
+    assert "forward" not in layer.__dict__
