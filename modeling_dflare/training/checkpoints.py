@@ -16,8 +16,13 @@ def save_checkpoint(accelerator, checkpoint_dir: Path, state: dict, keep: int = 
     """Write to ``tmp-step-N`` then rename: a crash or a full disk never replaces a good checkpoint."""
     final = checkpoint_dir / f"step-{state['step']}"
     tmp = checkpoint_dir / f"tmp-step-{state['step']}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # Several processes write into one folder (each its own RNG state): only the main one clears it,
+    # and it renames the folder only once every process has finished writing.
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / "state.json").write_text(json.dumps(state, indent=2))
         shutil.rmtree(final, ignore_errors=True)

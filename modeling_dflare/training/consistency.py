@@ -63,13 +63,15 @@ def choose_threshold(
     verify_s: list[float],
     draft_s: float,
     thresholds=(0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
+    plain_s: float | None = None,
 ) -> dict:
     """Predicted speedup over plain decoding for each confidence cut; ``best`` is the fastest.
 
     ``walks`` holds ``(runs, confidence, budget)`` per held-out answer; ``verify_s[n]`` is the
-    target's forward time for ``n + 1`` tokens (``verify_s[0]`` is one plain decoding step).
+    target's forward time for ``n + 1`` tokens on the kernels generation verifies on, and
+    ``plain_s`` one plain decoding step (default ``verify_s[0]``).
     """
-    plain_step = verify_s[0]
+    plain_step = plain_s or verify_s[0]
     predicted = {}
     for threshold in thresholds:
         tokens = seconds = 0.0
@@ -78,7 +80,13 @@ def choose_threshold(
             tokens, seconds = tokens + got, seconds + spent
         predicted[threshold] = round(tokens * plain_step / seconds, 4) if seconds else 0.0
     best = max(predicted, key=predicted.get)
-    return {"predicted_speedup": {str(k): v for k, v in predicted.items()}, "best": best, "verify_ms": [round(1000 * v, 2) for v in verify_s], "draft_ms": round(1000 * draft_s, 2)}
+    return {
+        "predicted_speedup": {str(k): v for k, v in predicted.items()},
+        "best": best,
+        "verify_ms": [round(1000 * v, 2) for v in verify_s],
+        "draft_ms": round(1000 * draft_s, 2),
+        "plain_ms": round(1000 * plain_step, 2),
+    }
 
 
 def walk(runs: torch.LongTensor, budget: int) -> tuple[int, int]:
@@ -194,36 +202,43 @@ def monotone_fit(seconds: list[float]) -> list[float]:
 
 
 @torch.no_grad()
-def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int = 7) -> tuple[list[float], float]:
-    """(target forward seconds for 1..B new tokens after ``sequence``'s prompt, draft seconds per block).
+def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int = 7) -> tuple[list[float], float, float]:
+    """(target forward seconds for 1..B new tokens after ``sequence``'s prompt on the kernels
+    generation verifies on, draft seconds per block, one plain decoding step in seconds).
 
-    The forward times (with the hidden states the draft reads, as in generation) are medians of
-    ``repeats`` timings per length, smoothed by :func:`monotone_fit`.
+    The verify times (with the hidden states the draft reads, on the small-row kernels of
+    :func:`~modeling_dflare.modeling_dflare.small_row_linears`) are medians of ``repeats`` timings
+    per length, smoothed by :func:`monotone_fit`; the plain step runs the stock kernels, as plain
+    ``generate`` does. The draft is timed as it ships: a bf16 copy.
     """
+    import copy
     import statistics
     import time
 
     from ..bench import measure_forward_costs
-    from ..modeling_dflare import draft_head, head_logits, hidden_state_request
+    from ..modeling_dflare import draft_head, head_logits, hidden_state_request, small_row_linears
 
     block = draft.config.block_size
     prompt = sequence.input_ids[: sequence.response_start][None].to(target.device)
     request = hidden_state_request(draft.config.target_layer_ids)
-    verify, out = measure_forward_costs(target, prompt, block, repeats, time.perf_counter, output_hidden_states=request)
+    plain = measure_forward_costs(target, prompt, 1, repeats, time.perf_counter)[0]
+    with small_row_linears(target):
+        verify, out = measure_forward_costs(target, prompt, block, repeats, time.perf_counter, output_hidden_states=request)
     verify = monotone_fit(verify)
+    shipped = copy.deepcopy(draft).to(torch.bfloat16).eval()
     layers = [i + 1 for i in draft.config.target_layer_ids]
-    context = torch.cat([out.hidden_states[i] for i in layers], dim=-1).to(draft.dtype)
+    context = torch.cat([out.hidden_states[i] for i in layers], dim=-1).to(shipped.dtype)
     embed = target.get_input_embeddings()
-    noise = embed(torch.full((1, block), draft.config.mask_token_id, device=target.device)).to(draft.dtype)
+    noise = embed(torch.full((1, block), draft.config.mask_token_id, device=target.device)).to(shipped.dtype)
     positions = torch.arange(prompt.shape[1] + block, device=target.device)[None]
-    head_rows, _ = draft_head(draft, target.get_output_embeddings().weight)
+    head_rows, _ = draft_head(shipped, target.get_output_embeddings().weight)
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        hidden = draft(noise_embeds=noise, context_hidden_states=context, position_ids=positions).last_hidden_state
+        hidden = shipped(noise_embeds=noise, context_hidden_states=context, position_ids=positions).last_hidden_state
         head_logits(hidden[:, 1:], head_rows)
         times.append(time.perf_counter() - start)
-    return verify, statistics.median(times[1:])
+    return verify, statistics.median(times[1:]), plain
 
 
 __all__ = ["choose_threshold", "cut_lengths", "leading_runs", "measure_consistency", "measure_costs", "walk", "walk_costs"]

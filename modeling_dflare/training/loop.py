@@ -93,7 +93,11 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
         checkpoint_dir = work / "checkpoints"
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
         _log_to_file(work / "train.log")
-        accelerator = Accelerator(mixed_precision=_precision(args, "cuda" if torch.cuda.is_available() else "cpu"))
+        # One scheduler step per optimizer step: total_steps already counts steps of accum x processes
+        # sequences (accelerate's default would step it once per process, ending the schedule early).
+        accelerator = Accelerator(
+            mixed_precision=_precision(args, "cuda" if torch.cuda.is_available() else "cpu"), step_scheduler_with_optimizer=False
+        )
         train_convs, heldout_convs = load_training_conversations(args)
         target = target if target is not None else load_target(args.target, device=accelerator.device)
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(args.target)
@@ -176,8 +180,8 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
         if args.tune_threshold:
             # the cut is chosen on every held-out (tune-half) answer, never on benchmark prompts
             measure_consistency(inner, target, loop.features, heldout, loop.weights, run_generate=False, walks=walks)
-            verify_s, draft_s = measure_costs(inner, target, heldout[0])
-            tuning = choose_threshold(walks, verify_s, draft_s)
+            verify_s, draft_s, plain_s = measure_costs(inner, target, heldout[0])
+            tuning = choose_threshold(walks, verify_s, draft_s, plain_s=plain_s)
             tuning["heldout_answers"] = len(walks)
             inner.config.confidence_threshold = float(tuning["best"])
             logger.info("confidence cut tuned on %d held-out answers: %s", len(walks), tuning)
