@@ -3,7 +3,7 @@
 One run measures, on the same prompts and machine, with methods interleaved per prompt:
 
 * ``plain``         -- autoregressive greedy ``generate`` (the baseline every output is checked against);
-* ``plain-fast``    -- the same with one-row linear layers computed as ``W @ x`` (faster on some CPUs);
+* ``plain-fast``    -- the same on the small-row kernels DFlare verifies on (one-row linears as ``W @ x``);
 * ``dflare``        -- our draft through ``generate(assistant_model=draft)`` (:class:`DFlareCandidateGenerator`);
 * ``dflare-stock``  -- the same draft through transformers' ``speculation_type="dflash"`` generator;
 * ``dflash``        -- the shipped shared-fusion (DFlash) draft through our generator;
@@ -200,56 +200,30 @@ def peak_rss() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-@contextlib.contextmanager
-def transposed_small_row_linear() -> Iterator[None]:
-    """Compute one-row ``nn.Linear`` calls as ``W @ x`` (matrix-vector) instead of ``x @ W.T``.
-
-    Stock PyTorch is slow on small-row linears on some CPUs (measured on SmolLM2 decoding: 1.8x faster on
-    one 2-core machine, only 1.05x on another), so the best plain decoding is reported too. The bench checks the
-    outputs token for token against ``plain`` like every other method.
-    """
-    original = nn.Linear.forward
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != x.numel():
-            return original(self, x)
-        out = torch.mv(self.weight, x.reshape(-1))
-        if self.bias is not None:
-            out = out + self.bias
-        return out.view(*x.shape[:-1], out.shape[-1])
-
-    nn.Linear.forward = forward
-    try:
-        yield
-    finally:
-        nn.Linear.forward = original
-
-
 @torch.no_grad()
 def measure_forward_costs(
-    target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock, output_hidden_states=None
-):
+    target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock, **forward_kwargs
+) -> list[float]:
     """Median seconds of a cached target forward over 1..``max_length`` new tokens after ``input_ids``.
 
-    With ``output_hidden_states`` (a generation-time request), every forward asks for those hidden
-    states too and ``(seconds, prompt forward output)`` is returned; without it, the seconds only.
+    ``forward_kwargs`` ride on every timed forward (e.g. the ``output_hidden_states`` request a
+    DFlare generation makes), so the timing covers what generation asks of the target.
     """
     from transformers import DynamicCache
 
-    extra = {} if output_hidden_states is None else {"output_hidden_states": output_hidden_states}
     cache = DynamicCache(config=target.config)
-    prompt_out = target(input_ids, past_key_values=cache, use_cache=True, **extra)
+    target(input_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
     seconds = []
     for length in range(1, max_length + 1):
         new = input_ids[:, -1:].repeat(1, length)
         times = []
         for _ in range(repeats + 1):  # the first is a warm-up
             start = clock()
-            target(new, past_key_values=cache, use_cache=True, **extra)
+            target(new, past_key_values=cache, use_cache=True, **forward_kwargs)
             times.append(clock() - start)
             cache.crop(-length)
         seconds.append(statistics.median(times[1:]))
-    return seconds if output_hidden_states is None else (seconds, prompt_out)
+    return seconds
 
 
 def forward_costs(target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock) -> dict[str, list[float]]:
@@ -296,10 +270,13 @@ def generation_config_for(method: str, target, settings: Settings):
 
 
 @contextlib.contextmanager
-def method_context(method: str, draft, settings: Settings) -> Iterator[None]:
+def method_context(method: str, target, draft, settings: Settings) -> Iterator[None]:
     """What a method changes around its ``generate`` call, restored afterwards."""
     if method == "plain-fast":
-        with transposed_small_row_linear():
+        # plain decoding on the kernels a DFlare draft's generation verifies on
+        from .modeling_dflare import small_row_linears
+
+        with small_row_linears(target):
             yield
     elif method == "dflare-stock":
         saved = draft.config.block_size  # the stock generator reads the block size from the draft config
@@ -318,7 +295,7 @@ def generate_once(method: str, target, input_ids: torch.LongTensor, drafts: dict
     draft = drafts.get(METHOD_DRAFT.get(method))
     config = generation_config_for(method, target, settings)
     mask = torch.ones_like(input_ids)
-    with method_context(method, draft, settings), PeakMemory(input_ids.device) as memory, Probe(target, clock) as probe:
+    with method_context(method, target, draft, settings), PeakMemory(input_ids.device) as memory, Probe(target, clock) as probe:
         start = clock()
         output = target.generate(input_ids, attention_mask=mask, generation_config=config, assistant_model=draft)
         seconds = clock() - start
@@ -856,4 +833,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["METHODS", "add_arguments", "generate_once", "run", "run_benchmark", "transposed_small_row_linear"]
+__all__ = ["METHODS", "add_arguments", "generate_once", "run", "run_benchmark"]

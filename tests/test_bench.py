@@ -141,16 +141,21 @@ def test_math_problems_are_reproducible():
     assert isinstance(first.meta["answer"], int)
 
 
-def test_transposed_linear_is_exact():
+def test_plain_fast_runs_on_the_small_row_kernels_and_restores_them():
+    """``plain-fast`` is plain decoding on the library's small-row kernels, switched for the call only."""
+    from modeling_dflare.modeling_dflare import small_row_linears
+
     torch.manual_seed(0)
-    layer = torch.nn.Linear(24, 40)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40), torch.nn.Linear(40, 8))
     x = torch.randn(1, 1, 24)
-    expected = layer(x)
-    with bench.transposed_small_row_linear():
-        got = layer(x)
-        batch = layer(torch.randn(3, 24))
-    assert torch.equal(got, expected) and batch.shape == (3, 40)
-    assert torch.nn.Linear.forward is not None and layer(x).shape == (1, 1, 40)
+    expected = model(x)
+    with bench.method_context("plain-fast", model, None, None):
+        assert all("forward" in layer.__dict__ for layer in model)
+        got = model(x)
+    assert all("forward" not in layer.__dict__ for layer in model)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    with small_row_linears(model) as switched:
+        assert switched == 2
 
 
 @pytest.mark.slow

@@ -223,7 +223,9 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     request = hidden_state_request(draft.config.target_layer_ids)
     plain = measure_forward_costs(target, prompt, 1, repeats, time.perf_counter)[0]
     with small_row_linears(target):
-        verify, out = measure_forward_costs(target, prompt, block, repeats, time.perf_counter, output_hidden_states=request)
+        verify = measure_forward_costs(target, prompt, block, repeats, time.perf_counter, output_hidden_states=request)
+    with torch.no_grad():
+        out = target(prompt, output_hidden_states=request)
     verify = monotone_fit(verify)
     shipped = copy.deepcopy(draft).to(torch.bfloat16).eval()
     layers = [i + 1 for i in draft.config.target_layer_ids]
