@@ -610,7 +610,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and method; the median counts")
     parser.add_argument("--cost-repeats", type=int, default=5, help="timed forwards per length for the free-draft ceiling")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="the target's dtype")
+    parser.add_argument(
+        "--draft-dtype", choices=["auto", *sorted(DTYPES)], default="auto",
+        help="the drafts' dtype (auto: bf16 where this machine runs it natively, else fp32; never changes the output)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output-dir", default="runs/bench")
     parser.add_argument("--humaneval-pass1", action="store_true", help="run the generated HumanEval code (time-limited)")
@@ -684,6 +688,14 @@ def hardware() -> dict:
     return info
 
 
+def draft_dtype(args) -> torch.dtype:
+    """The drafts' dtype: ``--draft-dtype``, where "auto" is the fastest on this machine."""
+    from .modeling_dflare import fast_draft_dtype
+
+    choice = getattr(args, "draft_dtype", "auto")
+    return fast_draft_dtype(args.device) if choice == "auto" else DTYPES[choice]
+
+
 def load_models(args):
     """(target, tokenizer, drafts, methods) as the arguments ask."""
     from .targets import load_target, load_tokenizer
@@ -700,7 +712,7 @@ def load_models(args):
                 )
     target = load_target(args.target, dtype=dtype, device=device)
     tokenizer = load_tokenizer(args.tokenizer or args.target)
-    drafts = load_drafts(args, target, methods, device, dtype)
+    drafts = load_drafts(args, target, methods, device, draft_dtype(args))
     if args.block_size is None:
         args.block_size = next(iter(drafts.values())).config.block_size if drafts else 16
     return target, tokenizer, drafts, methods
@@ -714,6 +726,7 @@ def run_meta(args, target, drafts, settings: Settings, methods: list[str], promp
         "hardware": hardware(),
         "device": str(target.device),
         "dtype": args.dtype,
+        "draft_dtype": str(next(iter(drafts.values())).dtype).removeprefix("torch.") if drafts else None,
         "target": getattr(target.config, "name_or_path", None) or args.target,
         "drafts": {name: getattr(d.config, "_name_or_path", None) or "random" for name, d in drafts.items()},
         "draft_configs": {name: draft_summary(d) for name, d in drafts.items()},

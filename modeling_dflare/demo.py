@@ -40,6 +40,7 @@ def run(args) -> int:
     from transformers import AutoModel, GenerationConfig
 
     from . import DFlareModel  # noqa: F401  (registers the generate() hook)
+    from .modeling_dflare import fast_draft_dtype
     from .targets import load_target, load_tokenizer
 
     if args.threads:
@@ -49,7 +50,8 @@ def run(args) -> int:
         raise SystemExit(f"no draft at {draft_dir}: train one with `dflare train` or pass --draft DIR")
     print(f"loading target ({args.target or 'embedded SmolLM2-135M-Instruct'}) and draft ({draft_dir}) ...", flush=True)
     target, tokenizer = load_target(args.target), load_tokenizer(args.target)
-    draft = AutoModel.from_pretrained(draft_dir, trust_remote_code=True, dtype=torch.float32).eval()
+    # the draft only proposes: it runs in its fastest dtype here, the target stays fp32
+    draft = AutoModel.from_pretrained(draft_dir, trust_remote_code=True, dtype=fast_draft_dtype()).eval()
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id)
     if args.block_size:

@@ -85,22 +85,13 @@ def pack_shards(out_dir: str | Path) -> Path | None:
     return part
 
 
-def bf16_is_native() -> bool:
-    """Whether this machine runs bf16 matmuls natively (CUDA, or a CPU with AVX512-BF16 / AMX)."""
-    if torch.cuda.is_available():
-        return True
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    try:
-        return bool(check()) if check is not None else False
-    except RuntimeError:
-        return False
-
-
 def resolve_precision(precision: str, device: str) -> str:
     """"auto" -> "bf16" where it is native (measured 1.25x faster generation on an AVX512-BF16 CPU)."""
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {precision!r}: expected 'auto', 'fp32' or 'bf16'")
     if precision == "auto":
+        from .modeling_dflare import bf16_is_native
+
         return "bf16" if (str(device).startswith("cuda") or bf16_is_native()) else "fp32"
     return precision
 

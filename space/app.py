@@ -101,11 +101,18 @@ def _load_draft(source: str | None, target) -> tuple[torch.nn.Module, str, str]:
     return draft, "random draft (untrained)", notice
 
 
+def _fast_draft_dtype(draft, device) -> torch.dtype:
+    """bf16 where this machine runs it natively, else fp32 (the draft's own Hub file decides)."""
+    import importlib
+
+    return importlib.import_module(type(draft).__module__).fast_draft_dtype(device)
+
+
 def load_models() -> Models:
     target, tokenizer, target_name = _load_target(os.environ.get("DFLARE_TARGET") or None)
     target.requires_grad_(False)
     draft, draft_name, notice = _load_draft(os.environ.get("DFLARE_DRAFT") or None, target)
-    draft.to(target.device)
+    draft.to(target.device, _fast_draft_dtype(draft, target.device))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     logger.info("target %s, draft %s", target_name, draft_name)

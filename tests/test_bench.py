@@ -190,3 +190,15 @@ def test_humaneval_metric_scores_and_extracts_code():
     result = metric.compute(predictions=[full, body, wrong, "no code"], references=["HumanEval/2"] * 4, timeout=5.0)
     assert result["results"][:2] == ["passed", "passed"] and result["results"][2] != "passed"
     assert result["passed"] == 2 and result["pass@1"] == 0.5 and problem["entry_point"] == "truncate_number"
+
+
+def test_drafts_run_in_the_fastest_dtype_unless_told(monkeypatch):
+    import argparse
+
+    import modeling_dflare.modeling_dflare as modeling
+
+    for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(modeling, "bf16_is_native", lambda native=native: native)
+        assert modeling.fast_draft_dtype("cpu") == expected
+        assert bench.draft_dtype(argparse.Namespace(device="cpu", draft_dtype="auto")) == expected
+    assert bench.draft_dtype(argparse.Namespace(device="cpu", draft_dtype="float32")) == torch.float32

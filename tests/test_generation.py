@@ -480,6 +480,32 @@ def test_small_row_linears_switch_plain_linears_only_and_restore_them():
     assert model(inputs[1]).equal(expected[1])
 
 
+def test_small_row_linears_one_row_is_stock_except_for_a_wide_head(monkeypatch):
+    """One row keeps the stock kernel (bit for bit), except a head-sized weight with 2+ threads,
+    which runs as two rows (a threaded GEMM) and agrees to float rounding."""
+    from torch import nn
+
+    import modeling_dflare.modeling_dflare as modeling
+
+    monkeypatch.setattr(modeling, "WIDE_WEIGHT", 64 * 48)
+    narrow, wide = nn.Linear(48, 16), nn.Linear(48, 64, bias=False)
+    x = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    calls = []
+    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b, original=torch.Tensor.__matmul__: calls.append(b.shape) or original(a, b))
+    try:
+        torch.set_num_threads(2)
+        with modeling.small_row_linears(nn.Sequential(narrow, wide)):
+            assert narrow(x).equal(nn.functional.linear(x, narrow.weight, narrow.bias)) and calls == []
+            got = wide(x)
+            assert calls == [(48, 2)]  # the row, twice
+            torch.set_num_threads(1)
+            assert wide(x).equal(nn.functional.linear(x, wide.weight)) and len(calls) == 1
+    finally:
+        torch.set_num_threads(threads)
+    assert got.shape == (1, 1, 64) and torch.allclose(got, nn.functional.linear(x, wide.weight), atol=1e-5, rtol=1e-5)
+
+
 def test_generate_verifies_on_small_row_kernels_unless_told_not_to():
     target = cached_target("llama")
     prompt = random_prompt(6)
