@@ -3,7 +3,7 @@
 One run measures, on the same prompts and machine, with methods interleaved per prompt:
 
 * ``plain``         -- autoregressive greedy ``generate`` (the baseline every output is checked against);
-* ``plain-fast``    -- the same on the small-row kernels DFlare verifies on (one-row linears as ``W @ x``);
+* ``plain-fast``    -- the same on the small-row kernels DFlare verifies on (a one-token step's head as two rows);
 * ``dflare``        -- our draft through ``generate(assistant_model=draft)`` (:class:`DFlareCandidateGenerator`);
 * ``dflare-stock``  -- the same draft through transformers' ``speculation_type="dflash"`` generator;
 * ``dflash``        -- the shipped shared-fusion (DFlash) draft through our generator;

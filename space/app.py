@@ -102,10 +102,12 @@ def _load_draft(source: str | None, target) -> tuple[torch.nn.Module, str, str]:
 
 
 def _fast_draft_dtype(draft, device) -> torch.dtype:
-    """bf16 where this machine runs it natively, else fp32 (the draft's own Hub file decides)."""
+    """bf16 where this machine runs it natively, else fp32 (the draft's own Hub file decides; a
+    draft published before that file had ``fast_draft_dtype`` keeps the dtype it was loaded in)."""
     import importlib
 
-    return importlib.import_module(type(draft).__module__).fast_draft_dtype(device)
+    choose = getattr(importlib.import_module(type(draft).__module__), "fast_draft_dtype", None)
+    return choose(device) if choose is not None else draft.dtype
 
 
 def load_models() -> Models:

@@ -220,3 +220,25 @@ def _run_comparison(page) -> None:
     max_new.press("Enter")
     page.click("#run")
     page.wait_for_selector('#summary .summary.done:not(.startup)', timeout=150_000)
+
+
+def test_draft_dtype_comes_from_the_drafts_own_hub_file():
+    """The Space asks the draft's module for its fastest dtype; an older Hub file without the helper
+    keeps the draft as loaded instead of failing."""
+    import types
+
+    from modeling_dflare import DFlareConfig, DFlareModel
+    from modeling_dflare.modeling_dflare import fast_draft_dtype
+    from modeling_dflare.testing import make_target
+
+    app = load_app_module()
+    draft = DFlareModel(DFlareConfig.from_target_config(make_target("llama").config))
+    assert app._fast_draft_dtype(draft, "cpu") == fast_draft_dtype("cpu")
+    old = types.ModuleType("old_hub_modeling_dflare")
+    old_class = type("DFlareModel", (DFlareModel,), {"__module__": old.__name__})
+    sys.modules[old.__name__] = old
+    try:
+        draft.__class__ = old_class
+        assert app._fast_draft_dtype(draft, "cpu") == draft.dtype
+    finally:
+        del sys.modules[old.__name__]
