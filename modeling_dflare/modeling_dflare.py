@@ -346,9 +346,11 @@ class DFlareModel(DFlarePreTrainedModel):
 
 
 def bf16_is_native() -> bool:
-    """Whether this machine runs bf16 matmuls natively (CUDA, or a CPU with AVX512-BF16 / AMX)."""
-    if torch.cuda.is_available():
-        return True
+    """Whether this machine's CPU runs bf16 matmuls natively (AVX512-BF16 / AMX).
+
+    CPU only: callers decide for CUDA devices themselves, so a CPU model on a machine that also has
+    a GPU is not sent to bf16 on a CPU that would emulate it.
+    """
     check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
     try:
         return bool(check()) if check is not None else False
