@@ -30,6 +30,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -131,26 +132,66 @@ def _target(shape: dict, vocab: int, device, dtype):
 
     config = Qwen3Config(vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False, **shape)
     torch.manual_seed(0)
-    with torch.device(device):
-        model = Qwen3ForCausalLM(config).to(dtype).eval()
+    saved = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: an fp32 copy of an 8B model would need 32 GB first
+    try:
+        with torch.device(device):
+            model = Qwen3ForCausalLM(config).eval()
+    finally:
+        torch.set_default_dtype(saved)
     model.requires_grad_(False)
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = None
     return model
 
 
-def speed_curve(device: torch.device, quick: bool, new_tokens: int) -> list[CurvePoint]:
+def make_decisive(model, embedding_std: float = 4.0, seed: int = 0):
+    """Give a random-weight target a wide argmax margin at every step.
+
+    With random weights the logits are nearly flat (median top-1/top-2 gap about 0.1 at
+    Qwen3-1.7B geometry), so in bf16 a verify over many tokens and a one-token step round
+    differently and flip the argmax: speculative output then drifts from plain decoding (on the CPU
+    in bf16 the first flip came after 14 tokens) and a steered draft, which proposes plain
+    decoding's continuation, cannot hold its forced τ. Here the input embeddings dominate the
+    residual stream and the head maps token ``t``'s embedding to a fixed successor, so the next token
+    is a fixed function of the current one with a margin far above bf16 rounding. Shapes, kernels
+    and so costs are unchanged.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        embed = model.get_input_embeddings().weight
+        rows = torch.randn(embed.shape, generator=generator) * embedding_std
+        embed.copy_(rows.to(embed.device, embed.dtype))
+        successor = torch.randperm(embed.shape[0], generator=generator).to(embed.device)
+        model.get_output_embeddings().weight.copy_(embed[successor])
+    return model
+
+
+def speed_curve(
+    device: torch.device, quick: bool, new_tokens: int, on_point=None, deadline: float | None = None, names: list[str] | None = None
+) -> list[CurvePoint]:
+    """Points in order target, block, τ, path; ``on_point(point)`` after each (the caller saves as it
+    goes), and no new target or τ is started after ``deadline`` (a ``time.perf_counter()`` value)."""
     from modeling_dflare.bench import Clock, Settings, generate_once
     from modeling_dflare.testing import OracleDraft, greedy, make_draft
 
     shapes, vocab = (QUICK_SHAPES, QUICK_VOCAB) if quick else (SHAPES, VOCAB)
+    if names:
+        shapes = {name: {**SHAPES, **QUICK_SHAPES}[name] for name in names}
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     taus = (1, 2, 3) if quick else (1, 2, 3, 4, 5, 6, 8, 10)
     blocks = (4,) if quick else (16, 8)
     methods = ["dflare"] + (["dflare-stock"] if stock_dflash_available() else [])
     clock, points = Clock(device), []
+
+    def late() -> bool:
+        return deadline is not None and time.perf_counter() > deadline
+
     for name, shape in shapes.items():
-        target = _target(shape, vocab, device, dtype)
+        if late():
+            print(f"curve: deadline reached, {name} skipped", flush=True)
+            break
+        target = make_decisive(_target(shape, vocab, device, dtype))
         prompt = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
         reference = greedy(target, prompt, max_new_tokens=new_tokens + 16, min_new_tokens=new_tokens + 16)
         plain_runs = [generate_once("plain", target, prompt, {}, Settings(new_tokens, 16, 0.0, 10), clock) for _ in range(2)]
@@ -159,33 +200,41 @@ def speed_curve(device: torch.device, quick: bool, new_tokens: int) -> list[Curv
         for block in blocks:
             draft = make_draft(target, block_size=block, cls=OracleDraft, num_hidden_layers=5).to(device, dtype)
             draft.prime(target, reference)
+            warmed = set()
             for tau in (t for t in taus if t <= block):
+                if late():
+                    print(f"curve: deadline reached, {name} block {block} stops before tau {tau}", flush=True)
+                    break
                 draft.accept_first = tau
                 for method in methods:
                     settings = Settings(new_tokens, block, 0.0, 10)
-                    generate_once(method, target, prompt, {"dflare": draft}, settings, clock)  # warm-up
+                    if method not in warmed:  # one warm-up per draft and path: kernels and caches are warm after it
+                        generate_once(method, target, prompt, {"dflare": draft}, settings, clock)
+                        warmed.add(method)
                     run = generate_once(method, target, prompt, {"dflare": draft}, settings, clock)
                     cycles = max(1, len(run.cycles))
                     verify = sum(run.target_seconds[1:])
                     overhead = run.seconds - run.target_seconds[0] - verify - run.draft_seconds if run.target_seconds else 0.0
-                    points.append(
-                        CurvePoint(
-                            shape=name,
-                            path="ours" if method == "dflare" else "stock",
-                            block=block,
-                            forced_tau=tau,
-                            measured_tau=round((sum(a for _, a in run.cycles) + len(run.cycles)) / cycles, 3),
-                            seconds=round(run.seconds, 4),
-                            plain_seconds=round(plain, 4),
-                            speedup=round(plain / run.seconds, 3),
-                            cycles=len(run.cycles),
-                            draft_ms_per_cycle=round(1000 * run.draft_seconds / cycles, 3),
-                            verify_ms_per_cycle=round(1000 * verify / cycles, 3),
-                            overhead_ms_per_cycle=round(1000 * overhead / cycles, 3),
-                            identical=run.tokens == expected,
-                        )
+                    point = CurvePoint(
+                        shape=name,
+                        path="ours" if method == "dflare" else "stock",
+                        block=block,
+                        forced_tau=tau,
+                        measured_tau=round((sum(a for _, a in run.cycles) + len(run.cycles)) / cycles, 3),
+                        seconds=round(run.seconds, 4),
+                        plain_seconds=round(plain, 4),
+                        speedup=round(plain / run.seconds, 3),
+                        cycles=len(run.cycles),
+                        draft_ms_per_cycle=round(1000 * run.draft_seconds / cycles, 3),
+                        verify_ms_per_cycle=round(1000 * verify / cycles, 3),
+                        overhead_ms_per_cycle=round(1000 * overhead / cycles, 3),
+                        identical=run.tokens == expected,
                     )
-        del target
+                    points.append(point)
+                    if on_point is not None:
+                        on_point(point)
+            del draft
+        del target, plain_runs
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return points
@@ -250,6 +299,7 @@ def training_throughput(device: torch.device, quick: bool) -> dict:
 
 
 def render_markdown(results: dict) -> str:
+    """The report; a section that did not run or failed says so instead of a table."""
     meta = results["meta"]
     lines = [
         "# GPU check",
@@ -261,36 +311,60 @@ def render_markdown(results: dict) -> str:
         "",
         "## Correctness (greedy equality with plain generate)",
         "",
-        "| dtype | path | cases | random draft identical | oracle draft identical | mean oracle τ (ours) |",
-        "|---|---|---|---|---|---|",
     ]
     rows = results["correctness"]
+    if rows:
+        lines += [
+            "| dtype | path | cases | random draft identical | oracle draft identical | mean oracle τ (ours) |",
+            "|---|---|---|---|---|---|",
+        ]
     for dtype in dict.fromkeys(r["dtype"] for r in rows):
         for path in dict.fromkeys(r["path"] for r in rows):
             chosen = [r for r in rows if r["dtype"] == dtype and r["path"] == path]
             taus = [r["oracle_tau"] for r in chosen if r["oracle_tau"]]
+            mean_tau = f"{sum(taus) / len(taus):.2f}" if taus else "–"
             lines.append(
                 f"| {dtype} | {path} | {len(chosen)} | {sum(r['random_equal'] for r in chosen)} | "
-                f"{sum(r['oracle_equal'] for r in chosen)} | {sum(taus) / len(taus):.2f} |" if taus else
-                f"| {dtype} | {path} | {len(chosen)} | {sum(r['random_equal'] for r in chosen)} | {sum(r['oracle_equal'] for r in chosen)} | – |"
+                f"{sum(r['oracle_equal'] for r in chosen)} | {mean_tau} |"
             )
-    lines += ["", "fp32 must be identical in every case; bf16 verification is not bit-identical to bf16 one-token decoding (near-ties may flip), so bf16 rows are reported, not required.", ""]
-    lines += ["## Speedup over plain generate vs acceptance length", "", "| target | block | path | τ forced | τ measured | speedup | draft ms/cycle | verify ms/cycle | overhead ms/cycle | identical |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "" if rows else _missing(results, "correctness"),
+        "fp32 must be identical in every case; bf16 verification is not bit-identical to bf16 one-token decoding "
+        "(near-ties may flip), so bf16 rows are reported, not required.",
+        "",
+        "## Speedup over plain generate vs acceptance length",
+        "",
+    ]
+    if results["curve"]:
+        lines += [
+            "| target | block | path | τ forced | τ measured | speedup | draft ms/cycle | verify ms/cycle | overhead ms/cycle | identical |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
     for p in results["curve"]:
         lines.append(
             f"| {p['shape']} | {p['block']} | {p['path']} | {p['forced_tau']} | {p['measured_tau']:.2f} | {p['speedup']:.2f}x | "
             f"{p['draft_ms_per_cycle']:.1f} | {p['verify_ms_per_cycle']:.1f} | {p['overhead_ms_per_cycle']:.1f} | {'yes' if p['identical'] else 'NO'} |"
         )
+    if "curve" in results["errors"] or not results["curve"]:
+        lines.append(_missing(results, "curve"))
+    lines += ["", "## Training throughput", ""]
     t = results["training"]
-    lines += [
-        "",
-        "## Training throughput",
-        "",
-        f"{t['target_shape']} target, {t['draft_layers']}-layer draft, sequences of {t['sequence_tokens']} tokens with "
-        f"{t['anchors']} anchors of block {t['block_size']}: {t['tokens_per_second']} tokens/s "
-        f"({t['seconds_per_sequence']} s per sequence), peak memory {t['peak_memory_gib']} GiB. {t['note']}.",
-    ]
+    if t:
+        lines.append(
+            f"{t['target_shape']} target, {t['draft_layers']}-layer draft, sequences of {t['sequence_tokens']} tokens with "
+            f"{t['anchors']} anchors of block {t['block_size']}: {t['tokens_per_second']} tokens/s "
+            f"({t['seconds_per_sequence']} s per sequence), peak memory {t['peak_memory_gib']} GiB. {t['note']}."
+        )
+    else:
+        lines.append(_missing(results, "training"))
     return "\n".join(lines) + "\n"
+
+
+def _missing(results: dict, name: str) -> str:
+    error = results["errors"].get(name)
+    if error is None:
+        return "(not run)" if not results[name] else ""
+    return f"**Failed** (the run went on without it):\n\n```\n{error.strip().splitlines()[-1]}\n```"
 
 
 def plot(results: dict, path: Path) -> Path:
@@ -328,6 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per timed generate (default 128, quick 24)")
     parser.add_argument("--out", default="gpu-check", help="output folder")
     parser.add_argument("--skip", nargs="*", default=[], choices=("correctness", "curve", "training"))
+    parser.add_argument(
+        "--shapes", nargs="*", default=None, choices=(*SHAPES, *QUICK_SHAPES),
+        help="curve targets to run (default: the three Qwen3 shapes, or the tiny ones with --quick)",
+    )
+    parser.add_argument(
+        "--curve-deadline", type=float, default=None, metavar="SECONDS",
+        help="start no new curve point after this many seconds from the start (keeps a lent machine's time for the training section)",
+    )
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -351,20 +433,39 @@ def main(argv: list[str] | None = None) -> int:
         }
     }
     new_tokens = args.new_tokens or (24 if args.quick else 128)
-    results["correctness"] = [] if "correctness" in args.skip else correctness(device, args.quick)
-    print(f"correctness: {len(results['correctness'])} cases in {time.perf_counter() - start:.0f} s", flush=True)
-    results["curve"] = [] if "curve" in args.skip else [dataclasses.asdict(p) for p in speed_curve(device, args.quick, new_tokens)]
-    print(f"curve: {len(results['curve'])} points at {time.perf_counter() - start:.0f} s", flush=True)
-    results["training"] = training_throughput(device, args.quick) if "training" not in args.skip else {}
-    results["meta"]["seconds"] = time.perf_counter() - start
-    (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
-    if results["training"] and results["curve"] and results["correctness"]:
-        (out / "gpu_check.md").write_text(render_markdown(results))
+    deadline = start + args.curve_deadline if args.curve_deadline is not None else None
+    results.update(correctness=[], curve=[], training={}, errors={})
+
+    def save() -> None:
+        """Written after every section and curve point: a run cut off by the machine's limit keeps what it measured."""
+        results["meta"]["seconds"] = time.perf_counter() - start
+        (out / "gpu_check.json").write_text(json.dumps(results, indent=2) + "\n")
+
+    def section(name: str, compute) -> None:
+        if name in args.skip:
+            return
+        try:
+            results[name] = compute()
+        except Exception as error:  # one broken section must not lose the others' numbers
+            results["errors"][name] = "".join(traceback.format_exception(error))[-4000:]
+            print(f"{name}: FAILED\n{results['errors'][name]}", flush=True)
+        save()
+        print(f"{name}: done at {time.perf_counter() - start:.0f} s", flush=True)
+
+    section("correctness", lambda: correctness(device, args.quick))
+    section("curve", lambda: [dataclasses.asdict(p) for p in speed_curve(
+        device, args.quick, new_tokens, on_point=lambda p: (results["curve"].append(dataclasses.asdict(p)), save()), deadline=deadline, names=args.shapes)])
+    section("training", lambda: training_throughput(device, args.quick))
+    (out / "gpu_check.md").write_text(render_markdown(results))
+    if results["curve"]:
         plot(results, out / "speedup_vs_tau.png")
     fp32_failures = [r for r in results["correctness"] if r["dtype"] == "float32" and not (r["random_equal"] and r["oracle_equal"])]
-    curve_failures = [p for p in results["curve"] if device.type == "cpu" and not p["identical"]]
-    print(f"wrote {out}; {results['meta']['seconds']:.0f} s; fp32 mismatches: {len(fp32_failures)}", flush=True)
-    return 1 if fp32_failures or curve_failures else 0
+    # the targets are decisive (make_decisive), so speculative output must equal plain decoding on any device
+    curve_failures = [p for p in results["curve"] if not p["identical"]]
+    print(f"wrote {out}; {results['meta']['seconds']:.0f} s; fp32 mismatches: {len(fp32_failures)}; errors: {sorted(results['errors'])}", flush=True)
+    if curve_failures:
+        print(f"curve: {len(curve_failures)} points differ from plain generate", flush=True)
+    return 1 if fp32_failures or curve_failures or results["errors"] else 0
 
 
 if __name__ == "__main__":
