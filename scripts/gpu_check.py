@@ -453,8 +453,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name}: done at {time.perf_counter() - start:.0f} s", flush=True)
 
     section("correctness", lambda: correctness(device, args.quick))
-    section("curve", lambda: [dataclasses.asdict(p) for p in speed_curve(
-        device, args.quick, new_tokens, on_point=lambda p: (results["curve"].append(dataclasses.asdict(p)), save()), deadline=deadline, names=args.shapes)])
+    def record(point: CurvePoint) -> None:
+        results["curve"].append(dataclasses.asdict(point))
+        save()
+
+    def curve() -> list[dict]:
+        speed_curve(device, args.quick, new_tokens, on_point=record, deadline=deadline, names=args.shapes)
+        return results["curve"]  # filled point by point by record()
+
+    section("curve", curve)
     section("training", lambda: training_throughput(device, args.quick))
     (out / "gpu_check.md").write_text(render_markdown(results))
     if results["curve"]:
