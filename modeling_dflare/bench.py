@@ -202,17 +202,20 @@ def peak_rss() -> int:
 
 @torch.no_grad()
 def measure_forward_costs(
-    target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock, **forward_kwargs
+    target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock, cache=None, **forward_kwargs
 ) -> list[float]:
     """Median seconds of a cached target forward over 1..``max_length`` new tokens after ``input_ids``.
 
     ``forward_kwargs`` ride on every timed forward (e.g. the ``output_hidden_states`` request a
-    DFlare generation makes), so the timing covers what generation asks of the target.
+    DFlare generation makes), so the timing covers what generation asks of the target. ``cache``:
+    a cache already holding ``input_ids`` (it is left as it was given); without one the prompt is
+    run first.
     """
     from transformers import DynamicCache
 
-    cache = DynamicCache(config=target.config)
-    target(input_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
+    if cache is None:
+        cache = DynamicCache(config=target.config)
+        target(input_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
     seconds = []
     for length in range(1, max_length + 1):
         new = input_ids[:, -1:].repeat(1, length)

@@ -268,3 +268,29 @@ def test_init_from_keeps_this_runs_block_size_and_cut(tmp_path, looping_target):
 
     cumulative = json.loads((second / "training_summary.json").read_text())["cumulative"]
     assert cumulative["runs"] == 2 and cumulative["steps"] == 4
+
+
+def test_cost_measurement_runs_the_prompt_once():
+    """The cut tuner's timings share one prompt pass (the plain step and every verify length start
+    from the same cache, cropped back after each timed forward)."""
+    from modeling_dflare.testing import make_draft
+    from modeling_dflare.training.consistency import measure_costs
+
+    target = tiny_target("llama")
+    draft = make_draft(target, block_size=4)
+    prompt_length = 9
+    sequence = Sequence("s", torch.randint(8, 90, (prompt_length + 6,)), prompt_length)
+    lengths = []
+
+    def record(module, args, kwargs):
+        lengths.append((kwargs["input_ids"] if "input_ids" in kwargs else args[0]).shape[1])
+
+    hook = target.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        verify, draft_s, plain_s = measure_costs(draft, target, sequence, repeats=2)
+    finally:
+        hook.remove()
+    assert lengths.count(prompt_length) == 1, lengths
+    assert len(verify) == 4 and draft_s > 0 and plain_s > 0
+    # 1 plain length + 4 verify lengths, each a warm-up and 2 timed forwards
+    assert sorted(lengths[1:]) == sorted([1] * 3 + [n for n in range(1, 5) for _ in range(3)])

@@ -215,17 +215,19 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     import statistics
     import time
 
+    from transformers import DynamicCache
+
     from ..bench import measure_forward_costs
     from ..modeling_dflare import draft_head, head_logits, hidden_state_request, small_row_linears
 
     block = draft.config.block_size
     prompt = sequence.input_ids[: sequence.response_start][None].to(target.device)
     request = hidden_state_request(draft.config.target_layer_ids)
-    plain = measure_forward_costs(target, prompt, 1, repeats, time.perf_counter)[0]
+    cache = DynamicCache(config=target.config)
+    out = target(prompt, past_key_values=cache, use_cache=True, output_hidden_states=request)  # the one prompt pass
+    plain = measure_forward_costs(target, prompt, 1, repeats, time.perf_counter, cache=cache)[0]
     with small_row_linears(target):
-        verify = measure_forward_costs(target, prompt, block, repeats, time.perf_counter, output_hidden_states=request)
-    with torch.no_grad():
-        out = target(prompt, output_hidden_states=request)
+        verify = measure_forward_costs(target, prompt, block, repeats, time.perf_counter, cache=cache, output_hidden_states=request)
     verify = monotone_fit(verify)
     shipped = copy.deepcopy(draft).to(torch.bfloat16).eval()
     layers = [i + 1 for i in draft.config.target_layer_ids]
