@@ -121,6 +121,36 @@ RESUME_SCRIPT = textwrap.dedent(
 )
 
 
+def test_resume_refuses_data_that_changed_since_the_checkpoint(tmp_path):
+    """A regeneration still writing into the --data folder must not silently change a resumed run's
+    data stream: the run stops with both counts; on the data it started with it resumes (here
+    extended to more steps), and nothing of the checkpoint is lost on the way."""
+    from modeling_dflare.training import TrainingInputError
+
+    data = _tiny_dataset(tmp_path / "data")
+    _tiny_dataset(tmp_path / "data", 4, "heldout", start=100)
+    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
+
+    def run(max_steps: int, source: Path):
+        args = TrainArgs(output_dir=str(tmp_path / "draft"), data=str(source), heldout=str(tmp_path / "data" / "heldout.jsonl"),
+                         work_dir=str(tmp_path / "work"), num_hidden_layers=1, block_size=4, num_anchors=4, max_steps=max_steps,
+                         batch_size=1, save_every=5, eval_every=1000, lr=1e-3, draft_vocab_size=32, consistency_prompts=0)
+        return train(args, target=target, tokenizer=tokenizer)
+
+    run(5, data)
+    checkpoints = tmp_path / "work" / "checkpoints"
+    saved = json.loads((latest_checkpoint(checkpoints) / "state.json").read_text())["data"]
+    assert saved["sequences"] == 24
+    grown = _tiny_dataset(tmp_path / "grown", 30)  # the same 24 conversations and 6 more
+    with pytest.raises(TrainingInputError, match=r"changed since .*step-5: 24 sequences then .* 30 now"):
+        run(10, grown)
+    assert latest_checkpoint(checkpoints).name == "step-5"
+    run(10, data)
+    state = json.loads((latest_checkpoint(checkpoints) / "state.json").read_text())
+    assert state["step"] == 10 and state["data"] == saved
+    assert "resumed from" in (tmp_path / "work" / "train.log").read_text()
+
+
 def test_resume_after_sigkill(tmp_path):
     data = _tiny_dataset(tmp_path)
     _tiny_dataset(tmp_path, 4, "heldout", start=100)

@@ -8,6 +8,7 @@ the killed one stopped.
 """
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -65,6 +66,30 @@ def validate_args(args: TrainArgs) -> None:
         raise TrainingInputError(
             f"--batch-size {args.batch_size}, --epochs {args.epochs}, --lr {args.lr}: expected positive values"
         )
+
+
+def data_fingerprint(sequences: list[Sequence]) -> dict:
+    """How many training sequences, in which order (a hash of their ids and lengths): the step ->
+    sequence stream is a function of this list, so a resumed run must see the same one."""
+    digest = hashlib.sha1()
+    for sequence in sequences:
+        digest.update(f"{sequence.id}:{sequence.input_ids.numel()}\n".encode())
+    return {"sequences": len(sequences), "sha1": digest.hexdigest()}
+
+
+def check_same_data(saved: dict | None, now: dict, checkpoint: Path) -> None:
+    """Refuse to resume ``checkpoint`` on training data other than the data it was trained on (for
+    example a regeneration still writing shards into the ``--data`` folder): the rest of the run
+    would silently follow another stream, and the new sequences' target features would be computed
+    first. Checkpoints written before the fingerprint existed carry none and are not checked."""
+    if saved is None or saved == now:
+        return
+    raise TrainingInputError(
+        f"the training data changed since {checkpoint}: {saved['sequences']} sequences then "
+        f"(sha1 {saved['sha1'][:12]}), {now['sequences']} now (sha1 {now['sha1'][:12]}). Resume on the data "
+        "the run started with (point --data at a folder of just those files), or start a new run "
+        "(another --output-dir, --init-from a draft) on the new data"
+    )
 
 
 def anchors_for(sequence: Sequence, args: TrainArgs, block_size: int, generator: torch.Generator) -> torch.LongTensor:
@@ -127,9 +152,11 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
     draft, optimizer, scheduler = accelerator.prepare(draft, optimizer, scheduler)
 
     step, resumed, state = 0, latest_checkpoint(checkpoint_dir), {}
+    data = data_fingerprint(sequences)
     if resumed is not None:
-        accelerator.load_state(str(resumed))
         state = json.loads((resumed / "state.json").read_text())
+        check_same_data(state.get("data"), data, resumed)
+        accelerator.load_state(str(resumed))
         step = state["step"]
         logger.info("resumed from %s at step %d of %d", resumed, step, total_steps)
 
@@ -166,7 +193,10 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
             save_checkpoint(
                 accelerator,
                 checkpoint_dir,
-                {"step": step, "total_steps": total_steps, "train_seconds": seconds, "curve": curve, "args": dataclasses.asdict(args)},
+                {
+                    "step": step, "total_steps": total_steps, "train_seconds": seconds, "curve": curve,
+                    "args": dataclasses.asdict(args), "data": data,
+                },
             )
     bar.close()
     final_eval = loop.evaluate(heldout) if heldout else {}
