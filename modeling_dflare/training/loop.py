@@ -436,7 +436,7 @@ def card_facts(summary: dict) -> dict:
     facts["data"] = args.get("data") or "sharegpt"
     facts["training sequences / held-out"] = f"{summary['train_sequences']} / {summary.get('heldout_sequences', '?')}"
     facts["block size / gamma / anchors"] = f"{summary['block_size']} / {args.get('gamma') or 'default'} / {args.get('num_anchors') or 'response length / block size'}"
-    facts["this run"] = f"{summary['steps']} steps x {args['batch_size']} sequences = {summary['epochs']} epochs, {summary['cpu_hours']} CPU-hours ({summary['threads']} threads)"
+    facts["this run"] = f"{summary['steps']} steps x {args['batch_size']} sequences = {summary['epochs']} epochs, {summary['cpu_hours']} CPU-hours ({summary['threads']} thread{'' if summary['threads'] == 1 else 's'})"
     facts["cumulative"] = (
         f"{cumulative['runs']} runs, {cumulative['steps']} steps, {cumulative['sequences_seen']} sequences seen, {cumulative['cpu_hours']} CPU-hours"
     )
