@@ -294,3 +294,37 @@ def test_cost_measurement_runs_the_prompt_once():
     assert len(verify) == 4 and draft_s > 0 and plain_s > 0
     # 1 plain length + 4 verify lengths, each a warm-up and 2 timed forwards
     assert sorted(lengths[1:]) == sorted([1] * 3 + [n for n in range(1, 5) for _ in range(3)])
+
+
+def test_cut_tuner_times_with_the_threads_generation_runs_with(tmp_path, looping_target, monkeypatch):
+    """A run trained with ``--threads 1`` (two runs sharing the cores) still times the target for the
+    confidence cut with the threads ``generate`` will have: one thread makes every verified token
+    dearer and pushes the cut up (met for real: 0.3 at 1 thread, 0.1 at 2, on the same answers)."""
+    import modeling_dflare.training.consistency as consistency
+
+    tokenizer = tiny_tokenizer()
+    write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 6, 0, 24))
+    write_jsonl(tmp_path / "heldout.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 2, 100, 24))
+    original, seen = consistency.measure_costs, []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(consistency, "measure_costs", recording)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        args = TrainArgs(
+            output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
+            num_hidden_layers=1, block_size=4, max_steps=2, batch_size=2, save_every=100, eval_every=100,
+            draft_vocab_size=None, consistency_prompts=1, tune_threshold=True, threads=1,
+        )
+        out = train(args, target=looping_target, tokenizer=tokenizer)
+        assert torch.get_num_threads() == 1  # training itself ran on its --threads
+    finally:
+        torch.set_num_threads(before)
+    import json
+
+    assert seen == [2]
+    assert json.loads((out / "training_summary.json").read_text())["threshold_tuning"]["threads"] == 2

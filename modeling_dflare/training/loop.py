@@ -109,6 +109,7 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
     from ..targets import load_target, load_tokenizer
 
     validate_args(args)
+    generation_threads = torch.get_num_threads()  # what generate will run with: the cut tuner times on it
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -210,9 +211,17 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
         if args.tune_threshold:
             # the cut is chosen on every held-out (tune-half) answer, never on benchmark prompts
             measure_consistency(inner, target, loop.features, heldout, loop.weights, run_generate=False, walks=walks)
-            verify_s, draft_s, plain_s = measure_costs(inner, target, heldout[0])
+            # timed with the threads generation will have, not this run's --threads (1 thread makes
+            # each verified token dearer and pushes the cut up); the timings assume a quiet machine
+            training_threads = torch.get_num_threads()
+            torch.set_num_threads(generation_threads)
+            try:
+                verify_s, draft_s, plain_s = measure_costs(inner, target, heldout[0])
+            finally:
+                torch.set_num_threads(training_threads)
             tuning = choose_threshold(walks, verify_s, draft_s, plain_s=plain_s)
             tuning["heldout_answers"] = len(walks)
+            tuning["threads"] = generation_threads
             inner.config.confidence_threshold = float(tuning["best"])
             logger.info("confidence cut tuned on %d held-out answers: %s", len(walks), tuning)
     return _finish(
