@@ -377,3 +377,43 @@ def test_accelerate_launch_two_processes_matches_one_and_resumes(tmp_path):
     # and the steps after the kill really trained (else the comparison above would be vacuous)
     shared = [k for k in rank0 if k in at_kill]
     assert shared and any(not torch.allclose(rank0[k], at_kill[k].float()) for k in shared)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_bf16_where_the_cpu_runs_it_natively(monkeypatch, native):
+    import modeling_dflare.modeling_dflare as modeling
+    from modeling_dflare.training.loop import _precision
+
+    monkeypatch.setattr(modeling, "bf16_is_native", lambda: native)
+    args = TrainArgs(output_dir="unused")
+    assert _precision(args, "cpu") == ("bf16" if native else "no")
+    assert _precision(args, "cuda") == "bf16"
+    assert _precision(TrainArgs(output_dir="unused", precision="no"), "cuda") == "no"
+
+
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_training_step_runs_the_whole_loss_under_the_chosen_precision(tmp_path, monkeypatch, precision):
+    """bf16 autocast covers the head product and loss of a training step (accelerate only wraps the
+    draft's forward), the weights stay fp32, and the summary and card say which precision ran."""
+    import modeling_dflare.training.loop as loop
+
+    data = _tiny_dataset(tmp_path)
+    heldout = _tiny_dataset(tmp_path, 4, "heldout", start=100)
+    original, seen = loop.block_loss, []
+
+    def watched(*args, **kwargs):
+        if torch.is_grad_enabled():  # a training step (calibration and evaluation run without grad)
+            seen.append(torch.is_autocast_enabled("cpu"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "block_loss", watched)
+    args = TrainArgs(output_dir=str(tmp_path / "draft"), data=str(data), heldout=str(heldout), num_hidden_layers=1, block_size=4,
+                     num_anchors=4, max_steps=3, batch_size=2, eval_every=1000, lr=1e-3, draft_vocab_size=32,
+                     consistency_prompts=0, precision=precision)
+    out = train(args, target=tiny_target("llama"), tokenizer=tiny_tokenizer())
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert seen == [precision == "bf16"] * 6  # 3 steps x 2 sequences
+    assert summary["precision"] == precision and all(torch.isfinite(torch.tensor(h)) for h in [summary["final_train_loss"]])
+    card = (out / "README.md").read_text()
+    assert ("bf16 autocast" in card) == (precision == "bf16")
+    assert DFlareModel.from_pretrained(out).dtype == torch.bfloat16  # saved in bf16 either way

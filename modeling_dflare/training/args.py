@@ -82,7 +82,7 @@ def add_arguments(parser) -> None:
         "--precision",
         choices=("auto", "no", "bf16", "fp16"),
         default="auto",
-        help="draft training precision (auto: bf16 on GPU, fp32 on CPU)",
+        help="draft training precision (auto: bf16 autocast on GPU and on CPUs with native bf16, else fp32)",
     )
     parser.add_argument(
         "--target-precision",
