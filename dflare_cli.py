@@ -19,6 +19,7 @@ SUBCOMMANDS = {
     "demo": ("modeling_dflare.demo", "SmolLM2 + the shipped draft: text, acceptance length, speedup"),
     "regenerate": ("modeling_dflare.regenerate", "rewrite dataset responses with the target itself"),
     "train": ("modeling_dflare.training", "train a DFlare/DFlash draft for a target"),
+    "tune-cut": ("modeling_dflare.training.tune", "re-choose a draft's confidence cut for this machine"),
     "bench": ("modeling_dflare.bench", "acceptance length and wall-clock speedup vs alternatives"),
     "push": ("modeling_dflare.hub", "validate and upload a draft folder to the Hub"),
     "push-space": ("modeling_dflare.hub", "validate and upload the Space folder to the Hub"),

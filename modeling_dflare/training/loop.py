@@ -482,9 +482,15 @@ def card_facts(summary: dict) -> dict:
         facts["held-out implied tau (random anchors)"] = heldout.get("tau")
     tuning = summary.get("threshold_tuning") or {}
     if tuning:
+        threads = tuning.get("threads")
+        timed = f"{threads} thread{'' if threads == 1 else 's'}" if threads else ""
+        if tuning.get("previous"):  # re-chosen by `dflare tune-cut` after training
+            where = f"tuning machine (`dflare tune-cut`, {timed}; the training run had picked {tuning['previous']['best']})"
+        else:
+            where = f"training machine ({timed})" if timed else "training machine"
         facts["confidence cut"] = (
             f"{tuning['best']}, chosen on {tuning['heldout_answers']} held-out answers for a predicted "
-            f"{tuning['predicted_speedup'][str(tuning['best'])]}x on the training machine"
+            f"{tuning['predicted_speedup'][str(tuning['best'])]}x on the {where}"
         )
     if consistency:
         facts["implied tau (every anchor) / walked / measured in generate"] = (

@@ -1,0 +1,125 @@
+"""``dflare tune-cut``: choose a trained draft's confidence cut for the machine it will run on.
+
+The cut that ``dflare train --tune-threshold`` picks depends on the target's measured forward
+times, so it is only right for the machine (and thread count) it was timed on. A publisher who
+trained elsewhere, or a run trained with ``--threads 1`` beside another job, re-chooses it here:
+the draft walks the held-out answers once (no ``generate`` per candidate), the target and draft
+costs are timed with the threads generation will use, and the cost model of
+:func:`~modeling_dflare.training.consistency.choose_threshold` predicts the speedup of every cut.
+
+The chosen cut is written into the draft's ``config.json`` (nothing else in it changes); when the
+folder has a ``training_summary.json``, the new tuning replaces its ``threshold_tuning`` (the
+previous one is kept under ``previous``) and the model card is rewritten to say so.
+"""
+
+import datetime
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def tune_cut(
+    draft_dir: str | Path,
+    heldout: str,
+    target=None,
+    tokenizer=None,
+    target_source: str | None = None,
+    threads: int | None = None,
+    max_length: int = 512,
+    hidden_cache: str | None = None,
+    write: bool = True,
+) -> dict:
+    """Re-choose ``draft_dir``'s confidence cut on the ``heldout`` answers; returns the tuning record.
+
+    ``threads`` (default: torch's current setting) is what the target and draft are timed with:
+    pass the thread count generation will run with, on an otherwise quiet machine.
+    """
+    from ..anchors import default_gamma, position_weights
+    from ..modeling_dflare import DFlareModel, check_draft_matches_target
+    from ..targets import load_target, load_tokenizer
+    from .consistency import choose_threshold, measure_consistency, measure_costs
+    from .data import read_source, tokenize_conversations
+    from .features import TargetFeatures
+
+    folder = Path(draft_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"draft folder {str(draft_dir)!r} has no config.json (expected a trained DFlare draft folder)")
+    if not Path(heldout).exists():
+        raise FileNotFoundError(f"--heldout {heldout!r} does not exist (expected a regenerated-answers folder or a .json/.jsonl chat file)")
+    target = target if target is not None else load_target(target_source)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target_source)
+    draft = DFlareModel.from_pretrained(folder, dtype=torch.float32)
+    check_draft_matches_target(draft, target)
+    sequences, _ = tokenize_conversations(tokenizer, read_source(heldout), max_length)
+    if not sequences:
+        raise ValueError(f"--heldout {heldout!r} holds no usable answer (expected chat records with a user turn and an assistant reply)")
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        block = draft.config.block_size
+        walks: list = []
+        features = TargetFeatures(target, hidden_cache)
+        measure_consistency(draft, target, features, sequences, position_weights(block, default_gamma(block)), run_generate=False, walks=walks)
+        verify_s, draft_s, plain_s = measure_costs(draft, target, sequences[0])
+        tuning = choose_threshold(walks, verify_s, draft_s, plain_s=plain_s)
+        tuning.update(
+            heldout_answers=len(walks),
+            threads=torch.get_num_threads(),
+            tool="dflare tune-cut",
+            heldout=str(heldout),
+            date=datetime.date.today().isoformat(),
+        )
+    finally:
+        torch.set_num_threads(previous_threads)
+    previous = draft.config.confidence_threshold
+    logger.info("confidence cut %s -> %s (predicted speedup by cut: %s)", previous, tuning["best"], tuning["predicted_speedup"])
+    if write:
+        _write_back(folder, draft, tuning, previous)
+    return tuning
+
+
+def _write_back(folder: Path, draft, tuning: dict, previous_cut: float) -> None:
+    """The new cut into config.json (only that key), the summary and the model card."""
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    config["confidence_threshold"] = float(tuning["best"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    summary_path = folder / "training_summary.json"
+    if not summary_path.is_file():
+        return
+    summary = json.loads(summary_path.read_text())
+    old = summary.get("threshold_tuning") or {}
+    tuning["previous"] = {"best": old.get("best", previous_cut), "threads": old.get("threads"), "tool": old.get("tool", "dflare train --tune-threshold")}
+    summary["threshold_tuning"] = tuning
+    summary_path.write_text(json.dumps(summary, indent=2))
+    from .loop import _write_card
+
+    draft.config.confidence_threshold = float(tuning["best"])
+    _write_card(folder, draft, summary)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("draft", help="trained draft folder (its config.json gets the new cut)")
+    parser.add_argument("--heldout", required=True, help="held-out answers the cut is chosen on (never benchmark prompts)")
+    parser.add_argument("--target", default=None, help="target folder or .gguf file (default: embedded SmolLM2)")
+    parser.add_argument("--threads", type=int, default=None, help="threads to time with: the ones generation will use (default: torch's)")
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--hidden-cache", default=None, help="reuse a training run's target-feature cache")
+    parser.add_argument("--dry-run", action="store_true", help="print the tuning, write nothing")
+
+
+def run(args) -> int:
+    tuning = tune_cut(
+        args.draft, args.heldout, target_source=args.target, threads=args.threads, max_length=args.max_length,
+        hidden_cache=args.hidden_cache, write=not args.dry_run,
+    )
+    print(json.dumps({k: tuning[k] for k in ("best", "predicted_speedup", "verify_ms", "draft_ms", "plain_ms", "threads", "heldout_answers")}, indent=2))
+    return 0
+
+
+__all__ = ["tune_cut"]

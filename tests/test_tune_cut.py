@@ -1,0 +1,75 @@
+"""``dflare tune-cut``: re-choosing a trained draft's confidence cut for the machine it runs on."""
+
+import json
+
+import pytest
+import torch
+
+from modeling_dflare import DFlareConfig
+from modeling_dflare.data import write_jsonl
+from modeling_dflare.testing import tiny_target, tiny_tokenizer
+from modeling_dflare.training import TrainArgs, train
+from modeling_dflare.training.tune import tune_cut
+
+
+def _chats(count: int, start: int) -> list[dict]:
+    return [
+        {"id": f"c{i}", "messages": [{"role": "user", "content": f"w{i % 50} w{(i * 3) % 50}"},
+                                     {"role": "assistant", "content": " ".join(f"w{(j * 7 + i) % 88}" for j in range(24))}]}
+        for i in range(start, start + count)
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny draft trained with --tune-threshold (1 thread), its target and its held-out file."""
+    folder = tmp_path_factory.mktemp("tune")
+    write_jsonl(folder / "train.jsonl", _chats(16, 0))
+    write_jsonl(folder / "heldout.jsonl", _chats(4, 100))
+    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
+    args = TrainArgs(output_dir=str(folder / "draft"), data=str(folder / "train.jsonl"), heldout=str(folder / "heldout.jsonl"),
+                     num_hidden_layers=1, block_size=4, num_anchors=4, max_steps=6, batch_size=2, eval_every=1000, lr=1e-3,
+                     draft_vocab_size=None, consistency_prompts=1, tune_threshold=True, threads=1)
+    return train(args, target=target, tokenizer=tokenizer), target, tokenizer, folder / "heldout.jsonl"
+
+
+def test_tune_cut_rewrites_the_cut_and_says_so(trained, tmp_path):
+    import shutil
+
+    source, target, tokenizer, heldout = trained
+    draft = tmp_path / "draft"
+    shutil.copytree(source, draft)
+    config_before = json.loads((draft / "config.json").read_text())
+    trained_pick = json.loads((draft / "training_summary.json").read_text())["threshold_tuning"]["best"]
+    threads_before = torch.get_num_threads()
+
+    dry = tune_cut(draft, str(heldout), target=target, tokenizer=tokenizer, threads=1, write=False)
+    assert json.loads((draft / "config.json").read_text()) == config_before  # a dry run writes nothing
+    tuning = tune_cut(draft, str(heldout), target=target, tokenizer=tokenizer, threads=1)
+
+    assert torch.get_num_threads() == threads_before  # the timing threads are put back
+    assert tuning["threads"] == 1 and tuning["heldout_answers"] == 4 and set(dry["predicted_speedup"]) == set(tuning["predicted_speedup"])
+    assert tuning["predicted_speedup"][str(tuning["best"])] == max(tuning["predicted_speedup"].values())
+    config_after = json.loads((draft / "config.json").read_text())
+    assert config_after.pop("confidence_threshold") == tuning["best"] == DFlareConfig.from_pretrained(draft).confidence_threshold
+    config_before.pop("confidence_threshold")
+    assert config_after == config_before  # nothing else in the config changed
+    summary = json.loads((draft / "training_summary.json").read_text())
+    assert summary["threshold_tuning"]["best"] == tuning["best"]
+    assert summary["threshold_tuning"]["previous"]["best"] == trained_pick
+    card = (draft / "README.md").read_text()
+    assert "dflare tune-cut" in card and f"the training run had picked {trained_pick}" in card
+
+
+def test_tune_cut_names_what_is_wrong(trained, tmp_path):
+    source, target, tokenizer, heldout = trained
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        tune_cut(tmp_path, str(heldout), target=target, tokenizer=tokenizer)
+    with pytest.raises(FileNotFoundError, match="missing.jsonl.*does not exist"):
+        tune_cut(source, str(tmp_path / "missing.jsonl"), target=target, tokenizer=tokenizer)
+    write_jsonl(tmp_path / "empty.jsonl", [{"id": "x", "messages": [{"role": "user", "content": "w1"}]}])
+    with pytest.raises(ValueError, match="empty.jsonl.*no usable answer"):
+        tune_cut(source, str(tmp_path / "empty.jsonl"), target=target, tokenizer=tokenizer)
+    other = tiny_target("llama", hidden_size=48)
+    with pytest.raises(ValueError, match="does not match the target"):
+        tune_cut(source, str(heldout), target=other, tokenizer=tokenizer)
