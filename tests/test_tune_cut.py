@@ -73,3 +73,19 @@ def test_tune_cut_names_what_is_wrong(trained, tmp_path):
     other = tiny_target("llama", hidden_size=48)
     with pytest.raises(ValueError, match="does not match the target"):
         tune_cut(source, str(heldout), target=other, tokenizer=tokenizer)
+
+
+def test_training_with_fewer_threads_than_cores_points_to_tune_cut(tmp_path, monkeypatch, caplog):
+    """OMP_NUM_THREADS=1 (two jobs sharing the cores) makes the run's own tuner time one thread; the
+    run says so and names the command that re-chooses the cut."""
+    import os
+
+    write_jsonl(tmp_path / "train.jsonl", _chats(8, 0))
+    write_jsonl(tmp_path / "heldout.jsonl", _chats(2, 100))
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    args = TrainArgs(output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
+                     num_hidden_layers=1, block_size=4, num_anchors=4, max_steps=2, batch_size=2, eval_every=1000, lr=1e-3,
+                     draft_vocab_size=None, consistency_prompts=1, tune_threshold=True)
+    with caplog.at_level("WARNING", logger="modeling_dflare.training.loop"):
+        train(args, target=tiny_target("llama"), tokenizer=tiny_tokenizer())
+    assert f"dflare tune-cut {tmp_path / 'draft'}" in caplog.text and "of this machine's 64" in caplog.text

@@ -242,6 +242,12 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
             tuning = choose_threshold(walks, verify_s, draft_s, plain_s=plain_s)
             tuning["heldout_answers"] = len(walks)
             tuning["threads"] = generation_threads
+            if generation_threads < (os.cpu_count() or 1):
+                logger.warning(
+                    "the confidence cut was timed with %d thread(s) of this machine's %d (OMP_NUM_THREADS or torch "
+                    "settings of this process): if generation will use more, re-choose it with `dflare tune-cut %s "
+                    "--heldout %s --threads N`", generation_threads, os.cpu_count(), args.output_dir, args.heldout,
+                )
             inner.config.confidence_threshold = float(tuning["best"])
             logger.info("confidence cut tuned on %d held-out answers: %s", len(walks), tuning)
     return _finish(
