@@ -417,3 +417,24 @@ def test_training_step_runs_the_whole_loss_under_the_chosen_precision(tmp_path, 
     card = (out / "README.md").read_text()
     assert ("bf16 autocast" in card) == (precision == "bf16")
     assert DFlareModel.from_pretrained(out).dtype == torch.bfloat16  # saved in bf16 either way
+
+
+def test_a_resumed_run_keeps_the_feature_time_of_the_launch_before_it(tmp_path):
+    """The feature pass runs once, in the first launch; a run resumed from its checkpoint reads the
+    cache and still counts that time in its CPU-hours (it is part of what the draft cost)."""
+    data = _tiny_dataset(tmp_path / "data")
+    heldout = _tiny_dataset(tmp_path / "data", 4, "heldout", start=100)
+    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
+
+    def run(max_steps: int):
+        args = TrainArgs(output_dir=str(tmp_path / "draft"), data=str(data), heldout=str(heldout), work_dir=str(tmp_path / "work"),
+                         num_hidden_layers=1, block_size=4, num_anchors=4, max_steps=max_steps, batch_size=1, save_every=5,
+                         eval_every=1000, lr=1e-3, draft_vocab_size=32, consistency_prompts=0, hidden_cache=str(tmp_path / "cache"))
+        return json.loads((train(args, target=target, tokenizer=tokenizer) / "training_summary.json").read_text())
+
+    first = run(5)["target_features"]
+    assert first["computed"] == 28 and first["seconds"] > 0 and first["seconds_total"] == first["seconds"]
+    resumed = run(10)
+    features = resumed["target_features"]
+    assert features["computed"] == 0 and features["seconds_total"] == first["seconds_total"]
+    assert resumed["cpu_hours"] * 3600 >= resumed["train_seconds"] + features["seconds_total"] - 0.5

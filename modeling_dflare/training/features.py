@@ -151,7 +151,7 @@ class TargetFeatures:
             "computed": len(todo),
             "already_cached": len(sequences) - len(todo),
             "tokens": tokens,
-            "seconds": round(seconds, 1),
+            "seconds": round(seconds, 3),
             "tokens_per_second": round(tokens / seconds, 1) if todo and seconds > 0 else None,
         }
         logger.info("target features (%s): %s", self.precision, stats)

@@ -190,7 +190,9 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
     curve = list(state.get("curve", []))
     parent_hours = _cumulative(args, 0, 0, 0.0)["cpu_hours"]
     threads = torch.get_num_threads() * accelerator.num_processes
-    feature_hours = float(feature_stats.get("seconds") or 0.0) * threads / 3600
+    # a resumed run keeps the feature time of the launches before it (the cache they filled is reused)
+    feature_stats["seconds_total"] = round(float(state.get("feature_seconds", 0.0)) + float(feature_stats.get("seconds") or 0.0), 3)
+    feature_hours = feature_stats["seconds_total"] * threads / 3600
     while step < total_steps:
         start = time.perf_counter()
         metrics = loop.step(step, optimizer, scheduler)
@@ -213,6 +215,7 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
                 checkpoint_dir,
                 {
                     "step": step, "total_steps": total_steps, "train_seconds": seconds, "curve": curve,
+                    "feature_seconds": feature_stats["seconds_total"],
                     "args": dataclasses.asdict(args), "data": data,
                 },
             )
@@ -428,7 +431,7 @@ def _finish(
     for file in tmp.iterdir():  # save_pretrained writes model.safetensors 0600: make the folder uniformly readable
         os.chmod(file, 0o644)
     threads = torch.get_num_threads() if not torch.cuda.is_available() else 1
-    feature_seconds = float(feature_stats.get("seconds") or 0.0)
+    feature_seconds = float(feature_stats.get("seconds_total", feature_stats.get("seconds")) or 0.0)
     cpu_hours = (train_seconds + feature_seconds) * threads * accelerator.num_processes / 3600
     num_sequences, num_heldout = counts
     summary = {
