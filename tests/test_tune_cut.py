@@ -1,5 +1,6 @@
 """``dflare tune-cut``: re-choosing a trained draft's confidence cut for the machine it runs on."""
 
+import dataclasses
 import json
 
 import pytest
@@ -83,9 +84,15 @@ def test_training_with_fewer_threads_than_cores_points_to_tune_cut(tmp_path, mon
     write_jsonl(tmp_path / "train.jsonl", _chats(8, 0))
     write_jsonl(tmp_path / "heldout.jsonl", _chats(2, 100))
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     args = TrainArgs(output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
                      num_hidden_layers=1, block_size=4, num_anchors=4, max_steps=2, batch_size=2, eval_every=1000, lr=1e-3,
                      draft_vocab_size=None, consistency_prompts=1, tune_threshold=True)
     with caplog.at_level("WARNING", logger="modeling_dflare.training.loop"):
         train(args, target=tiny_target("llama"), tokenizer=tiny_tokenizer())
     assert f"dflare tune-cut {tmp_path / 'draft'}" in caplog.text and "of this machine's 64" in caplog.text
+    caplog.clear()
+    monkeypatch.delenv("OMP_NUM_THREADS")  # torch's own default: nothing to say
+    with caplog.at_level("WARNING", logger="modeling_dflare.training.loop"):
+        train(dataclasses.replace(args, output_dir=str(tmp_path / "draft2")), target=tiny_target("llama"), tokenizer=tiny_tokenizer())
+    assert "tune-cut" not in caplog.text

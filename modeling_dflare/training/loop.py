@@ -42,7 +42,7 @@ class TrainingInputError(ValueError):
 
 def _precision(args: TrainArgs, device_type: str) -> str:
     """Draft training precision for accelerate: "auto" is bf16 autocast on GPU and on a CPU that runs
-    bf16 natively (AVX512-BF16/AMX: a step of the SmolLM2 draft measured about 1.3x faster there, the
+    bf16 natively (AVX512-BF16/AMX: steps of the SmolLM2 draft measured 1.2-1.4x faster there, the
     same loss to 3 decimals), else fp32 ("no"). Master weights and optimizer state stay fp32."""
     if args.precision != "auto":
         return args.precision
@@ -245,11 +245,12 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
             tuning = choose_threshold(walks, verify_s, draft_s, plain_s=plain_s)
             tuning["heldout_answers"] = len(walks)
             tuning["threads"] = generation_threads
-            if generation_threads < (os.cpu_count() or 1):
+            if os.environ.get("OMP_NUM_THREADS") and generation_threads < (os.cpu_count() or 1):
                 logger.warning(
-                    "the confidence cut was timed with %d thread(s) of this machine's %d (OMP_NUM_THREADS or torch "
-                    "settings of this process): if generation will use more, re-choose it with `dflare tune-cut %s "
-                    "--heldout %s --threads N`", generation_threads, os.cpu_count(), args.output_dir, args.heldout,
+                    "the confidence cut was timed with %d thread(s) of this machine's %d (OMP_NUM_THREADS=%s in this "
+                    "process; pass --threads instead to limit training alone): if generation will use more, re-choose "
+                    "it with `dflare tune-cut %s --heldout %s --threads N`",
+                    generation_threads, os.cpu_count(), os.environ["OMP_NUM_THREADS"], args.output_dir, args.heldout,
                 )
             inner.config.confidence_threshold = float(tuning["best"])
             logger.info("confidence cut tuned on %d held-out answers: %s", len(walks), tuning)
