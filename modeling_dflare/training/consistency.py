@@ -245,4 +245,28 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     return verify, statistics.median(times[1:]), plain
 
 
-__all__ = ["choose_threshold", "cut_lengths", "leading_runs", "measure_consistency", "measure_costs", "walk", "walk_costs"]
+def tune_threshold(
+    draft: DFlareModel, target, features: TargetFeatures, sequences: list[Sequence], weights: torch.Tensor, threads: int | None = None
+) -> dict:
+    """Choose the confidence cut on ``sequences`` (held-out answers, never benchmark prompts): one walk
+    per answer, then the target and draft timed with ``threads`` (default: the current setting, put
+    back afterwards) on a quiet machine. :func:`choose_threshold`'s record plus ``heldout_answers``
+    and ``threads``."""
+    walks: list = []
+    measure_consistency(draft, target, features, sequences, weights, run_generate=False, walks=walks)
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        verify_s, draft_s, plain_s = measure_costs(draft, target, sequences[0])
+        timed_with = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    tuning = choose_threshold(walks, verify_s, draft_s, plain_s=plain_s)
+    tuning.update(heldout_answers=len(walks), threads=timed_with)
+    return tuning
+
+
+__all__ = [
+    "choose_threshold", "cut_lengths", "leading_runs", "measure_consistency", "measure_costs", "tune_threshold", "walk", "walk_costs",
+]

@@ -227,24 +227,14 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
     train_seconds = seconds_before + sum(h["seconds"] for h in history)
     consistency, tuning = {}, {}
     if heldout and args.consistency_prompts and accelerator.is_main_process:
-        from .consistency import choose_threshold, measure_consistency, measure_costs
+        from .consistency import measure_consistency, tune_threshold
 
-        inner, walks = accelerator.unwrap_model(draft), []
+        inner = accelerator.unwrap_model(draft)
         consistency = measure_consistency(inner, target, loop.features, heldout[: args.consistency_prompts], loop.weights)
         if args.tune_threshold:
-            # the cut is chosen on every held-out (tune-half) answer, never on benchmark prompts
-            measure_consistency(inner, target, loop.features, heldout, loop.weights, run_generate=False, walks=walks)
-            # timed with the threads generation will have, not this run's --threads (1 thread makes
-            # each verified token dearer and pushes the cut up); the timings assume a quiet machine
-            training_threads = torch.get_num_threads()
-            torch.set_num_threads(generation_threads)
-            try:
-                verify_s, draft_s, plain_s = measure_costs(inner, target, heldout[0])
-            finally:
-                torch.set_num_threads(training_threads)
-            tuning = choose_threshold(walks, verify_s, draft_s, plain_s=plain_s)
-            tuning["heldout_answers"] = len(walks)
-            tuning["threads"] = generation_threads
+            # on every held-out (tune-half) answer, timed with the threads generation will have, not
+            # this run's --threads (1 thread makes each verified token dearer and pushes the cut up)
+            tuning = tune_threshold(inner, target, loop.features, heldout, loop.weights, generation_threads)
             if os.environ.get("OMP_NUM_THREADS") and generation_threads < (os.cpu_count() or 1):
                 logger.warning(
                     "the confidence cut was timed with %d thread(s) of this machine's %d (OMP_NUM_THREADS=%s in this "
@@ -253,7 +243,7 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
                     generation_threads, os.cpu_count(), os.environ["OMP_NUM_THREADS"], args.output_dir, args.heldout,
                 )
             inner.config.confidence_threshold = float(tuning["best"])
-            logger.info("confidence cut tuned on %d held-out answers: %s", len(walks), tuning)
+            logger.info("confidence cut tuned on %d held-out answers: %s", tuning["heldout_answers"], tuning)
     return _finish(
         args, accelerator, draft, target, (len(sequences), len(heldout)), total_steps, final_eval, history, train_seconds,
         feature_stats, consistency, tuning, curve,
@@ -432,7 +422,7 @@ def _finish(
     for file in tmp.iterdir():  # save_pretrained writes model.safetensors 0600: make the folder uniformly readable
         os.chmod(file, 0o644)
     threads = torch.get_num_threads() if not torch.cuda.is_available() else 1
-    feature_seconds = float(feature_stats.get("seconds_total", feature_stats.get("seconds")) or 0.0)
+    feature_seconds = feature_stats["seconds_total"]  # this launch's feature pass and the earlier launches'
     cpu_hours = (train_seconds + feature_seconds) * threads * accelerator.num_processes / 3600
     num_sequences, num_heldout = counts
     summary = {

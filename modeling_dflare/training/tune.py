@@ -41,7 +41,7 @@ def tune_cut(
     from ..anchors import default_gamma, position_weights
     from ..modeling_dflare import DFlareModel, check_draft_matches_target
     from ..targets import load_target, load_tokenizer
-    from .consistency import choose_threshold, measure_consistency, measure_costs
+    from .consistency import tune_threshold
     from .data import read_source, tokenize_conversations
     from .features import TargetFeatures
 
@@ -57,25 +57,10 @@ def tune_cut(
     sequences, _ = tokenize_conversations(tokenizer, read_source(heldout), max_length)
     if not sequences:
         raise ValueError(f"--heldout {heldout!r} holds no usable answer (expected chat records with a user turn and an assistant reply)")
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        block = draft.config.block_size
-        walks: list = []
-        features = TargetFeatures(target, hidden_cache)
-        measure_consistency(draft, target, features, sequences, position_weights(block, default_gamma(block)), run_generate=False, walks=walks)
-        verify_s, draft_s, plain_s = measure_costs(draft, target, sequences[0])
-        tuning = choose_threshold(walks, verify_s, draft_s, plain_s=plain_s)
-        tuning.update(
-            heldout_answers=len(walks),
-            threads=torch.get_num_threads(),
-            tool="dflare tune-cut",
-            heldout=str(heldout),
-            date=datetime.date.today().isoformat(),
-        )
-    finally:
-        torch.set_num_threads(previous_threads)
+    block = draft.config.block_size
+    weights = position_weights(block, default_gamma(block))
+    tuning = tune_threshold(draft, target, TargetFeatures(target, hidden_cache), sequences, weights, threads)
+    tuning.update(tool="dflare tune-cut", heldout=str(heldout), date=datetime.date.today().isoformat())
     previous = draft.config.confidence_threshold
     logger.info("confidence cut %s -> %s (predicted speedup by cut: %s)", previous, tuning["best"], tuning["predicted_speedup"])
     if write:
