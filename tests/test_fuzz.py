@@ -66,6 +66,9 @@ def cases(draw):
     if case["path"] == "custom":
         case["confidence_threshold"] = draw(st.sampled_from([0.0, 0.0, 0.2]))
         case["draft_vocab_size"] = draw(st.sampled_from([None, None, 50]))
+        case["prompt_lookup_ngram"] = draw(st.sampled_from([0, 0, 3]))
+        case["prompt_lookup_min_ngram"] = draw(st.sampled_from([1, 2]))
+        case["prompt_lookup_confidence"] = draw(st.sampled_from([0.3, 0.9]))
     return case
 
 
@@ -89,6 +92,9 @@ def run_case(case):
         num_target_layers=case["num_target_layers"],
         confidence_threshold=case.get("confidence_threshold", 0.0),
         draft_vocab_size=case.get("draft_vocab_size"),
+        prompt_lookup_ngram=case.get("prompt_lookup_ngram", 0),
+        prompt_lookup_min_ngram=case.get("prompt_lookup_min_ngram", 2),
+        prompt_lookup_confidence=case.get("prompt_lookup_confidence", 0.3),
     )
     if case["oracle"]:
         offset = case["left_pad"] if case["path"] == "stock" else 0
@@ -167,6 +173,7 @@ def sampling_cases(draw):
         case["draft_vocab_size"] = draw(st.sampled_from([None, None, 5]))
         case["confidence_threshold"] = draw(st.sampled_from([0.0, 0.0, 0.1]))
         case["prompt_lookup_ngram"] = draw(st.sampled_from([0, 0, 2]))
+        case["prompt_lookup_min_ngram"] = draw(st.sampled_from([1, 2]))
     return case
 
 
@@ -183,6 +190,7 @@ def run_sampling_case(case, n: int = 400):
         draft_vocab_size=case.get("draft_vocab_size"),
         confidence_threshold=case.get("confidence_threshold", 0.0),
         prompt_lookup_ngram=case.get("prompt_lookup_ngram", 0),
+        prompt_lookup_min_ngram=case.get("prompt_lookup_min_ngram", 2),
     )
     if case["draft"] == "primed":  # the real generator on the target's own hidden states: drafts get accepted
         draft, _ = make_oracle(target, prompt, **draft_kwargs)

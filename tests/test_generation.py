@@ -155,6 +155,9 @@ def test_ngram_continuation_finds_the_latest_longest_match():
     assert ngram_continuation(seq, 1, 2).tolist() == [7, 8]
     assert ngram_continuation(torch.tensor([4, 5, 6]), 3, 4).tolist() == []  # nothing repeats
     assert ngram_continuation(torch.tensor([4, 4]), 2, 5).tolist() == [4]  # truncated at the end
+    seq = torch.tensor([1, 2, 9, 4, 2])  # only a one-token match ("2"): too short when two are required
+    assert ngram_continuation(seq, 3, 2).tolist() == [9, 4]
+    assert ngram_continuation(seq, 3, 2, min_ngram=2).tolist() == []
 
 
 @pytest.mark.parametrize("arch", ARCHITECTURES)
@@ -175,6 +178,26 @@ def test_prompt_lookup_hybrid_is_lossless_and_used(arch):
         assert stats.lookup_tokens == sum(stats.proposed)
         proposed, accepted = proposed + stats.lookup_tokens, accepted + sum(stats.accepted)
     assert proposed > 0 and accepted > 0, (proposed, accepted)
+
+
+def test_first_position_is_scored_alone_only_where_blocks_stop_there(monkeypatch):
+    """The head product reads every head row, so the first drafted position gets a pass of its own
+    only while most blocks of the call stopped there; otherwise one product covers the block.
+    Output identical either way."""
+    import modeling_dflare.modeling_dflare as module
+
+    target = cached_target("llama")
+    prompt = random_prompt(6, seed=3)
+    expected = greedy(target, prompt, max_new_tokens=20)
+    rows, real = [], module.head_logits
+    monkeypatch.setattr(module, "head_logits", lambda hidden, weight: rows.append(hidden.shape[1]) or real(hidden, weight))
+    weak = make_draft(target, block_size=8, confidence_threshold=0.9)  # never confident: every block stops at once
+    assert greedy(target, prompt, max_new_tokens=20, assistant_model=weak).tolist() == expected.tolist()
+    assert rows[0] == 7 and len(rows) > 3 and set(rows[1:]) == {1}, rows  # after the first block: the first row alone
+    rows.clear()
+    strong, _ = make_oracle(target, prompt, block_size=8, confidence_threshold=1e-9)  # always past the cut
+    assert greedy(target, prompt, max_new_tokens=20, assistant_model=strong).tolist() == expected.tolist()
+    assert len(rows) == len(strong.dflare_stats.proposed) and max(rows) == 7, rows  # one product per block
 
 
 def test_generation_config_block_size_override():
@@ -346,7 +369,7 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
         runs.append(("random draft", dict(assistant_model=random_draft), 1))
         reduced = make_draft(target, block_size=4, draft_vocab_size=5, confidence_threshold=0.05)
         runs.append(("reduced draft vocab + confidence cut", dict(assistant_model=reduced), 6))
-        hybrid = make_draft(target, block_size=4, confidence_threshold=0.99, prompt_lookup_ngram=2)
+        hybrid = make_draft(target, block_size=4, confidence_threshold=0.99, prompt_lookup_ngram=2, prompt_lookup_min_ngram=1)
         runs.append(("prompt-lookup hybrid", dict(assistant_model=hybrid), 7))
     # The real generator end to end (draft forward, _propose, one-hot candidate logits): the draft's
     # hidden states are the target's own on its greedy path, so drafted pairs are often accepted.

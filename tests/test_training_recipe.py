@@ -222,6 +222,23 @@ def test_cost_model_prefers_the_cut_when_drafts_are_wrong_and_expensive():
     assert choose_threshold(always, flat, 0.001, thresholds=(0.0, 0.5))["best"] == 0.0
 
 
+def test_cost_model_gives_way_to_a_lookup_that_is_right():
+    """Drafts never right but confident, a looping answer whose lookup continuation always is: the
+    hybrid's choice replaces every draft (lookup confidence above the drafts' own), and predicts more
+    than the draft alone; ``tuned_settings`` hands all three values to the config."""
+    from modeling_dflare.training.consistency import LookupTable, choose_threshold, tuned_settings
+
+    ids = torch.tensor([5, 6, 7, 8] * 12)
+    table = LookupTable(ids, 8, max_ngram=3, width=3)
+    assert table(0, 0, 2) == (3, 3)  # after "... 7 8 5": "6 7 8" follows, and the answer goes on with it
+    walks = [(torch.zeros(39, dtype=torch.long), torch.full((39, 3), 0.6), 38, table)]
+    result = choose_threshold(walks, [0.010, 0.011, 0.012, 0.013], 0.001, thresholds=(0.0, 0.5), lookup_confidences=(0.3, 0.9))
+    hybrid = result["hybrid"]
+    assert hybrid["best"]["prompt_lookup_confidence"] == 0.9  # 0.6 ** 1 < 0.9: no draft is "sure"
+    assert hybrid["predicted"] > max(result["predicted_speedup"].values())
+    assert tuned_settings(result) == hybrid["best"] and tuned_settings({"best": 0.2}) == {"confidence_threshold": 0.2}
+
+
 def test_monotone_fit_smooths_noisy_forward_times():
     from modeling_dflare.training.consistency import monotone_fit
 
@@ -328,3 +345,56 @@ def test_cut_tuner_times_with_the_threads_generation_runs_with(tmp_path, looping
 
     assert seen == [2]
     assert json.loads((out / "training_summary.json").read_text())["threshold_tuning"]["threads"] == 2
+
+
+def test_hybrid_walk_replays_generate(looping_target):
+    """The cost model's replay of the prompt-lookup hybrid (which continuation the context offers
+    after the kept drafts, and how much of it the answer follows) gives exactly the cycles and
+    tokens of ``generate`` with the same settings, on answers the target itself produced."""
+    from transformers import GenerationConfig
+
+    from modeling_dflare.testing import make_draft
+    from modeling_dflare.training.consistency import cut_lengths, measure_consistency, walk_costs
+
+    target, block = looping_target, 4
+    draft = make_draft(target, block_size=block, prompt_lookup_ngram=3)
+    config = GenerationConfig(do_sample=False, pad_token_id=0, eos_token_id=None, max_new_tokens=30)
+    sequences = []
+    for seed in range(4):
+        prompt = torch.randint(8, 96, (1, 6), generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            out = target.generate(prompt, generation_config=config)
+        sequences.append(Sequence(f"s{seed}", out[0], prompt.shape[1]))
+    walks: list = []
+    measure_consistency(draft, target, TargetFeatures(target), sequences, position_weights(block, 2.0), 30, run_generate=False, walks=walks)
+    assert len(walks) == 4 and all(w[3] is not None for w in walks)
+    # a lookup confidence that keeps the first draft in about half the blocks, halfway across a wide
+    # gap between two first-position confidences (so float noise between the two paths cannot flip it)
+    first = torch.cat([w[1][:, 0] for w in walks]).sort().values
+    middle = first[len(first) // 4 : 3 * len(first) // 4]
+    gap = int((middle[1:] / middle[:-1]).argmax())
+    some = float(middle[gap : gap + 2].mean())
+    lookups = 0
+    # (cut, lookup confidence, shortest n-gram): lookup after every kept draft / none / only long
+    # matches / after a kept first draft, mostly a wrong one (a random draft)
+    for cut, confidence, shortest in ((0.0, 1.0, 1), (0.0, 1.0, 3), (0.0, 0.0, 1), (0.0, some, 1)):
+        predicted_tokens = predicted_cycles = generated_tokens = generated_cycles = 0
+        for sequence, (runs, conf, budget, table) in zip(sequences, walks):
+            tokens, cycles = walk_costs(
+                runs, cut_lengths(conf, cut), budget, [1.0] * block, 0.0, cut_lengths(conf, max(cut, confidence)), table, shortest
+            )
+            predicted_tokens, predicted_cycles = predicted_tokens + tokens, predicted_cycles + cycles
+            settings = GenerationConfig(**config.to_dict())
+            settings.max_new_tokens = budget + 1
+            settings.dflare_confidence_threshold, settings.dflare_lookup_confidence = cut, confidence
+            settings.dflare_prompt_lookup_min_ngram = shortest
+            prompt = sequence.input_ids[: sequence.response_start][None]
+            with torch.no_grad():
+                got = target.generate(prompt, assistant_model=draft, generation_config=settings)
+            assert got[0].tolist() == sequence.input_ids[: sequence.response_start + budget + 1].tolist()
+            stats = draft.dflare_stats
+            generated_tokens += sum(stats.accepted) + stats.cycles
+            generated_cycles += stats.cycles
+            lookups += stats.lookup_tokens
+        assert (predicted_tokens, predicted_cycles) == (generated_tokens, generated_cycles), (cut, confidence, shortest)
+    assert lookups > 0  # the hybrid really proposed lookups, so the replay was tested on them

@@ -62,6 +62,30 @@ def test_tune_cut_rewrites_the_cut_and_says_so(trained, tmp_path):
     assert "dflare tune-cut" in card and f"the training run had picked {trained_pick}" in card
 
 
+def test_tune_cut_chooses_the_hybrid_settings_with_the_cut(trained, tmp_path):
+    """A draft shipped with the prompt-lookup hybrid on gets its cut, lookup confidence and shortest
+    n-gram chosen together, all three written to config.json and named in the card."""
+    import shutil
+
+    source, target, tokenizer, heldout = trained
+    draft = tmp_path / "draft"
+    shutil.copytree(source, draft)
+    config = json.loads((draft / "config.json").read_text())
+    config["prompt_lookup_ngram"] = 3
+    (draft / "config.json").write_text(json.dumps(config))
+    tuning = tune_cut(draft, str(heldout), target=target, tokenizer=tokenizer, threads=1)
+    hybrid = tuning["hybrid"]
+    assert hybrid["predicted"] == max(hybrid["predicted_speedup"].values())
+    assert tuning["best"] == hybrid["best"]["confidence_threshold"]
+    written = DFlareConfig.from_pretrained(draft)
+    assert (written.confidence_threshold, written.prompt_lookup_confidence, written.prompt_lookup_min_ngram) == (
+        hybrid["best"]["confidence_threshold"], hybrid["best"]["prompt_lookup_confidence"], hybrid["best"]["prompt_lookup_min_ngram"]
+    )
+    assert written.prompt_lookup_ngram == 3
+    card = (draft / "README.md").read_text()
+    assert f"lookup confidence {hybrid['best']['prompt_lookup_confidence']}" in card
+
+
 def test_tune_cut_names_what_is_wrong(trained, tmp_path):
     source, target, tokenizer, heldout = trained
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -20,7 +20,10 @@ the predictor to trust; ``implied_tau`` is kept because it is what the papers re
 
 :func:`choose_threshold` reuses the same walk to pick the confidence cut: with the target's
 measured forward cost for 1..B tokens and the draft's cost per block, every candidate cut gives a
-predicted speedup over plain decoding, without running ``generate`` once per candidate.
+predicted speedup over plain decoding, without running ``generate`` once per candidate. For a
+draft with the prompt-lookup hybrid on, the walk also replays the hybrid (:class:`LookupTable`:
+which continuation the context offers after the kept drafts and how much of it the answer
+follows), and the cut, the lookup confidence and the shortest n-gram are chosen together.
 """
 
 import logging
@@ -47,46 +50,117 @@ def cut_lengths(confidence: torch.Tensor, threshold: float) -> torch.LongTensor:
     return (confidence.cumprod(dim=1) >= threshold).long().cumprod(dim=1).sum(dim=1)
 
 
-def walk_costs(runs: torch.LongTensor, kept: torch.LongTensor, budget: int, verify_s: list[float], draft_s: float) -> tuple[int, float]:
-    """(tokens, seconds) of generation walking the blocks with ``kept[p]`` drafts proposed at position p."""
+class LookupTable:
+    """What the prompt-lookup hybrid would propose along one held-out answer, for the cost model.
+
+    ``ids`` is the tokenised conversation and ``first`` its first response token; the block at
+    response position ``p`` is anchored at ``first + p`` and has ``width`` draft positions. Calling
+    the table with ``(p, sure, min_ngram)`` gives ``(count, matched)``: the length of the lookup
+    continuation that replaces the drafts after the ``sure`` kept ones (0: no n-gram match, the
+    drafts stand) and how many of its leading tokens the answer goes on with. Memoised, since the
+    tuner's grid walks the same blocks many times.
+    """
+
+    def __init__(self, ids: torch.LongTensor, first: int, max_ngram: int, width: int):
+        self.ids, self.first, self.max_ngram, self.width = ids.cpu(), first, max_ngram, width
+        self._memo: dict[tuple[int, int, int], tuple[int, int]] = {}
+
+    def __call__(self, position: int, sure: int, min_ngram: int) -> tuple[int, int]:
+        key = (position, sure, min_ngram)
+        if key not in self._memo:
+            from ..modeling_dflare import ngram_continuation
+
+            end = self.first + position + 1 + sure  # the anchor and the kept drafts, as if all were right
+            found = ngram_continuation(self.ids[:end], self.max_ngram, self.width - sure, min_ngram)
+            truth = self.ids[end : end + found.numel()]
+            matched = int((found[: truth.numel()] == truth).long().cumprod(0).sum())
+            self._memo[key] = (found.numel(), matched)
+        return self._memo[key]
+
+
+def walk_costs(
+    runs: torch.LongTensor, kept: torch.LongTensor, budget: int, verify_s: list[float], draft_s: float,
+    sure: torch.LongTensor | None = None, lookup: LookupTable | None = None, min_ngram: int = 1,
+) -> tuple[int, float]:
+    """(tokens, seconds) of generation walking the blocks with ``kept[p]`` drafts proposed at position p.
+
+    With ``sure`` and ``lookup`` (the prompt-lookup hybrid): of the kept drafts only the first
+    ``sure[p]`` stay when the lookup finds a continuation of at least ``min_ngram`` tokens' match,
+    which then fills the block, exactly as :class:`~modeling_dflare.DFlareCandidateGenerator` does.
+    """
+    runs_, kept_ = runs.tolist(), kept.tolist()
+    sure_ = sure.tolist() if sure is not None and lookup is not None else None
     position, tokens, seconds = 0, 0, 0.0
-    while position < runs.numel() and tokens < budget:
-        proposed = int(kept[position])
-        gained = min(min(int(runs[position]), proposed) + 1, budget - tokens)
+    while position < len(runs_) and tokens < budget:
+        proposed = kept_[position]
+        accepted = min(runs_[position], proposed)
+        if sure_ is not None:
+            keep = min(sure_[position], proposed)
+            if keep < lookup.width:
+                count, matched = lookup(position, keep, min_ngram)
+                if count:
+                    proposed = keep + count
+                    accepted = keep + matched if runs_[position] >= keep else runs_[position]
+        gained = min(accepted + 1, budget - tokens)
         seconds += draft_s + verify_s[min(proposed, len(verify_s) - 1)]
         tokens, position = tokens + gained, position + gained
     return tokens, seconds
 
 
 def choose_threshold(
-    walks: list[tuple[torch.LongTensor, torch.Tensor, int]],
+    walks: list[tuple],
     verify_s: list[float],
     draft_s: float,
     thresholds=(0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7),
     plain_s: float | None = None,
+    lookup_confidences=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
+    min_ngrams=(1, 2, 3),
 ) -> dict:
-    """Predicted speedup over plain decoding for each confidence cut; ``best`` is the fastest.
+    """Predicted speedup over plain decoding for each confidence cut; ``best`` is the cut to ship.
 
-    ``walks`` holds ``(runs, confidence, budget)`` per held-out answer; ``verify_s[n]`` is the
+    ``walks`` holds ``(runs, confidence, budget)`` per held-out answer, plus a :class:`LookupTable`
+    as a fourth item when the draft has the prompt-lookup hybrid on; ``verify_s[n]`` is the
     target's forward time for ``n + 1`` tokens on the kernels generation verifies on, and
     ``plain_s`` one plain decoding step (default ``verify_s[0]``).
+
+    ``predicted_speedup`` is the draft alone. With lookup tables, ``hybrid`` also walks every
+    (cut, lookup confidence, shortest n-gram) of the grid and its ``best`` triple is what the
+    draft ships with (the hybrid is what ``generate`` runs then), so ``best`` is its cut.
     """
     plain_step = plain_s or verify_s[0]
-    predicted = {}
-    for threshold in thresholds:
+
+    def predict(threshold: float, lookup_confidence: float | None = None, min_ngram: int = 1) -> float:
         tokens = seconds = 0.0
-        for runs, confidence, budget in walks:
-            got, spent = walk_costs(runs, cut_lengths(confidence, threshold), budget, verify_s, draft_s)
+        for runs, confidence, budget, *rest in walks:
+            table = rest[0] if rest and lookup_confidence is not None else None
+            sure = cut_lengths(confidence, max(threshold, lookup_confidence)) if table is not None else None
+            got, spent = walk_costs(runs, cut_lengths(confidence, threshold), budget, verify_s, draft_s, sure, table, min_ngram)
             tokens, seconds = tokens + got, seconds + spent
-        predicted[threshold] = round(tokens * plain_step / seconds, 4) if seconds else 0.0
+        return round(tokens * plain_step / seconds, 4) if seconds else 0.0
+
+    predicted = {threshold: predict(threshold) for threshold in thresholds}
     best = max(predicted, key=predicted.get)
-    return {
+    record = {
         "predicted_speedup": {str(k): v for k, v in predicted.items()},
         "best": best,
         "verify_ms": [round(1000 * v, 2) for v in verify_s],
         "draft_ms": round(1000 * draft_s, 2),
         "plain_ms": round(1000 * plain_step, 2),
     }
+    if any(len(w) > 3 and w[3] is not None for w in walks):
+        grid = {
+            (threshold, confidence, n): predict(threshold, confidence, n)
+            for threshold in thresholds for confidence in lookup_confidences for n in min_ngrams
+        }
+        threshold, confidence, n = max(grid, key=grid.get)
+        record["hybrid"] = {
+            "predicted_speedup": {f"cut {k[0]}, lookup confidence {k[1]}, min n-gram {k[2]}": v for k, v in grid.items()},
+            "best": {"confidence_threshold": threshold, "prompt_lookup_confidence": confidence, "prompt_lookup_min_ngram": n},
+            "predicted": grid[(threshold, confidence, n)],
+            "draft_alone_best": best,
+        }
+        record["best"] = threshold
+    return record
 
 
 def walk(runs: torch.LongTensor, budget: int) -> tuple[int, int]:
@@ -144,7 +218,9 @@ def measure_consistency(
             tokens, cycles = walk(runs, new_tokens - 1)
             walk_tokens, walk_cycles = walk_tokens + tokens, walk_cycles + cycles
             if walks is not None:
-                walks.append((runs.cpu(), result.confidence.cpu(), new_tokens - 1))
+                ngram = int(getattr(draft.config, "prompt_lookup_ngram", 0))
+                table = LookupTable(sequence.input_ids, first, ngram, result.confidence.shape[1]) if ngram > 0 else None
+                walks.append((runs.cpu(), result.confidence.cpu(), new_tokens - 1, table))
             if not run_generate:
                 continue
             prompt = sequence.input_ids[:first][None].to(target.device)
@@ -245,6 +321,13 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     return verify, statistics.median(times[1:]), plain
 
 
+def tuned_settings(tuning: dict) -> dict:
+    """The config values a tuning record chooses: the cut, plus the hybrid's two when it was tuned."""
+    if "hybrid" in tuning:
+        return dict(tuning["hybrid"]["best"])
+    return {"confidence_threshold": tuning["best"]}
+
+
 def tune_threshold(
     draft: DFlareModel, target, features: TargetFeatures, sequences: list[Sequence], weights: torch.Tensor, threads: int | None = None
 ) -> dict:
@@ -268,5 +351,6 @@ def tune_threshold(
 
 
 __all__ = [
-    "choose_threshold", "cut_lengths", "leading_runs", "measure_consistency", "measure_costs", "tune_threshold", "walk", "walk_costs",
+    "LookupTable", "choose_threshold", "cut_lengths", "leading_runs", "measure_consistency", "measure_costs", "tune_threshold",
+    "tuned_settings", "walk", "walk_costs",
 ]

@@ -227,7 +227,7 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
     train_seconds = seconds_before + sum(h["seconds"] for h in history)
     consistency, tuning = {}, {}
     if heldout and args.consistency_prompts and accelerator.is_main_process:
-        from .consistency import measure_consistency, tune_threshold
+        from .consistency import measure_consistency, tune_threshold, tuned_settings
 
         inner = accelerator.unwrap_model(draft)
         consistency = measure_consistency(inner, target, loop.features, heldout[: args.consistency_prompts], loop.weights)
@@ -242,7 +242,8 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
                     "it with `dflare tune-cut %s --heldout %s --threads N`",
                     generation_threads, os.cpu_count(), os.environ["OMP_NUM_THREADS"], args.output_dir, args.heldout,
                 )
-            inner.config.confidence_threshold = float(tuning["best"])
+            for key, value in tuned_settings(tuning).items():
+                setattr(inner.config, key, value)
             logger.info("confidence cut tuned on %d held-out answers: %s", tuning["heldout_answers"], tuning)
     return _finish(
         args, accelerator, draft, target, (len(sequences), len(heldout)), total_steps, final_eval, history, train_seconds,
@@ -492,6 +493,13 @@ def card_facts(summary: dict) -> dict:
             f"{tuning['best']}, chosen on {tuning['heldout_answers']} held-out answers for a predicted "
             f"{tuning['predicted_speedup'][str(tuning['best'])]}x on the {where}"
         )
+        if "hybrid" in tuning:
+            chosen = tuning["hybrid"]["best"]
+            facts["prompt-lookup hybrid"] = (
+                f"lookup confidence {chosen['prompt_lookup_confidence']}, shortest n-gram {chosen['prompt_lookup_min_ngram']}, "
+                f"chosen with the cut for a predicted {tuning['hybrid']['predicted']}x (draft alone at that cut: "
+                f"{tuning['predicted_speedup'][str(tuning['best'])]}x)"
+            )
     if consistency:
         facts["implied tau (every anchor) / walked / measured in generate"] = (
             f"{consistency['implied_tau']} / {consistency['walk_tau']} / {consistency['generate_tau']} "

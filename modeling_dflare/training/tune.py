@@ -5,9 +5,10 @@ times, so it is only right for the machine (and thread count) it was timed on. A
 trained elsewhere, or a run trained with ``--threads 1`` beside another job, re-chooses it here:
 the draft walks the held-out answers once (no ``generate`` per candidate), the target and draft
 costs are timed with the threads generation will use, and the cost model of
-:func:`~modeling_dflare.training.consistency.choose_threshold` predicts the speedup of every cut.
+:func:`~modeling_dflare.training.consistency.choose_threshold` predicts the speedup of every cut. A draft with the prompt-lookup hybrid on gets the cut, the lookup
+confidence and the shortest n-gram chosen together (the walk replays the hybrid too).
 
-The chosen cut is written into the draft's ``config.json`` (nothing else in it changes); when the
+The chosen values are written into the draft's ``config.json`` (nothing else in it changes); when the
 folder has a ``training_summary.json``, the new tuning replaces its ``threshold_tuning`` (the
 previous one is kept under ``previous``) and the model card is rewritten to say so.
 """
@@ -63,16 +64,21 @@ def tune_cut(
     tuning.update(tool="dflare tune-cut", heldout=str(heldout), date=datetime.date.today().isoformat())
     previous = draft.config.confidence_threshold
     logger.info("confidence cut %s -> %s (predicted speedup by cut: %s)", previous, tuning["best"], tuning["predicted_speedup"])
+    if "hybrid" in tuning:
+        logger.info("prompt-lookup hybrid: %s, predicted %sx", tuning["hybrid"]["best"], tuning["hybrid"]["predicted"])
     if write:
         _write_back(folder, draft, tuning, previous)
     return tuning
 
 
 def _write_back(folder: Path, draft, tuning: dict, previous_cut: float) -> None:
-    """The new cut into config.json (only that key), the summary and the model card."""
+    """The chosen values into config.json (only those keys), the summary and the model card."""
+    from .consistency import tuned_settings
+
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
-    config["confidence_threshold"] = float(tuning["best"])
+    chosen = tuned_settings(tuning)
+    config.update(chosen)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     summary_path = folder / "training_summary.json"
     if not summary_path.is_file():
@@ -84,7 +90,8 @@ def _write_back(folder: Path, draft, tuning: dict, previous_cut: float) -> None:
     summary_path.write_text(json.dumps(summary, indent=2))
     from .loop import _write_card
 
-    draft.config.confidence_threshold = float(tuning["best"])
+    for key, value in chosen.items():
+        setattr(draft.config, key, value)
     _write_card(folder, draft, summary)
 
 
@@ -103,7 +110,10 @@ def run(args) -> int:
         args.draft, args.heldout, target_source=args.target, threads=args.threads, max_length=args.max_length,
         hidden_cache=args.hidden_cache, write=not args.dry_run,
     )
-    print(json.dumps({k: tuning[k] for k in ("best", "predicted_speedup", "verify_ms", "draft_ms", "plain_ms", "threads", "heldout_answers")}, indent=2))
+    shown = {k: tuning[k] for k in ("best", "predicted_speedup", "verify_ms", "draft_ms", "plain_ms", "threads", "heldout_answers")}
+    if "hybrid" in tuning:
+        shown["hybrid"] = {k: tuning["hybrid"][k] for k in ("best", "predicted", "draft_alone_best")}
+    print(json.dumps(shown, indent=2))
     return 0
 
 
