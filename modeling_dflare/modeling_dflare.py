@@ -626,6 +626,12 @@ def draft_head(draft: "DFlareModel", head: torch.Tensor) -> tuple[torch.Tensor, 
     return cached[1], cached[2]
 
 
+def _override(generation_config, key: str, default):
+    """``generation_config.<key>`` where it is set (not None), else ``default``."""
+    value = getattr(generation_config, key, None)
+    return default if value is None else value
+
+
 class DFlareCandidateGenerator(CandidateGenerator):
     """Drafts a block of candidates per cycle with a DFlare draft, for transformers' assisted decoding.
 
@@ -646,14 +652,11 @@ class DFlareCandidateGenerator(CandidateGenerator):
         self.target_layer_ids = list(config.target_layer_ids)
         self.model_kwargs_overrides = {"output_hidden_states": hidden_state_request(self.target_layer_ids)}
         self.block_size = int(getattr(generation_config, "dflare_block_size", None) or config.block_size)
-        threshold = getattr(generation_config, "dflare_confidence_threshold", None)
-        self.confidence_threshold = float(config.confidence_threshold if threshold is None else threshold)
-        lookup = getattr(generation_config, "dflare_prompt_lookup_ngram", None)
-        self.lookup_ngram = int(getattr(config, "prompt_lookup_ngram", 0) if lookup is None else lookup)
-        unsure = getattr(generation_config, "dflare_lookup_confidence", None)
-        self.lookup_confidence = float(getattr(config, "prompt_lookup_confidence", 0.3) if unsure is None else unsure)
-        shortest = getattr(generation_config, "dflare_prompt_lookup_min_ngram", None)
-        self.lookup_min_ngram = int(getattr(config, "prompt_lookup_min_ngram", 2) if shortest is None else shortest)
+        # each setting: the generation config's dflare_* override where given, else the draft's config
+        self.confidence_threshold = float(_override(generation_config, "dflare_confidence_threshold", config.confidence_threshold))
+        self.lookup_ngram = int(_override(generation_config, "dflare_prompt_lookup_ngram", config.prompt_lookup_ngram))
+        self.lookup_confidence = float(_override(generation_config, "dflare_lookup_confidence", config.prompt_lookup_confidence))
+        self.lookup_min_ngram = int(_override(generation_config, "dflare_prompt_lookup_min_ngram", config.prompt_lookup_min_ngram))
         self.mask_token_id = config.mask_token_id
         self.max_length = generation_config.max_length
         self.do_sample = bool(generation_config.do_sample)

@@ -101,8 +101,9 @@ def test_tune_cut_names_what_is_wrong(trained, tmp_path):
 
 
 def test_training_with_fewer_threads_than_cores_points_to_tune_cut(tmp_path, monkeypatch, caplog):
-    """OMP_NUM_THREADS=1 (two jobs sharing the cores) makes the run's own tuner time one thread; the
-    run says so and names the command that re-chooses the cut."""
+    """OMP_NUM_THREADS=1 (two jobs sharing the cores) makes the run's own tuner time one thread, and
+    --threads below the generation threads means another job shares the cores while the run times
+    the cut: the run says so and names the command that re-chooses the cut."""
     import os
 
     write_jsonl(tmp_path / "train.jsonl", _chats(8, 0))
@@ -114,9 +115,19 @@ def test_training_with_fewer_threads_than_cores_points_to_tune_cut(tmp_path, mon
                      draft_vocab_size=None, consistency_prompts=1, tune_threshold=True)
     with caplog.at_level("WARNING", logger="modeling_dflare.training.loop"):
         train(args, target=tiny_target("llama"), tokenizer=tiny_tokenizer())
-    assert f"dflare tune-cut {tmp_path / 'draft'}" in caplog.text and "of this machine's 64" in caplog.text
+    assert f"dflare tune-cut {tmp_path / 'draft'}" in caplog.text and "this machine has 64" in caplog.text
     caplog.clear()
     monkeypatch.delenv("OMP_NUM_THREADS")  # torch's own default: nothing to say
     with caplog.at_level("WARNING", logger="modeling_dflare.training.loop"):
         train(dataclasses.replace(args, output_dir=str(tmp_path / "draft2")), target=tiny_target("llama"), tokenizer=tiny_tokenizer())
     assert "tune-cut" not in caplog.text
+    caplog.clear()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # what generate would run with; training limited to one beside another job
+    try:
+        with caplog.at_level("WARNING", logger="modeling_dflare.training.loop"):
+            train(dataclasses.replace(args, output_dir=str(tmp_path / "draft3"), threads=1), target=tiny_target("llama"),
+                  tokenizer=tiny_tokenizer())
+    finally:
+        torch.set_num_threads(threads)
+    assert "training ran with --threads 1" in caplog.text and f"dflare tune-cut {tmp_path / 'draft3'}" in caplog.text

@@ -235,12 +235,12 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
             # on every held-out (tune-half) answer, timed with the threads generation will have, not
             # this run's --threads (1 thread makes each verified token dearer and pushes the cut up)
             tuning = tune_threshold(inner, target, loop.features, heldout, loop.weights, generation_threads)
-            if os.environ.get("OMP_NUM_THREADS") and generation_threads < (os.cpu_count() or 1):
+            reason = _cut_timing_doubt(args.threads, generation_threads)
+            if reason:
                 logger.warning(
-                    "the confidence cut was timed with %d thread(s) of this machine's %d (OMP_NUM_THREADS=%s in this "
-                    "process; pass --threads instead to limit training alone): if generation will use more, re-choose "
-                    "it with `dflare tune-cut %s --heldout %s --threads N`",
-                    generation_threads, os.cpu_count(), os.environ["OMP_NUM_THREADS"], args.output_dir, args.heldout,
+                    "the confidence cut was timed with %d thread(s), but %s: re-choose it on a quiet machine with "
+                    "`dflare tune-cut %s --heldout %s --threads N` (N = the threads generation will use)",
+                    generation_threads, reason, args.output_dir, args.heldout,
                 )
             for key, value in tuned_settings(tuning).items():
                 setattr(inner.config, key, value)
@@ -249,6 +249,23 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
         args, accelerator, draft, target, (len(sequences), len(heldout)), total_steps, final_eval, history, train_seconds,
         feature_stats, consistency, tuning, curve,
     )
+
+
+def _cut_timing_doubt(train_threads: int | None, generation_threads: int) -> str | None:
+    """Why the run's own cut timings may not hold for generation, or None.
+
+    OMP_NUM_THREADS below the core count limits the timing itself to fewer threads than a user's
+    ``generate`` gets; ``--threads`` below the generation threads means the run was sized to share
+    the machine with another job, which is then still running beside the timing and inflates it
+    (measured: 13 ms per verified token beside a regeneration job against 3 ms in a quiet process)."""
+    cores = os.cpu_count() or 1
+    if os.environ.get("OMP_NUM_THREADS") and generation_threads < cores:
+        return (f"this machine has {cores} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} in this process; "
+                "pass --threads instead to limit training alone)")
+    if train_threads and train_threads < generation_threads:
+        return (f"training ran with --threads {train_threads}, so another job probably shared the cores "
+                "while the cut was timed")
+    return None
 
 
 def _fmt(values) -> str:
