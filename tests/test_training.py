@@ -239,10 +239,12 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, monkeypatch):
     assert not (tmp_path / "draft").exists()
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
 @pytest.mark.parametrize("fusion", ["layerwise", "shared"])
-def test_training_pass_equals_inference_pass(fusion):
+def test_training_pass_equals_inference_pass(fusion, attention):
     """The one-pass training forward (all blocks, sparse mask) must give, for every block, exactly
-    what the inference forward gives for that block alone (context cut at its anchor, no mask).
+    what the inference forward gives for that block alone (context cut at its anchor, no mask),
+    with either attention for the training pass (CPU training runs eager, generation SDPA).
 
     Any disagreement here (mask, positions, which hidden states) is the classic "high training
     accuracy, low acceptance" bug.
@@ -255,6 +257,7 @@ def test_training_pass_equals_inference_pass(fusion):
     anchors = torch.tensor([3, 8, 9, 15, 21])
     tokens, positions, _ = block_inputs(ids, anchors, 4, draft.config.mask_token_id)
     embed = target.get_input_embeddings()
+    draft.set_attn_implementation(attention)
     with torch.no_grad():
         together = draft(
             noise_embeds=embed(tokens)[None],
@@ -264,6 +267,7 @@ def test_training_pass_equals_inference_pass(fusion):
         ).last_hidden_state[0]
         for index, anchor in enumerate(anchors.tolist()):
             block = slice(4 * index, 4 * index + 4)
+            draft.set_attn_implementation("sdpa")
             alone = draft(
                 noise_embeds=embed(tokens[block])[None],
                 context_hidden_states=features.hidden[:, :anchor],
@@ -438,3 +442,33 @@ def test_a_resumed_run_keeps_the_feature_time_of_the_launch_before_it(tmp_path):
     features = resumed["target_features"]
     assert features["computed"] == 0 and features["seconds_total"] == first["seconds_total"]
     assert resumed["cpu_hours"] * 3600 >= resumed["train_seconds"] + features["seconds_total"] - 0.5
+
+
+def test_cpu_training_steps_use_eager_attention_and_generation_gets_sdpa_back(tmp_path, monkeypatch):
+    """Training steps on CPU attend with the masked softmax (faster than CPU SDPA under the sparse
+    block mask); the cut tuner, which times the draft as generation runs it, and the saved draft
+    see the implementation the draft came with."""
+    import modeling_dflare.training.consistency as consistency
+    import modeling_dflare.training.loop as loop
+
+    data = _tiny_dataset(tmp_path)
+    heldout = _tiny_dataset(tmp_path, 4, "heldout", start=100)
+    original_loss, original_tune, during_steps, at_tuning = loop.block_loss, consistency.tune_threshold, [], []
+
+    def watched_loss(draft, *args, **kwargs):
+        if torch.is_grad_enabled():
+            during_steps.append(getattr(draft, "module", draft).config._attn_implementation)
+        return original_loss(draft, *args, **kwargs)
+
+    def watched_tune(draft, *args, **kwargs):
+        at_tuning.append(draft.config._attn_implementation)
+        return original_tune(draft, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "block_loss", watched_loss)
+    monkeypatch.setattr(consistency, "tune_threshold", watched_tune)
+    args = TrainArgs(output_dir=str(tmp_path / "draft"), data=str(data), heldout=str(heldout), num_hidden_layers=1, block_size=4,
+                     num_anchors=4, max_steps=2, batch_size=2, eval_every=1000, lr=1e-3, draft_vocab_size=32,
+                     consistency_prompts=1, tune_threshold=True)
+    out = train(args, target=tiny_target("llama"), tokenizer=tiny_tokenizer())
+    assert during_steps == ["eager"] * 4 and at_tuning == ["sdpa"]
+    assert DFlareModel.from_pretrained(out).config._attn_implementation == "sdpa"
