@@ -41,6 +41,7 @@ def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
         (["convert", "--to", "zlab-dflash", "no/such/dir", "out"], ["no/such/dir", "no such folder"]),
         (["train", "--output-dir", "d", "--data", "missing.jsonl"], ["--data", "missing.jsonl", "does not exist"]),
         (["train", "--output-dir", "d", "--data", "sharegpt", "--init-from", "nowhere"], ["--init-from", "nowhere"]),
+        (["train", "--output-dir", "d", "--data", "sharegpt", "--grow-layers", "2"], ["--grow-layers 2", "--init-from"]),
         (["bench", "--draft", "nowhere"], ["nowhere", "no draft"]),
         (["push", "nowhere", "--repo-id", "bad//id", "--dry-run", "out"], ["bad//id"]),
     ],

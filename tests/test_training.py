@@ -472,3 +472,38 @@ def test_cpu_training_steps_use_eager_attention_and_generation_gets_sdpa_back(tm
     out = train(args, target=tiny_target("llama"), tokenizer=tiny_tokenizer())
     assert during_steps == ["eager"] * 4 and at_tuning == ["sdpa"]
     assert DFlareModel.from_pretrained(out).config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("fusion", ["layerwise", "shared"])
+def test_grown_draft_starts_as_the_draft_it_grew_from_and_trains(tmp_path, fusion):
+    """--grow-layers adds layers on top that start as identities: the grown draft's output equals the
+    original's at step 0 (so a warm start keeps its acceptance), the new layers train, and the
+    saved config has the new depth."""
+    from modeling_dflare.training.draft_init import grow_draft
+
+    torch.manual_seed(0)
+    target = tiny_target("llama")
+    draft = DFlareModel(DFlareConfig.from_target_config(target.config, num_hidden_layers=2, block_size=4, fusion=fusion))
+    with torch.no_grad():  # a draft that has moved away from its initialisation
+        for parameter in draft.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.05)
+    grown = grow_draft(draft, target, 2)
+    assert grown.config.num_hidden_layers == 4 and len(grown.config.layer_types) == 4
+    ids = torch.randint(5, 90, (20,))
+    features = TargetFeatures(target).compute(ids[None], draft.config.target_layer_ids)
+    embed = target.get_input_embeddings()
+    inputs = dict(noise_embeds=embed(ids[16:])[None], context_hidden_states=features.hidden[:, :16])
+    with torch.no_grad():
+        torch.testing.assert_close(grown(**inputs).last_hidden_state, draft(**inputs).last_hidden_state)
+    assert not torch.equal(grown.layers[3].mlp.up_proj.weight, torch.zeros_like(grown.layers[3].mlp.up_proj.weight))
+    with pytest.raises(ValueError, match="grow by 0 layers"):
+        grow_draft(draft, target, 0)
+
+    draft.save_pretrained(tmp_path / "small")
+    data = _tiny_dataset(tmp_path)
+    args = TrainArgs(output_dir=str(tmp_path / "grown"), data=str(data), heldout=str(_tiny_dataset(tmp_path, 4, "heldout", start=100)),
+                     init_from=str(tmp_path / "small"), grow_layers=1, fusion=fusion, block_size=4, num_anchors=4, max_steps=3,
+                     batch_size=2, eval_every=1000, lr=1e-2, draft_vocab_size=None, consistency_prompts=0)
+    trained = DFlareModel.from_pretrained(train(args, target=target, tokenizer=tiny_tokenizer()), dtype=torch.float32)
+    assert trained.config.num_hidden_layers == 3
+    assert trained.layers[2].self_attn.o_proj.weight.abs().sum() > 0  # the identity opened up

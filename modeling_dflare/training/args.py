@@ -42,6 +42,7 @@ class TrainArgs:
     labels: str = "target"
     init_layers: str = "target"
     init_from: str | None = None
+    grow_layers: int = 0
     seed: int = 0
     confidence_threshold: float = 0.0
     threads: int | None = None
@@ -92,6 +93,12 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--hidden-cache", default=None, help="cache target hidden states in this folder (reused by later epochs and runs)")
     parser.add_argument("--init-from", default=None, help="warm-start from a draft folder (--block-size and the cut still apply)")
+    parser.add_argument(
+        "--grow-layers",
+        type=int,
+        default=0,
+        help="with --init-from: add this many layers on top, starting as identities (the draft's output is unchanged at step 0)",
+    )
     parser.add_argument(
         "--init-layers",
         choices=("target", "random"),

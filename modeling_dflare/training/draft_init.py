@@ -2,12 +2,13 @@
 matched depth, final norm at the target's scale, a draft vocabulary of frequent response tokens),
 or a warm start from an earlier draft."""
 
+import copy
 import logging
 
 import torch
 
 from ..configuration_dflare import DFlareConfig
-from ..modeling_dflare import DFlareModel
+from ..modeling_dflare import DFlareModel, initial_fusion_logits
 from .args import TrainArgs
 from .data import Sequence, choose_draft_vocab
 
@@ -24,7 +25,7 @@ def build_draft(args: TrainArgs, target, sequences: list[Sequence]) -> DFlareMod
         # it trains and measures with, so they are the ones the saved config must carry.
         draft.config.block_size = args.block_size
         draft.config.confidence_threshold = args.confidence_threshold
-        return draft
+        return grow_draft(draft, target, args.grow_layers) if args.grow_layers else draft
     config = DFlareConfig.from_target_config(
         target.config,
         num_hidden_layers=args.num_hidden_layers,
@@ -67,25 +68,64 @@ def copy_target_layers(draft: DFlareModel, target) -> list[int]:
     normally reads; context K/V projections start as the layer's own K/V projections. Shared fusion
     starts as the mean of the T target layers. Returns the copied target layer indices.
     """
-    layers = target.get_decoder().layers
-    config, count = draft.config, len(target.get_decoder().layers)
-    copied = []
-    for index, layer in enumerate(draft.layers):
-        source = layers[max(0, round((index + 1) / len(draft.layers) * count) - 1)]
-        copied.append(layers.index(source) if hasattr(layers, "index") else list(layers).index(source))
-        attention, mlp = source.self_attn, source.mlp
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            getattr(layer.self_attn, name).weight.copy_(getattr(attention, name).weight.float())
-        if hasattr(layer.self_attn, "k_proj_target"):
-            layer.self_attn.k_proj_target.weight.copy_(attention.k_proj.weight.float())
-            layer.self_attn.v_proj_target.weight.copy_(attention.v_proj.weight.float())
-        for name in ("gate_proj", "up_proj", "down_proj"):
-            getattr(layer.mlp, name).weight.copy_(getattr(mlp, name).weight.float())
-        weight = attention.q_proj.weight
-        layer.input_layernorm.weight.copy_(_effective_scale(source.input_layernorm, config.hidden_size, weight))
-        layer.post_attention_layernorm.weight.copy_(_effective_scale(source.post_attention_layernorm, config.hidden_size, weight))
+    layers = list(target.get_decoder().layers)
+    config, copied = draft.config, [_copy_target_layer(draft, index, layers) for index in range(len(draft.layers))]
     if config.fusion == "shared":
         eye = torch.eye(config.hidden_size) / config.num_target_layers
         draft.fc.weight.copy_(eye.repeat(1, config.num_target_layers))
     logger.info("draft layers initialised from target layers %s", copied)
     return copied
+
+
+def _copy_target_layer(draft: DFlareModel, index: int, layers: list) -> int:
+    """Copy into draft layer ``index`` the target layer at its relative depth; returns that layer's index."""
+    config, layer = draft.config, draft.layers[index]
+    copied = max(0, round((index + 1) / len(draft.layers) * len(layers)) - 1)
+    attention, mlp = layers[copied].self_attn, layers[copied].mlp
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        getattr(layer.self_attn, name).weight.copy_(getattr(attention, name).weight.float())
+    if hasattr(layer.self_attn, "k_proj_target"):
+        layer.self_attn.k_proj_target.weight.copy_(attention.k_proj.weight.float())
+        layer.self_attn.v_proj_target.weight.copy_(attention.v_proj.weight.float())
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        getattr(layer.mlp, name).weight.copy_(getattr(mlp, name).weight.float())
+    weight = attention.q_proj.weight
+    layer.input_layernorm.weight.copy_(_effective_scale(layers[copied].input_layernorm, config.hidden_size, weight))
+    layer.post_attention_layernorm.weight.copy_(_effective_scale(layers[copied].post_attention_layernorm, config.hidden_size, weight))
+    return copied
+
+
+@torch.no_grad()
+def grow_draft(draft: DFlareModel, target, count: int) -> DFlareModel:
+    """``draft`` with ``count`` more layers on top that start as the identity.
+
+    Each new layer is the target layer at its relative depth (as a fresh draft's layers are) with
+    its two residual branches' output projections (``o_proj``, ``down_proj``) zeroed, so the grown
+    draft computes exactly what ``draft`` did and training starts from the trained draft's
+    acceptance, with the new capacity opening up as those projections learn. Layer-wise fusion
+    gives each new layer its own weights over the target layers, started near one-hot at its depth.
+    """
+    if count < 1:
+        raise ValueError(f"grow by {count} layers: expected at least 1")
+    old = draft.config.num_hidden_layers
+    config = copy.deepcopy(draft.config)
+    config.num_hidden_layers = old + count
+    config.layer_types = [draft.config.layer_types[0]] * config.num_hidden_layers
+    grown = DFlareModel(config).to(draft.dtype)
+    state = dict(draft.state_dict())
+    fusion = state.pop("layer_fusion_weights", None)
+    missing, unexpected = grown.load_state_dict(state, strict=False)
+    new_layers = tuple(f"layers.{i}." for i in range(old, config.num_hidden_layers))
+    if unexpected or any(not (key.startswith(new_layers) or key == "layer_fusion_weights") for key in missing):
+        raise ValueError(f"cannot grow the draft: unexpected {unexpected}, missing {missing}")
+    if fusion is not None:
+        grown.layer_fusion_weights.copy_(torch.cat([fusion, initial_fusion_logits(config)[old:].to(fusion)]))
+    layers = list(target.get_decoder().layers)
+    copied = []
+    for index in range(old, config.num_hidden_layers):
+        copied.append(_copy_target_layer(grown, index, layers))
+        grown.layers[index].self_attn.o_proj.weight.zero_()
+        grown.layers[index].mlp.down_proj.weight.zero_()
+    logger.info("draft grown from %d to %d layers; new layers start as identities (from target layers %s)", old,
+                config.num_hidden_layers, copied)
+    return grown

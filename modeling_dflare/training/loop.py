@@ -75,6 +75,10 @@ def validate_args(args: TrainArgs) -> None:
                 )
     if args.init_from and not (Path(args.init_from) / "config.json").is_file():
         raise TrainingInputError(f"--init-from {args.init_from!r} is not a draft folder (no config.json in it)")
+    if args.grow_layers < 0 or (args.grow_layers and not args.init_from):
+        raise TrainingInputError(
+            f"--grow-layers {args.grow_layers}: expected a positive count of layers to add to an --init-from draft"
+        )
     if args.block_size < 2:
         raise TrainingInputError(f"--block-size {args.block_size}: expected at least 2 (the anchor and one drafted token)")
     if args.num_anchors is not None and args.num_anchors < 1:
