@@ -229,9 +229,19 @@ def read_conversations(source: str | Path | None) -> tuple[list[Conversation], R
     raise ValueError(f"data source {str(source)!r}: expected 'sharegpt', a .json array or a .jsonl file")
 
 
+#: Several answers to one prompt (``dflare regenerate --sample``) carry the prompt's id, then this
+#: separator and the variant's name; the splits hash the prompt's id, so they stay on one side.
+VARIANT_SEPARATOR = "#"
+
+
+def prompt_id(conversation_id: str) -> str:
+    """The id of the prompt a conversation answers (its own id, less any ``#variant`` suffix)."""
+    return conversation_id.split(VARIANT_SEPARATOR, 1)[0]
+
+
 def is_heldout(conversation_id: str, fraction: float = 0.02) -> bool:
-    """Stable split by hash of the id, so every run and machine agrees on the held-out set."""
-    digest = hashlib.sha256(conversation_id.encode("utf-8")).digest()
+    """Stable split by hash of the (prompt) id, so every run and machine agrees on the held-out set."""
+    digest = hashlib.sha256(prompt_id(conversation_id).encode("utf-8")).digest()
     return int.from_bytes(digest[:4], "big") / 2**32 < fraction
 
 
@@ -248,7 +258,7 @@ def split_conversations(
 def is_report_prompt(conversation_id: str) -> bool:
     """Held-out prompts are halved by a second hash: *tune* prompts may steer choices (training
     evaluation, the confidence cut, the hybrid), *report* prompts only ever feed ``dflare bench``."""
-    digest = hashlib.sha256(("report/" + conversation_id).encode("utf-8")).digest()
+    digest = hashlib.sha256(("report/" + prompt_id(conversation_id)).encode("utf-8")).digest()
     return digest[0] < 128
 
 

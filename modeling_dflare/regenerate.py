@@ -1,5 +1,12 @@
 """Regenerate responses with the target itself, so the draft learns the target's own distribution.
 
+Greedy answers (the default) are the ones generation meets. ``--sample`` answers the same prompts
+again at a temperature, each answer stored under ``<prompt id>#sample-s<seed>-t<temperature>``: more
+contexts on which the draft learns the target's greedy next tokens (training labels are the
+target's own choices wherever the data agrees with them), from prompts the data already has. A
+folder of sampled answers trains beside the greedy one (``--data greedy,sampled``); the held-out
+splits follow the prompt's id, so a prompt's answers never straddle them.
+
 Responses are written to shards ``shard-NNNNN.jsonl`` under the output folder, each written
 atomically. A restarted run reads the finished shards and continues with the prompts not yet
 answered, so an interrupted regeneration loses at most one batch.
@@ -20,7 +27,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import Conversation, chat_template_ids, write_jsonl
+from .data import VARIANT_SEPARATOR, Conversation, chat_template_ids, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +43,12 @@ class RegenerateConfig:
     #: "fp32", "bf16" (bf16 autocast on CPU, bf16 weights on CUDA) or "auto" (bf16 where the
     #: hardware has it: CUDA, or a CPU with native bf16 such as AVX512-BF16 / AMX).
     precision: str = "auto"
+    seed: int = 0
+
+    @property
+    def variant(self) -> str:
+        """Suffix of the stored ids: '' for greedy answers, ``#sample-s<seed>-t<temperature>`` otherwise."""
+        return f"{VARIANT_SEPARATOR}sample-s{self.seed}-t{self.temperature:g}" if self.do_sample else ""
 
 
 def _answer_files(out_dir: Path) -> list[Path]:
@@ -158,9 +171,11 @@ def regenerate(
     config = config or RegenerateConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    finished = done_ids(out_dir)
-    todo = [c for c in conversations if c.id not in finished]
-    remaining = None if limit is None else max(0, limit - sum(1 for c in conversations if c.id in finished))
+    finished, variant = done_ids(out_dir), config.variant
+    todo = [c for c in conversations if c.id + variant not in finished]
+    remaining = None if limit is None else max(0, limit - sum(1 for c in conversations if c.id + variant in finished))
+    if config.do_sample:  # reproducible for an uninterrupted run (a resumed one draws afresh from its seed)
+        torch.manual_seed(config.seed + len(finished))
     encoded, too_long = _encode_prompts(tokenizer, todo, config.max_prompt_tokens, remaining)
     if too_long:
         logger.info("skipped %d prompts longer than %d tokens", too_long, config.max_prompt_tokens)
@@ -181,7 +196,7 @@ def regenerate(
             for (conversation, prompt, _), response in zip(batch, _generate_batch(target, tokenizer, batch, config)):
                 if response:
                     pending.append(
-                        {"id": conversation.id, "messages": prompt + [{"role": "assistant", "content": response}]}
+                        {"id": conversation.id + variant, "messages": prompt + [{"role": "assistant", "content": response}]}
                     )
             bar.update(len(batch))
             if len(pending) >= config.shard_size or start + config.batch_size >= len(encoded):
@@ -201,7 +216,7 @@ def add_arguments(parser) -> None:
         help="which hash split to answer (heldout = its tune half; the report half stays for the benchmark)",
     )
     parser.add_argument("--limit", type=int, default=None, help="answer at most this many conversations")
-    parser.add_argument("--seed", type=int, default=0, help="shuffle seed for the conversation order")
+    parser.add_argument("--seed", type=int, default=0, help="shuffle seed for the conversation order (and, with --sample, the sampling seed)")
     defaults = RegenerateConfig()
     for field in dataclasses.fields(RegenerateConfig):
         if field.type in ("int", int):
@@ -244,6 +259,7 @@ def run(args) -> int:
         do_sample=args.sample,
         temperature=args.temperature,
         precision=resolve_precision(args.precision, args.device),
+        seed=args.seed,
     )
     logger.info("regenerating in %s on %s", config.precision, args.device)
     dtype = torch.bfloat16 if args.device.startswith("cuda") and config.precision == "bf16" else torch.float32

@@ -184,3 +184,39 @@ def test_regeneration_limit_packing_and_assistant_first_chats(tmp_path):
     assert len(done_ids(tmp_path)) == 5 and len(read_regenerated(tmp_path)) == 5
     assert pack_shards(tmp_path).name == "part-00001.jsonl.gz"
     assert len(done_ids(tmp_path)) == 5
+
+
+def test_sampled_answers_are_variants_of_their_prompt_on_its_side_of_every_split(tmp_path):
+    """``--sample`` answers carry ``<prompt id>#sample-...`` ids: they resume on their own ids, train
+    beside the greedy answers to the same prompts (not deduplicated away), and follow the prompt's
+    id into the held-out, tune and report splits, and out of training when the prompt is held out."""
+    from types import SimpleNamespace
+
+    from modeling_dflare.data import Conversation, is_heldout, is_report_prompt, prompt_id
+    from modeling_dflare.regenerate import RegenerateConfig, done_ids, read_regenerated, regenerate
+    from modeling_dflare.testing import tiny_target, tiny_tokenizer
+    from modeling_dflare.training.data import load_training_conversations
+
+    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
+    conversations = [Conversation(f"c{i}", [{"role": "user", "content": f"w{i} w{i + 1} w{i + 2}"}]) for i in range(4)]
+    greedy = RegenerateConfig(max_new_tokens=6, batch_size=2, shard_size=2, precision="fp32")
+    sampled = RegenerateConfig(max_new_tokens=6, batch_size=2, shard_size=2, precision="fp32", do_sample=True, temperature=1.5, seed=3)
+    regenerate(target, tokenizer, conversations, tmp_path / "greedy", greedy)
+    regenerate(target, tokenizer, conversations[:2], tmp_path / "sampled", sampled)
+    regenerate(target, tokenizer, conversations, tmp_path / "sampled", sampled)  # resumes: answers c2, c3 only
+    assert done_ids(tmp_path / "sampled") == {f"c{i}#sample-s3-t1.5" for i in range(4)}
+    assert prompt_id("c1#sample-s3-t1.5") == "c1" and prompt_id("c1") == "c1"
+    answers = {c.id: c.messages[-1]["content"] for folder in ("greedy", "sampled") for c in read_regenerated(tmp_path / folder)}
+    assert any(answers[f"c{i}"] != answers[f"c{i}#sample-s3-t1.5"] for i in range(4))  # sampled, not greedy again
+    for name in [f"p{i}" for i in range(2000)]:
+        variant = name + "#sample-s0-t0.7"
+        assert is_heldout(variant) == is_heldout(name) and is_report_prompt(variant) == is_report_prompt(name)
+    # both folders train together; a held-out prompt takes its sampled answers out of training too
+    held = tmp_path / "heldout.jsonl"
+    from modeling_dflare.data import write_jsonl
+
+    write_jsonl(held, [{"id": "c0", "messages": conversations[0].messages + [{"role": "assistant", "content": "w1"}]}])
+    args = SimpleNamespace(data=f"{tmp_path / 'greedy'},{tmp_path / 'sampled'}", heldout=str(held))
+    train, heldout = load_training_conversations(args)
+    assert sorted(c.id for c in train) == sorted([f"c{i}" for i in (1, 2, 3)] + [f"c{i}#sample-s3-t1.5" for i in (1, 2, 3)])
+    assert [c.id for c in heldout] == ["c0"]

@@ -94,7 +94,7 @@ def load_training_conversations(args) -> tuple[list, list]:
     """(train, held-out) conversations. ``data`` may list several sources separated by commas;
     held-out conversations (a hash split, or ``heldout``) never reach training, and of the hash
     split only the *tune* half is evaluated (the *report* half feeds ``dflare bench`` alone)."""
-    from ..data import split_conversations, split_heldout
+    from ..data import prompt_id, split_conversations, split_heldout
 
     sources = (args.data or "sharegpt").split(",")
     train, heldout, seen = [], [], set()
@@ -108,8 +108,8 @@ def load_training_conversations(args) -> tuple[list, list]:
         heldout += split_heldout(part_heldout)[0]  # the report half is for the benchmark only
     if args.heldout:
         heldout = [c for source in args.heldout.split(",") for c in read_source(source)]
-        held_ids = {c.id for c in heldout}
-        train = [c for c in train if c.id not in held_ids]
+        held_ids = {prompt_id(c.id) for c in heldout}  # every answer variant of a held-out prompt
+        train = [c for c in train if prompt_id(c.id) not in held_ids]
     return train, heldout
 
 
