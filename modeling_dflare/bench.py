@@ -216,16 +216,17 @@ def measure_forward_costs(
     if cache is None:
         cache = DynamicCache(config=target.config)
         target(input_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
-    seconds = []
-    for length in range(1, max_length + 1):
-        new = input_ids[:, -1:].repeat(1, length)
-        times = []
-        for _ in range(repeats + 1):  # the first is a warm-up
+    # Rounds over all lengths rather than all repeats of one length in a row: a slow spell of a
+    # shared machine then lands on every length alike instead of bending the cost-per-token slope.
+    times: list[list[float]] = [[] for _ in range(max_length)]
+    for _ in range(repeats + 1):  # the first round is a warm-up
+        for length in range(1, max_length + 1):
+            new = input_ids[:, -1:].repeat(1, length)
             start = clock()
             target(new, past_key_values=cache, use_cache=True, **forward_kwargs)
-            times.append(clock() - start)
+            times[length - 1].append(clock() - start)
             cache.crop(-length)
-        seconds.append(statistics.median(times[1:]))
+    seconds = [statistics.median(per_length[1:]) for per_length in times]
     return seconds
 
 

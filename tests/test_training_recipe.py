@@ -195,10 +195,10 @@ def test_implied_acceptance_matches_generate(tmp_path, looping_target):
     assert consistency["walk_ratio"] == pytest.approx(1.0, abs=0.05), consistency
     card = (out / "README.md").read_text()
     assert str(consistency["generate_tau"]) in card and str(consistency["implied_tau"]) in card
-    # the learning curve has a point per evaluation, each with implied and walked acceptance
+    # the learning curve has a point per evaluation and one at the end, each with implied and walked acceptance
     curve = summary["curve"]
-    assert [p["step"] for p in curve] == [40, 80] and all(p["walk_tau"] >= 1.0 and p["tau"] >= 1.0 for p in curve)
-    assert curve[0]["cpu_hours"] < curve[1]["cpu_hours"]
+    assert [p["step"] for p in curve] == [40, 80, 96] and all(p["walk_tau"] >= 1.0 and p["tau"] >= 1.0 for p in curve)
+    assert curve[0]["cpu_hours"] < curve[1]["cpu_hours"] < curve[2]["cpu_hours"]
     # the confidence cut was chosen by the cost model, and the saved draft carries it
     tuning = summary["threshold_tuning"]
     assert set(tuning["predicted_speedup"]) >= {"0.0", "0.3"} and len(tuning["verify_ms"]) == 4
@@ -289,7 +289,7 @@ def test_init_from_keeps_this_runs_block_size_and_cut(tmp_path, looping_target):
 
 def test_cost_measurement_runs_the_prompt_once():
     """The cut tuner's timings share one prompt pass (the plain step and every verify length start
-    from the same cache, cropped back after each timed forward)."""
+    from the same cache, cropped back after each timed forward), and time the lengths in rounds."""
     from modeling_dflare.testing import make_draft
     from modeling_dflare.training.consistency import measure_costs
 
@@ -311,6 +311,8 @@ def test_cost_measurement_runs_the_prompt_once():
     assert len(verify) == 4 and draft_s > 0 and plain_s > 0
     # 1 plain length + 4 verify lengths, each a warm-up and 2 timed forwards
     assert sorted(lengths[1:]) == sorted([1] * 3 + [n for n in range(1, 5) for _ in range(3)])
+    # in rounds over the lengths, so a slow spell of the machine cannot bend the per-token slope
+    assert lengths[4:] == [1, 2, 3, 4] * 3
 
 
 def test_cut_tuner_times_with_the_threads_generation_runs_with(tmp_path, looping_target, monkeypatch):

@@ -231,6 +231,8 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
     accelerator.unwrap_model(draft, keep_fp32_wrapper=False)
     final_eval = loop.evaluate(heldout) if heldout else {}
     train_seconds = seconds_before + sum(h["seconds"] for h in history)
+    if heldout and (not curve or curve[-1]["step"] != step):  # the end of the run is the curve's last point
+        curve.append(loop.curve_point(heldout, step, parent_hours + feature_hours + train_seconds * threads / 3600))
     consistency, tuning = {}, {}
     if heldout and args.consistency_prompts and accelerator.is_main_process:
         from .consistency import measure_consistency, tune_threshold, tuned_settings
@@ -275,8 +277,7 @@ def _cut_timing_doubt(train_threads: int | None, generation_threads: int) -> str
 
     OMP_NUM_THREADS below the core count limits the timing itself to fewer threads than a user's
     ``generate`` gets; ``--threads`` below the generation threads means the run was sized to share
-    the machine with another job, which is then still running beside the timing and inflates it
-    (measured: 13 ms per verified token beside a regeneration job against 3 ms in a quiet process)."""
+    the machine with another job, which is then probably still running beside the timing."""
     cores = os.cpu_count() or 1
     if os.environ.get("OMP_NUM_THREADS") and generation_threads < cores:
         return (f"this machine has {cores} (OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} in this process; "
