@@ -219,7 +219,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed for the conversation order (and, with --sample, the sampling seed)")
     defaults = RegenerateConfig()
     for field in dataclasses.fields(RegenerateConfig):
-        if field.type in ("int", int):
+        if field.type in ("int", int) and field.name != "seed":  # --seed is the shuffle seed above
             parser.add_argument("--" + field.name.replace("_", "-"), type=int, default=getattr(defaults, field.name))
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument(

@@ -229,10 +229,13 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
     # training is over: drop the mixed-precision wrapper accelerate put on the draft's forward, so the
     # final evaluation, the consistency check and the cut tuner (which times a bf16 copy) see the model itself
     accelerator.unwrap_model(draft, keep_fp32_wrapper=False)
-    final_eval = loop.evaluate(heldout) if heldout else {}
     train_seconds = seconds_before + sum(h["seconds"] for h in history)
+    final_eval = {}
     if heldout and (not curve or curve[-1]["step"] != step):  # the end of the run is the curve's last point
         curve.append(loop.curve_point(heldout, step, parent_hours + feature_hours + train_seconds * threads / 3600))
+        final_eval = {key: curve[-1][key] for key in ("loss", "acc", "conditional_acc", "tau")}
+    elif heldout:
+        final_eval = loop.evaluate(heldout)
     consistency, tuning = {}, {}
     if heldout and args.consistency_prompts and accelerator.is_main_process:
         from .consistency import measure_consistency, tune_threshold, tuned_settings
