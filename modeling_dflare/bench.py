@@ -25,7 +25,9 @@ a measured cycle. Both baselines run: ``plain`` and ``plain-fast`` (the best pla
 Methods: ``dflare`` is the draft alone (prompt lookup off), ``dflare-hybrid`` the same draft with
 prompt lookup after the confidence cut, ``dflare-nocut`` the draft with the cut disabled (so the
 cut's effect and the generator's are two separate numbers against ``dflare-stock``, which has no
-cut), ``dflare-stock`` transformers' own DFlash generator. ShareGPT prompts come from the report
+cut), ``dflare-stock`` transformers' own DFlash generator, ``dflare-hybrid-noint8`` the hybrid with
+the draft kept in the dtype it was loaded in (on a CPU, an fp32 draft otherwise runs as its int8
+copy: :func:`~modeling_dflare.modeling_dflare.int8_draft`). ShareGPT prompts come from the report
 half of the held-out split, which no training or tuning step reads.
 
 Every output is compared with ``plain``'s token ids; any difference is logged as an error, listed
@@ -64,11 +66,16 @@ from .bench_datasets import DATASETS, BenchPrompt, iter_prompts
 logger = logging.getLogger(__name__)
 
 BASELINE = "plain"
-METHODS = ("plain", "plain-fast", "dflare", "dflare-hybrid", "dflare-nocut", "dflare-stock", "dflash", "prompt-lookup")
+METHODS = (
+    "plain", "plain-fast", "dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-nocut", "dflare-stock", "dflash", "prompt-lookup",
+)
 #: Which draft each draft-based method uses (keys of the drafts dict built by :func:`load_drafts`).
-METHOD_DRAFT = {"dflare": "dflare", "dflare-hybrid": "dflare", "dflare-nocut": "dflare", "dflare-stock": "dflare", "dflash": "dflash"}
+METHOD_DRAFT = {
+    "dflare": "dflare", "dflare-hybrid": "dflare", "dflare-hybrid-noint8": "dflare", "dflare-nocut": "dflare", "dflare-stock": "dflare",
+    "dflash": "dflash",
+}
 #: Methods run by our generator (they leave ``draft.dflare_stats``).
-OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflare-nocut", "dflash")
+OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-nocut", "dflash")
 #: The shipped drafts, found next to the package whatever the working folder.
 DEFAULT_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflare")
 DEFAULT_DFLASH_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflash")
@@ -265,7 +272,9 @@ def generation_config_for(method: str, target, settings: Settings):
         config.dflare_block_size = settings.block_size
         config.dflare_confidence_threshold = 0.0 if method == "dflare-nocut" else settings.confidence_threshold
         # "dflare"/"dflash" measure the draft alone, "dflare-hybrid" adds prompt lookup after the cut
-        config.dflare_prompt_lookup_ngram = settings.lookup_ngram if method == "dflare-hybrid" else 0
+        config.dflare_prompt_lookup_ngram = settings.lookup_ngram if method.startswith("dflare-hybrid") else 0
+        # "-noint8": the draft in the dtype it was loaded in, not its int8 CPU copy (int8_draft)
+        config.dflare_int8_draft = False if method == "dflare-hybrid-noint8" else None
     elif method == "dflare-stock":
         config.speculation_type = "dflash"
     elif method == "prompt-lookup":
@@ -680,10 +689,14 @@ def hardware() -> dict:
         "torch": torch.__version__,
     }
     with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        for line in lines:
             if line.startswith("model name"):
                 info["processor"] = line.split(":", 1)[1].strip()
                 break
+        # the same model name covers CPUs with and without AVX-512 / native bf16, which decide the timings
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        info["cpu_features"] = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16") if f in flags]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     import transformers
@@ -724,6 +737,8 @@ def load_models(args):
 
 def run_meta(args, target, drafts, settings: Settings, methods: list[str], prompts: dict) -> dict:
     """Everything needed to reproduce and judge a run: date, command, machine, models, settings."""
+    from .modeling_dflare import use_int8_draft
+
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command_line(args),
@@ -731,6 +746,8 @@ def run_meta(args, target, drafts, settings: Settings, methods: list[str], promp
         "device": str(target.device),
         "dtype": args.dtype,
         "draft_dtype": str(next(iter(drafts.values())).dtype).removeprefix("torch.") if drafts else None,
+        # what our generator runs each draft as (its int8 CPU copy, or as loaded); "-noint8" methods: as loaded
+        "draft_precision": {name: "int8" if use_int8_draft(d, None) else str(d.dtype).removeprefix("torch.") for name, d in drafts.items()},
         "target": getattr(target.config, "name_or_path", None) or args.target,
         "drafts": {name: getattr(d.config, "_name_or_path", None) or "random" for name, d in drafts.items()},
         "draft_configs": {name: draft_summary(d) for name, d in drafts.items()},

@@ -89,7 +89,9 @@ def render_markdown(results: dict) -> str:
     if threshold is None:
         defaults = ", ".join(f"{k} {v['confidence_threshold']}" for k, v in meta.get("draft_configs", {}).items())
         threshold = f"the drafts' own ({defaults})" if defaults else "the drafts' own"
-    machine = hw.get("gpu") or f"{hw.get('processor')} ({hw.get('torch_threads')} torch threads)"
+    features = f", {' '.join(hw['cpu_features']) or 'no AVX2'}" if hw.get("cpu_features") is not None else ""
+    machine = hw.get("gpu") or f"{hw.get('processor')} ({hw.get('torch_threads')} torch threads{features})"
+    precision = meta.get("draft_precision") or {}
     lines = [
         "## dflare bench",
         "",
@@ -97,7 +99,8 @@ def render_markdown(results: dict) -> str:
         f"- torch {hw.get('torch')}, transformers {hw.get('transformers')}",
         f"- Target: `{meta['target']}`; drafts: "
         + ", ".join(f"{k} `{v}`" for k, v in meta["drafts"].items())
-        + (" (**random, untrained**)" if meta.get("random_drafts") else ""),
+        + (" (**random, untrained**)" if meta.get("random_drafts") else "")
+        + ("; drafts run as " + ", ".join(f"{k} {v}" for k, v in precision.items()) if precision else ""),
         f"- Greedy, block size {settings['block_size']}, confidence threshold {threshold}, "
         f"{settings['num_prompts']} prompts per dataset, max {settings['max_new_tokens']} new tokens, "
         f"median of {settings['repeats']} repeat(s), methods interleaved per prompt",

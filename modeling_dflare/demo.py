@@ -98,4 +98,5 @@ def run(args) -> int:
         f"DFlare {totals['tokens'] / totals['dflare']:.1f} tok/s | speedup {totals['plain'] / totals['dflare']:.2f}x | "
         f"acceptance length {tau:.2f} | outputs identical: {'yes' if identical else 'NO'}"
     )
+    print(f"(draft ran as {draft.dflare_stats.draft_precision}; {torch.get_num_threads()} threads)")
     return 0 if identical else 1

@@ -230,6 +230,7 @@ class OracleDraft(DFlareModel):
     padding-aware positions (offset = number of left pads there).
     """
 
+    int8_on_cpu = False  # its steering needs the exact head product (``dflare_int8_draft=True`` still forces it)
     table: torch.Tensor | None = None
     corruption: float = 0.0
     accept_first: int | None = None

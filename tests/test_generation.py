@@ -189,8 +189,8 @@ def test_first_position_is_scored_alone_only_where_blocks_stop_there(monkeypatch
     target = cached_target("llama")
     prompt = random_prompt(6, seed=3)
     expected = greedy(target, prompt, max_new_tokens=20)
-    rows, real = [], module.head_logits
-    monkeypatch.setattr(module, "head_logits", lambda hidden, weight: rows.append(hidden.shape[1]) or real(hidden, weight))
+    rows, real = [], module.DFlareCandidateGenerator._logits
+    monkeypatch.setattr(module.DFlareCandidateGenerator, "_logits", lambda self, hidden: rows.append(hidden.shape[1]) or real(self, hidden))
     weak = make_draft(target, block_size=8, confidence_threshold=0.9)  # never confident: every block stops at once
     assert greedy(target, prompt, max_new_tokens=20, assistant_model=weak).tolist() == expected.tolist()
     assert rows[0] == 7 and len(rows) > 3 and set(rows[1:]) == {1}, rows  # after the first block: the first row alone
@@ -198,6 +198,58 @@ def test_first_position_is_scored_alone_only_where_blocks_stop_there(monkeypatch
     strong, _ = make_oracle(target, prompt, block_size=8, confidence_threshold=1e-9)  # always past the cut
     assert greedy(target, prompt, max_new_tokens=20, assistant_model=strong).tolist() == expected.tolist()
     assert len(rows) == len(strong.dflare_stats.proposed) and max(rows) == 7, rows  # one product per block
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_int8_draft_stays_lossless(arch, fusion):
+    """The int8 CPU copy of the draft (and of its head rows) proposes from approximate logits; the
+    target still verifies every token, so the output is plain greedy's. The oracle steers through
+    the exact head by default; forced to int8 its proposals go through the quantised head and many
+    are still accepted (the path is exercised, not bypassed)."""
+    target = cached_target(arch)
+    prompt = random_prompt(5, seed=11)
+    draft, _ = make_oracle(target, prompt, fusion=fusion, block_size=8)
+    expected = greedy(target, prompt, max_new_tokens=24)
+    config = GenerationConfig(**target.generation_config.to_dict())
+    config.dflare_int8_draft = True
+    got = greedy(target, prompt, max_new_tokens=24, assistant_model=draft, generation_config=config)
+    assert got.tolist() == expected.tolist()
+    stats = draft.dflare_stats
+    assert stats.draft_precision == "int8" and sum(stats.accepted) > 0, stats
+    got = greedy(target, prompt, max_new_tokens=24, assistant_model=draft)  # the oracle's default: exact fp32
+    assert got.tolist() == expected.tolist() and draft.dflare_stats.draft_precision == "float32"
+
+
+def test_int8_draft_is_the_cpu_default_and_follows_the_weights():
+    """An fp32 draft on a CPU runs as its int8 copy unless the generation config says otherwise; a
+    bf16 draft too where the CPU has no native bf16 (else it keeps its dtype); forcing int8 where it
+    cannot run (a draft in training mode) is a clear error; the copy is built once per set of
+    weights and rebuilt when they change."""
+    import modeling_dflare.modeling_dflare as module
+
+    target = cached_target("llama")
+    prompt = random_prompt(5, seed=2)
+    expected = greedy(target, prompt, max_new_tokens=10)
+    draft = make_draft(target, block_size=4)
+    assert greedy(target, prompt, max_new_tokens=10, assistant_model=draft).tolist() == expected.tolist()
+    assert draft.dflare_stats.draft_precision == "int8"
+    copy = module.int8_draft(draft)
+    assert module.int8_draft(draft) is copy and not any(type(m) is torch.nn.Linear for m in copy.modules())
+    with torch.no_grad():
+        draft.layers[0].mlp.up_proj.weight.mul_(2)
+    assert module.int8_draft(draft) is not copy
+    config = GenerationConfig(**target.generation_config.to_dict())
+    config.dflare_int8_draft = False
+    assert greedy(target, prompt, max_new_tokens=10, assistant_model=draft, generation_config=config).tolist() == expected.tolist()
+    assert draft.dflare_stats.draft_precision == "float32"
+    draft.to(torch.bfloat16)  # how AutoModel.from_pretrained loads a draft saved in bf16
+    assert greedy(target, prompt, max_new_tokens=10, assistant_model=draft).tolist() == expected.tolist()
+    assert draft.dflare_stats.draft_precision == ("bfloat16" if module.bf16_is_native() else "int8")
+    config.dflare_int8_draft = True
+    draft.train()
+    with pytest.raises(ValueError, match=r"dflare_int8_draft=True: the draft is a torch.bfloat16 model on cpu \(training=True\)"):
+        greedy(target, prompt, max_new_tokens=10, assistant_model=draft, generation_config=config)
 
 
 def test_generation_config_block_size_override():

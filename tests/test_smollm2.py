@@ -67,13 +67,23 @@ def test_random_draft_same_text(smollm2, plain_outputs, fusion, block_size, path
 
 
 @pytest.mark.skipif(not (TRAINED_DRAFT / "config.json").exists(), reason="drafts/smollm2-dflare not shipped yet")
-@pytest.mark.parametrize("path", ["custom", "stock"])
+@pytest.mark.parametrize("path", ["custom", "custom-bf16", "stock"])
 def test_trained_draft_same_text_and_accepts(smollm2, plain_outputs, path):
+    """The draft (bf16 as saved) runs as its int8 CPU copy by default on a CPU without native bf16
+    ("custom"), as loaded when the generation config says so ("custom-bf16"), and through
+    transformers' stock DFlash generator ("stock")."""
+    import copy
+
     from transformers import AutoModel
+
+    from modeling_dflare.modeling_dflare import bf16_is_native
 
     target, tokenizer = smollm2
     draft = AutoModel.from_pretrained(TRAINED_DRAFT, trust_remote_code=True).eval()
     kwargs = {"speculation_type": "dflash"} if path == "stock" else {}
+    if path == "custom-bf16":
+        kwargs["generation_config"] = copy.deepcopy(target.generation_config)
+        kwargs["generation_config"].dflare_int8_draft = False
     accepted = tokens = calls = 0
     for text in PROMPTS if path == "custom" else PROMPTS[:1]:
         ids = chat_ids(tokenizer, text)
@@ -82,11 +92,12 @@ def test_trained_draft_same_text_and_accepts(smollm2, plain_outputs, path):
         assert out.tolist() == plain_outputs[text].tolist()
         tokens += out.shape[1] - ids.shape[1]
         calls += counter.calls
-        if path == "custom":
+        if path.startswith("custom"):
             accepted += sum(draft.dflare_stats.accepted)
+            assert draft.dflare_stats.draft_precision == ("int8" if path == "custom" and not bf16_is_native() else "bfloat16")
     # A trained draft must get some drafts accepted: fewer target forwards than tokens.
     assert calls < tokens, (calls, tokens)
-    if path == "custom":
+    if path.startswith("custom"):
         assert accepted > 0
 
 

@@ -26,6 +26,7 @@ which continuation the context offers after the kept drafts and how much of it t
 follows), and the cut, the lookup confidence and the shortest n-gram are chosen together.
 """
 
+import copy
 import logging
 
 import torch
@@ -198,6 +199,9 @@ def measure_consistency(
     all_runs, walk_tokens, walk_cycles, gen_tokens, gen_cycles = [], 0, 0, 0, 0
     threshold = draft.config.confidence_threshold
     draft.config.confidence_threshold = 0.0
+    # the draft as trained (not its int8 CPU copy): this compares the model with itself
+    exact_config = copy.deepcopy(target.generation_config)
+    exact_config.dflare_int8_draft = False
     try:
         for sequence in sequences:
             # The first generated token comes from the target's prefill; blocks start there.
@@ -228,6 +232,7 @@ def measure_consistency(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
                 assistant_model=draft,
+                generation_config=exact_config,
                 max_new_tokens=new_tokens,
                 do_sample=False,
                 pad_token_id=0,
@@ -285,7 +290,8 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     The verify times (with the hidden states the draft reads, on the small-row kernels of
     :func:`~modeling_dflare.modeling_dflare.small_row_linears`) are medians of ``repeats`` timings
     per length, smoothed by :func:`monotone_fit`; the plain step runs the stock kernels, as plain
-    ``generate`` does. The draft is timed as it ships: a bf16 copy.
+    ``generate`` does. The draft is timed as ``generate`` runs it on this machine (bf16 where that is
+    native, else its int8 copy) with its context K/V cached, as in generation.
     """
     import copy
     import statistics
@@ -294,7 +300,9 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     from transformers import DynamicCache
 
     from ..bench import measure_forward_costs
-    from ..modeling_dflare import draft_head, head_logits, hidden_state_request, small_row_linears
+    from ..modeling_dflare import (
+        draft_head, fast_draft_dtype, head_logits, hidden_state_request, int8_draft, int8_head, small_row_linears, use_int8_draft,
+    )
 
     block = draft.config.block_size
     prompt = sequence.input_ids[: sequence.response_start][None].to(target.device)
@@ -305,19 +313,38 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     with small_row_linears(target):
         verify = measure_forward_costs(target, prompt, block, repeats, time.perf_counter, cache=cache, output_hidden_states=request)
     verify = monotone_fit(verify)
-    shipped = copy.deepcopy(draft).to(torch.bfloat16).eval()
+    # the draft as generate runs it here: its fastest dtype, as the int8 copy where that applies
+    shipped = copy.deepcopy(draft).to(fast_draft_dtype(target.device)).eval()
+    int8 = use_int8_draft(shipped, None)
+    runner = int8_draft(shipped) if int8 else shipped
+    head_rows, _ = draft_head(shipped, target.get_output_embeddings().weight)
+    head = int8_head(shipped, head_rows) if int8 else None
     layers = [i + 1 for i in draft.config.target_layer_ids]
     context = torch.cat([out.hidden_states[i] for i in layers], dim=-1).to(shipped.dtype)
     embed = target.get_input_embeddings()
     noise = embed(torch.full((1, block), draft.config.mask_token_id, device=target.device)).to(shipped.dtype)
-    positions = torch.arange(prompt.shape[1] + block, device=target.device)[None]
-    head_rows, _ = draft_head(shipped, target.get_output_embeddings().weight)
+    # as in generation: the context K/V are cached, and each cycle ingests a few newly accepted
+    # positions (two here, about the acceptance length) with the block
+    new = min(2, context.shape[1] - 1)
+    length = context.shape[1]
+    draft_cache = DynamicCache(config=shipped.config)
+    runner(noise_embeds=noise, context_hidden_states=context[:, : length - new], use_cache=True, past_key_values=draft_cache,
+           position_ids=torch.arange(length - new + block, device=target.device)[None])
+    draft_cache.crop(-block)
+    positions = torch.arange(length - new, length + block, device=target.device)[None]
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        hidden = shipped(noise_embeds=noise, context_hidden_states=context, position_ids=positions).last_hidden_state
-        head_logits(hidden[:, 1:], head_rows)
+        hidden = runner(
+            noise_embeds=noise, context_hidden_states=context[:, length - new :], position_ids=positions, use_cache=True,
+            past_key_values=draft_cache,
+        ).last_hidden_state[:, 1:]
+        if head is None:
+            head_logits(hidden, head_rows)
+        else:
+            head(hidden.reshape(-1, hidden.shape[-1]).float().contiguous())
         times.append(time.perf_counter() - start)
+        draft_cache.crop(-(new + block))
     return verify, statistics.median(times[1:]), plain
 
 

@@ -384,7 +384,8 @@ class _Loop:
         """One point of the learning curve: held-out accuracy, implied and walked acceptance."""
         from .consistency import measure_consistency
 
-        point = {"step": step, "cpu_hours": round(cpu_hours, 4), **self.evaluate(heldout)}
+        # 6 decimals (3.6 ms): a tiny run's points, a second apart, must not round to the same value
+        point = {"step": step, "cpu_hours": round(cpu_hours, 6), **self.evaluate(heldout)}
         inner = self.accelerator.unwrap_model(self.draft)
         walked = measure_consistency(inner, self.target, self.features, heldout, self.weights, run_generate=False)
         point["walk_tau"] = walked.get("walk_tau")
