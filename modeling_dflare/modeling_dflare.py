@@ -624,8 +624,8 @@ def draft_head(draft: "DFlareModel", head: torch.Tensor) -> tuple[torch.Tensor, 
         dtype = head.dtype
     if ids is None and dtype == head.dtype:
         return head.detach(), None
-    key = (head.data_ptr(), head.device, head.dtype, tuple(head.shape), dtype, head._version)
-    key += (ids.data_ptr(), ids._version) if ids is not None else ()
+    key = (head.data_ptr(), head.device, head.dtype, tuple(head.shape), dtype, _version(head))
+    key += (ids.data_ptr(), _version(ids)) if ids is not None else ()
     cached = getattr(draft, "_dflare_head_cache", None)
     if cached is None or cached[0] != key:
         weight = head.detach() if ids is None else head.detach()[ids.to(head.device)]
@@ -663,6 +663,15 @@ def use_int8_draft(draft: nn.Module, setting: bool | None) -> bool:
     return bool(setting)
 
 
+def _version(tensor: torch.Tensor) -> int:
+    """A tensor's in-place version counter; 0 for an inference tensor (made under
+    ``torch.inference_mode``, which keeps no counter: such a tensor is not updated in place)."""
+    try:
+        return tensor._version
+    except RuntimeError:
+        return 0
+
+
 def _quantize_dynamic(module: nn.Module) -> nn.Module:
     """Dynamic int8 quantisation (per-output-channel weight scales) of ``module``'s ``nn.Linear`` layers, in place."""
     from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
@@ -682,7 +691,7 @@ def int8_draft(draft: "DFlareModel") -> "DFlareModel":
     output of ``generate`` stays exactly the target's (acceptance moved from 2.08 to 2.03 on 12
     held-out prompts).
     """
-    key = tuple((p.data_ptr(), p._version) for p in draft.parameters())
+    key = tuple((p.data_ptr(), _version(p)) for p in draft.parameters())
     cached = draft.__dict__.get("_dflare_int8")
     if cached is None or cached["key"] != key:
         # the copy leaves out what the draft caches for generation (stats, head rows, an older copy)
@@ -697,7 +706,7 @@ def int8_head(draft: "DFlareModel", rows: torch.Tensor) -> nn.Module:
     """An int8 linear layer over the LM-head ``rows`` the draft proposes from (fp32 ``[rows, hidden]``),
     cached with :func:`int8_draft`'s copy; call it on ``[n, hidden]`` fp32 rows."""
     cached = draft.__dict__["_dflare_int8"]
-    key = (rows.data_ptr(), rows._version, tuple(rows.shape), rows.device)
+    key = (rows.data_ptr(), _version(rows), tuple(rows.shape), rows.device)
     if cached["head"] is None or cached["head"][0] != key:
         linear = nn.Linear(rows.shape[1], rows.shape[0], bias=False)
         linear.weight = nn.Parameter(rows.detach().float(), requires_grad=False)
@@ -743,7 +752,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         self.input_embeddings = target_model.get_input_embeddings()
         head = target_model.get_output_embeddings().weight
         self.head_weight, self.head_ids = draft_head(assistant_model, head)
-        # on a CPU without native bf16 an fp32 draft runs as its int8 copy (see int8_draft)
+        # on a CPU an fp32 draft (or a bf16 one where bf16 is not native) runs as its int8 copy (see int8_draft)
         self.int8 = use_int8_draft(assistant_model, getattr(generation_config, "dflare_int8_draft", None))
         self.runner = int8_draft(assistant_model) if self.int8 else assistant_model
         self.int8_head = int8_head(assistant_model, self.head_weight) if self.int8 else None
@@ -806,8 +815,8 @@ class DFlareCandidateGenerator(CandidateGenerator):
 
     def _propose(self, input_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.LongTensor:
         """Candidate ids [1, k] from the draft hidden states [1, k, hidden]."""
-        weight = self.head_weight
-        hidden = hidden.to(weight.device, weight.dtype)
+        if self.int8_head is None:  # the int8 head takes the fp32 states as they are
+            hidden = hidden.to(self.head_weight.device, self.head_weight.dtype)
         budget = hidden.shape[1]
         sure = None  # with the hybrid: how many leading drafts are confident enough to keep over a lookup
         if self.confidence_threshold > 0 or self.lookup_ngram > 0:

@@ -91,6 +91,13 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
         assert cells["τ"] == f"{row['tau']:.2f}" and cells["Speedup vs plain"] == f"{row['speedup']:.2f}x"
         assert cells["Lossless"] == "yes"
     assert "GREEDY MISMATCH" not in markdown and "Command:" in markdown
+    # which form each draft ran in (int8 copy, or bf16 where native) and the CPU features behind the timings
+    from modeling_dflare.modeling_dflare import bf16_is_native
+
+    precision = "bfloat16" if bf16_is_native() else "int8"
+    assert results["meta"]["draft_precision"] == {"dflare": precision, "dflash": precision}
+    assert f"drafts run as dflare {precision}, dflash {precision}" in markdown
+    assert isinstance(results["meta"]["hardware"]["cpu_features"], list)
     for name in ("speedup.png", "acceptance.png"):
         width, height = png_size(out / name)
         assert width > 100 and height > 100

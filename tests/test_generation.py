@@ -234,6 +234,11 @@ def test_int8_draft_is_the_cpu_default_and_follows_the_weights():
     draft = make_draft(target, block_size=4)
     assert greedy(target, prompt, max_new_tokens=10, assistant_model=draft).tolist() == expected.tolist()
     assert draft.dflare_stats.draft_precision == "int8"
+    fresh = make_draft(target, block_size=4)
+    with torch.inference_mode():  # as `dflare demo` calls it: the head rows it caches are inference tensors
+        assert greedy(target, prompt, max_new_tokens=10, assistant_model=fresh).tolist() == expected.tolist()
+        assert greedy(target, prompt, max_new_tokens=10, assistant_model=fresh).tolist() == expected.tolist()
+    assert fresh.dflare_stats.draft_precision == "int8"
     copy = module.int8_draft(draft)
     assert module.int8_draft(draft) is copy and not any(type(m) is torch.nn.Linear for m in copy.modules())
     with torch.no_grad():
