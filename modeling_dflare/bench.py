@@ -737,7 +737,10 @@ def load_models(args):
 
 def run_meta(args, target, drafts, settings: Settings, methods: list[str], prompts: dict) -> dict:
     """Everything needed to reproduce and judge a run: date, command, machine, models, settings."""
-    from .modeling_dflare import use_int8_draft
+    from .modeling_dflare import draft_head, draft_for_generation
+
+    def precision_of(draft) -> str:
+        return draft_for_generation(draft, draft_head(draft, target.get_output_embeddings().weight)[0])[2]
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -747,7 +750,7 @@ def run_meta(args, target, drafts, settings: Settings, methods: list[str], promp
         "dtype": args.dtype,
         "draft_dtype": str(next(iter(drafts.values())).dtype).removeprefix("torch.") if drafts else None,
         # what our generator runs each draft as (its int8 CPU copy, or as loaded); "-noint8" methods: as loaded
-        "draft_precision": {name: "int8" if use_int8_draft(d, None) else str(d.dtype).removeprefix("torch.") for name, d in drafts.items()},
+        "draft_precision": {name: precision_of(d) for name, d in drafts.items()},
         "target": getattr(target.config, "name_or_path", None) or args.target,
         "drafts": {name: getattr(d.config, "_name_or_path", None) or "random" for name, d in drafts.items()},
         "draft_configs": {name: draft_summary(d) for name, d in drafts.items()},

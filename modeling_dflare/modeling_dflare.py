@@ -714,6 +714,23 @@ def int8_head(draft: "DFlareModel", rows: torch.Tensor) -> nn.Module:
     return cached["head"][1]
 
 
+def draft_for_generation(
+    draft: "DFlareModel", head_rows: torch.Tensor, setting: bool | None = None
+) -> tuple[nn.Module, Callable[[torch.Tensor], torch.Tensor], str]:
+    """How ``generate`` runs ``draft`` here: (the module to call, the head product for ``[..., k,
+    hidden]`` draft states over ``head_rows``, the precision it runs in: "int8" or the draft's dtype).
+    ``setting`` is ``generation_config.dflare_int8_draft`` (see :func:`use_int8_draft`)."""
+    if not use_int8_draft(draft, setting):
+        return draft, lambda hidden: head_logits(hidden, head_rows), str(draft.dtype).removeprefix("torch.")
+    runner = int8_draft(draft)  # first: int8_head keeps its layer in this copy's cache entry
+    head = int8_head(draft, head_rows)
+
+    def logits(hidden: torch.Tensor) -> torch.Tensor:  # the int8 head takes the fp32 states as they are
+        return head(hidden.reshape(-1, hidden.shape[-1]).float().contiguous()).reshape(*hidden.shape[:-1], -1)
+
+    return runner, logits, "int8"
+
+
 def _override(generation_config, key: str, default):
     """``generation_config.<key>`` where it is set (not None), else ``default``."""
     value = getattr(generation_config, key, None)
@@ -753,14 +770,15 @@ class DFlareCandidateGenerator(CandidateGenerator):
         head = target_model.get_output_embeddings().weight
         self.head_weight, self.head_ids = draft_head(assistant_model, head)
         # on a CPU an fp32 draft (or a bf16 one where bf16 is not native) runs as its int8 copy (see int8_draft)
-        self.int8 = use_int8_draft(assistant_model, getattr(generation_config, "dflare_int8_draft", None))
-        self.runner = int8_draft(assistant_model) if self.int8 else assistant_model
-        self.int8_head = int8_head(assistant_model, self.head_weight) if self.int8 else None
+        self.runner, self._head_product, precision = draft_for_generation(
+            assistant_model, self.head_weight, getattr(generation_config, "dflare_int8_draft", None)
+        )
+        self.int8 = precision == "int8"
         self.vocab_size = head.shape[0]
         self.stopping_criteria = prefix_stopping_criteria(generation_config)
         self.cache = DynamicCache(config=config)
         self.num_context = 0
-        self.stats = DFlareStats(draft_precision="int8" if self.int8 else str(assistant_model.dtype).replace("torch.", ""))
+        self.stats = DFlareStats(draft_precision=precision)
         assistant_model.dflare_stats = self.stats
         self._last_proposed = 0
         self._prompt_unpadded: bool | None = None
@@ -815,7 +833,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
 
     def _propose(self, input_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.LongTensor:
         """Candidate ids [1, k] from the draft hidden states [1, k, hidden]."""
-        if self.int8_head is None:  # the int8 head takes the fp32 states as they are
+        if not self.int8:  # the int8 head takes the fp32 states as they are
             hidden = hidden.to(self.head_weight.device, self.head_weight.dtype)
         budget = hidden.shape[1]
         sure = None  # with the hybrid: how many leading drafts are confident enough to keep over a lookup
@@ -857,10 +875,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Draft logits over the proposal vocabulary for ``[1, k, hidden]`` draft states."""
-        if self.int8_head is None:
-            return head_logits(hidden, self.head_weight)
-        flat = hidden.reshape(-1, hidden.shape[-1]).float().contiguous()
-        return self.int8_head(flat).reshape(*hidden.shape[:-1], -1)
+        return self._head_product(hidden)
 
     def _score_first_alone(self, hidden: torch.Tensor, budget: int) -> bool:
         """Score the first drafted position before the rest? On a CPU the head product is bound by
@@ -1180,6 +1195,7 @@ __all__ = [
     "bf16_is_native",
     "check_draft_matches_target",
     "check_transformers_compatible",
+    "draft_for_generation",
     "fast_draft_dtype",
     "install_generate_hook",
     "int8_draft",

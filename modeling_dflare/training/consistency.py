@@ -300,9 +300,7 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     from transformers import DynamicCache
 
     from ..bench import measure_forward_costs
-    from ..modeling_dflare import (
-        draft_head, fast_draft_dtype, head_logits, hidden_state_request, int8_draft, int8_head, small_row_linears, use_int8_draft,
-    )
+    from ..modeling_dflare import draft_for_generation, draft_head, fast_draft_dtype, hidden_state_request, small_row_linears
 
     block = draft.config.block_size
     prompt = sequence.input_ids[: sequence.response_start][None].to(target.device)
@@ -315,10 +313,8 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     verify = monotone_fit(verify)
     # the draft as generate runs it here: its fastest dtype, as the int8 copy where that applies
     shipped = copy.deepcopy(draft).to(fast_draft_dtype(target.device)).eval()
-    int8 = use_int8_draft(shipped, None)
-    runner = int8_draft(shipped) if int8 else shipped
     head_rows, _ = draft_head(shipped, target.get_output_embeddings().weight)
-    head = int8_head(shipped, head_rows) if int8 else None
+    runner, head_product, _ = draft_for_generation(shipped, head_rows)
     layers = [i + 1 for i in draft.config.target_layer_ids]
     context = torch.cat([out.hidden_states[i] for i in layers], dim=-1).to(shipped.dtype)
     embed = target.get_input_embeddings()
@@ -339,10 +335,7 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
             noise_embeds=noise, context_hidden_states=context[:, length - new :], position_ids=positions, use_cache=True,
             past_key_values=draft_cache,
         ).last_hidden_state[:, 1:]
-        if head is None:
-            head_logits(hidden, head_rows)
-        else:
-            head(hidden.reshape(-1, hidden.shape[-1]).float().contiguous())
+        head_product(hidden)
         times.append(time.perf_counter() - start)
         draft_cache.crop(-(new + block))
     return verify, statistics.median(times[1:]), plain

@@ -227,15 +227,13 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
     bar.close()
     accelerator.unwrap_model(draft).set_attn_implementation(attention)  # what generation (and the cut tuner's timing) use
     # training is over: drop the mixed-precision wrapper accelerate put on the draft's forward, so the
-    # final evaluation, the consistency check and the cut tuner (which times a bf16 copy) see the model itself
+    # final evaluation, the consistency check and the cut tuner see the model itself
     accelerator.unwrap_model(draft, keep_fp32_wrapper=False)
     train_seconds = seconds_before + sum(h["seconds"] for h in history)
-    final_eval = {}
     if heldout and (not curve or curve[-1]["step"] != step):  # the end of the run is the curve's last point
         curve.append(loop.curve_point(heldout, step, parent_hours + feature_hours + train_seconds * threads / 3600))
-        final_eval = {key: curve[-1][key] for key in ("loss", "acc", "conditional_acc", "tau")}
-    elif heldout:
-        final_eval = loop.evaluate(heldout)
+    # the final held-out evaluation is that point's (an evaluation at this step, whichever launch made it)
+    final_eval = {key: curve[-1][key] for key in ("loss", "acc", "conditional_acc", "tau")} if heldout else {}
     consistency, tuning = {}, {}
     if heldout and args.consistency_prompts and accelerator.is_main_process:
         from .consistency import measure_consistency, tune_threshold, tuned_settings
