@@ -51,13 +51,13 @@ class RegenerateConfig:
         return f"{VARIANT_SEPARATOR}sample-s{self.seed}-t{self.temperature:g}" if self.do_sample else ""
 
 
-def _answer_files(out_dir: Path) -> list[Path]:
+def answer_files(out_dir: Path) -> list[Path]:
     """Packed parts first, then loose shards, each in name order (temporary files are ignored)."""
     return sorted(out_dir.glob("part-*.jsonl.gz")) + sorted(out_dir.glob("shard-*.jsonl"))
 
 
 def _iter_records(out_dir: Path):
-    for path in _answer_files(out_dir):
+    for path in answer_files(out_dir):
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as handle:
             for line in handle:

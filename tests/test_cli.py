@@ -55,3 +55,27 @@ def test_bad_arguments_fail_in_one_line_and_leave_nothing(tmp_path, argv, needle
 def test_debug_shows_the_traceback(tmp_path):
     result = dflare("--debug", "train", "--output-dir", "d", "--data", "missing.jsonl", cwd=tmp_path)
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_a_data_folder_with_files_it_would_not_read_is_refused(tmp_path):
+    """A folder passed as --data is read as regenerated answers (part-*.jsonl.gz, shard-*.jsonl):
+    a conversation file under another name would be skipped in silence, so training refuses, names
+    it and says how to pass it; an empty folder is refused too. Nothing is created."""
+    import gzip
+    import json
+
+    record = json.dumps({"id": "a", "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    folder = tmp_path / "answers"
+    folder.mkdir()
+    with gzip.open(folder / "part-00000.jsonl.gz", "wt") as handle:
+        handle.write(record + "\n")
+    with gzip.open(folder / "sampled-00000.jsonl.gz", "wt") as handle:
+        handle.write(record + "\n")
+    (tmp_path / "empty").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    result = dflare("train", "--output-dir", "d", "--data", "answers", cwd=tmp_path)
+    _one_line_error(result, "answers", "sampled-00000.jsonl.gz", "would not be read", "part-NNNNN.jsonl.gz")
+    result = dflare("train", "--output-dir", "d", "--data", "empty", cwd=tmp_path)
+    _one_line_error(result, "empty", "holds no regenerated answers")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

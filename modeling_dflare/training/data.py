@@ -78,6 +78,32 @@ def first_exchange(conversation):
     return Conversation(conversation.id, system + messages[user : reply + 1])
 
 
+def check_answer_folder(folder: Path) -> None:
+    """Refuse a ``--data`` folder that would train on less than it holds.
+
+    A folder is read as a regeneration's output: ``part-*.jsonl.gz`` and ``shard-*.jsonl`` files.
+    Any other conversation file in it (say ``extra.jsonl.gz`` linked in by hand) would be skipped
+    without a word, so it is an error naming the files and the two ways out; a folder with no
+    answer file at all is one too.
+    """
+    from ..regenerate import answer_files
+
+    read = set(answer_files(folder))
+    data_like = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
+    unread = sorted(p.name for p in folder.iterdir() if p.name.endswith(data_like) and p not in read)
+    if unread:
+        raise ValueError(
+            f"data folder {str(folder)!r}: {', '.join(unread)} would not be read (a folder is read as "
+            "regenerated answers: part-*.jsonl.gz and shard-*.jsonl files only); rename them to "
+            "part-NNNNN.jsonl.gz, or pass them as separate sources: --data FOLDER,FILE"
+        )
+    if not read:
+        raise ValueError(
+            f"data folder {str(folder)!r} holds no regenerated answers (expected part-*.jsonl.gz or "
+            "shard-*.jsonl files, as `dflare regenerate` writes them)"
+        )
+
+
 def read_source(source: str | None) -> list:
     """Regenerated shards when ``source`` is a folder, else any reader of :mod:`modeling_dflare.data`
     (cut to the first exchange: the draft learns single-turn answers, like the demo asks)."""
@@ -85,6 +111,7 @@ def read_source(source: str | None) -> list:
     from ..regenerate import read_regenerated
 
     if source and Path(source).is_dir():
+        check_answer_folder(Path(source))
         return read_regenerated(source)
     conversations, _ = read_conversations(source)  # the reader logs its own summary
     return [first_exchange(c) for c in conversations]
