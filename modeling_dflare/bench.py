@@ -27,7 +27,9 @@ prompt lookup after the confidence cut, ``dflare-nocut`` the draft with the cut 
 cut's effect and the generator's are two separate numbers against ``dflare-stock``, which has no
 cut), ``dflare-stock`` transformers' own DFlash generator, ``dflare-hybrid-noint8`` the hybrid with
 the draft kept in the dtype it was loaded in (on a CPU, an fp32 draft otherwise runs as its int8
-copy: :func:`~modeling_dflare.modeling_dflare.int8_draft`). ShareGPT prompts come from the report
+copy: :func:`~modeling_dflare.modeling_dflare.int8_draft`), ``dflare-hybrid-matmul`` the hybrid verifying on the
+earlier ``W @ x.T`` small-row kernels instead of oneDNN's packed ones
+(:func:`~modeling_dflare.modeling_dflare.small_row_linears`). ShareGPT prompts come from the report
 half of the held-out split, which no training or tuning step reads.
 
 Every output is compared with ``plain``'s token ids; any difference is logged as an error, listed
@@ -67,15 +69,16 @@ logger = logging.getLogger(__name__)
 
 BASELINE = "plain"
 METHODS = (
-    "plain", "plain-fast", "dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-nocut", "dflare-stock", "dflash", "prompt-lookup",
+    "plain", "plain-fast", "dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-nocut", "dflare-stock",
+    "dflash", "prompt-lookup",
 )
 #: Which draft each draft-based method uses (keys of the drafts dict built by :func:`load_drafts`).
 METHOD_DRAFT = {
-    "dflare": "dflare", "dflare-hybrid": "dflare", "dflare-hybrid-noint8": "dflare", "dflare-nocut": "dflare", "dflare-stock": "dflare",
-    "dflash": "dflash",
+    "dflare": "dflare", "dflare-hybrid": "dflare", "dflare-hybrid-noint8": "dflare", "dflare-hybrid-matmul": "dflare", "dflare-nocut": "dflare",
+    "dflare-stock": "dflare", "dflash": "dflash",
 }
 #: Methods run by our generator (they leave ``draft.dflare_stats``).
-OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-nocut", "dflash")
+OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-nocut", "dflash")
 #: The shipped drafts, found next to the package whatever the working folder.
 DEFAULT_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflare")
 DEFAULT_DFLASH_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflash")
@@ -237,16 +240,22 @@ def measure_forward_costs(
     return seconds
 
 
-def forward_costs(target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock) -> dict[str, list[float]]:
+def forward_costs(
+    target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock, matmul: bool = False
+) -> dict[str, list[float]]:
     """Target forward costs over 1..``max_length`` new tokens with the stock kernels (what plain
     decoding and prompt lookup run) and with the small-row kernels a DFlare draft's generation
-    verifies on (:func:`~modeling_dflare.modeling_dflare.small_row_linears`)."""
+    verifies on (:func:`~modeling_dflare.modeling_dflare.small_row_linears`); with ``matmul`` also
+    on its ``"matmul"`` kernels (key ``small_rows_matmul``)."""
     from .modeling_dflare import small_row_linears
 
-    stock = measure_forward_costs(target, input_ids, max_length, repeats, clock)
+    costs = {"stock": measure_forward_costs(target, input_ids, max_length, repeats, clock)}
     with small_row_linears(target):
-        small_rows = measure_forward_costs(target, input_ids, max_length, repeats, clock)
-    return {"stock": stock, "small_rows": small_rows}
+        costs["small_rows"] = measure_forward_costs(target, input_ids, max_length, repeats, clock)
+    if matmul:
+        with small_row_linears(target, "matmul"):
+            costs["small_rows_matmul"] = measure_forward_costs(target, input_ids, max_length, repeats, clock)
+    return costs
 
 
 # ----------------------------------------------------------------------------------------------
@@ -275,6 +284,8 @@ def generation_config_for(method: str, target, settings: Settings):
         config.dflare_prompt_lookup_ngram = settings.lookup_ngram if method.startswith("dflare-hybrid") else 0
         # "-noint8": the draft in the dtype it was loaded in, not its int8 CPU copy (int8_draft)
         config.dflare_int8_draft = False if method == "dflare-hybrid-noint8" else None
+        # "-matmul": verify on the W @ x.T small-row kernels instead of the oneDNN-packed ones
+        config.dflare_small_row_kernels = "matmul" if method == "dflare-hybrid-matmul" else None
     elif method == "dflare-stock":
         config.speculation_type = "dflash"
     elif method == "prompt-lookup":
@@ -517,7 +528,8 @@ def summarize(dataset: str, method: str, records: list[dict], costs: dict[str, l
         "peak_memory_mib": max((run.peak_memory or 0) for run in runs) / 2**20 if runs else None,
     }
     # DFlare drafts (ours and the stock DFlash path) verify on the small-row kernels, other methods on stock ones
-    verify_costs = costs.get("small_rows" if method in METHOD_DRAFT else "stock") if costs else None
+    kernels = "small_rows_matmul" if method == "dflare-hybrid-matmul" else "small_rows" if method in METHOD_DRAFT else "stock"
+    verify_costs = costs.get(kernels) if costs else None
     summary.update(free_draft_ceiling(summary, cycles, costs.get("stock") if costs else None, verify_costs, speculative))
     return summary
 
@@ -783,7 +795,7 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
             if not chosen:
                 continue
             context = torch.tensor([chosen[0][1]], device=target.device)
-            costs[dataset] = forward_costs(target, context, max_verify, args.cost_repeats, clock)
+            costs[dataset] = forward_costs(target, context, max_verify, args.cost_repeats, clock, "dflare-hybrid-matmul" in methods)
             found, bad = run_dataset(dataset, chosen, target, drafts, methods, settings, args.repeats, clock, tokenizer, bar)
             records += found
             mismatches += bad
@@ -798,6 +810,7 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
                 "context_tokens": len(prompts[d][0][0][1]),
                 "verify_ms": [1000 * s for s in c["stock"]],
                 "verify_ms_small_rows": [1000 * s for s in c["small_rows"]],
+                **({"verify_ms_small_rows_matmul": [1000 * s for s in c["small_rows_matmul"]]} if "small_rows_matmul" in c else {}),
             }
             for d, c in costs.items()
         },

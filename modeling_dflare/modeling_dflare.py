@@ -30,9 +30,11 @@ This file travels to the Hub with the draft: it imports only torch, public trans
 import contextlib
 import copy
 import dataclasses
+import functools
 import logging
 import time
 import warnings
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -1068,9 +1070,43 @@ def _validate_generation_mode_hook(original):
 SMALL_ROWS = 64
 #: Weights with at least this many entries (a vocabulary-sized LM head) compute one row as two.
 WIDE_WEIGHT = 1 << 22
+#: Row count oneDNN lays a packed weight out for (any count 2..SMALL_ROWS then runs on it).
+PACK_ROWS = 4
+#: Kernel choices of :func:`small_row_linears` (``generation_config.dflare_small_row_kernels``).
+SMALL_ROW_KERNELS = ("packed", "matmul")
+
+# module -> ((data pointer, version, shape) of its weight, oneDNN-packed copy); entries go with the module
+_PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
 
 
-def _small_row_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def onednn_linear_available() -> bool:
+    """Whether this torch build has oneDNN's packed-weight linear (``mkldnn._linear_pointwise``) enabled."""
+    return bool(
+        torch.backends.mkldnn.is_available()
+        and torch.backends.mkldnn.enabled
+        and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+        and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    )
+
+
+def packed_weight(module: nn.Linear) -> torch.Tensor:
+    """oneDNN's packed (blocked) copy of ``module``'s fp32 CPU weight, cached per module and rebuilt
+    when the weight changes (another tensor, or an in-place update)."""
+    weight = module.weight
+    key = (weight.data_ptr(), _version(weight), tuple(weight.shape))
+    cached = _PACKED.get(module)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, torch.ops.mkldnn._reorder_linear_weight(weight.detach(), PACK_ROWS))
+        _PACKED[module] = cached
+    return cached[1]
+
+
+def _onednn_linear(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
+
+
+def _small_row_linear(module: nn.Linear, x: torch.Tensor, kernels: str = "packed") -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if not 1 <= rows <= SMALL_ROWS or x.dtype != module.weight.dtype:
         return nn.functional.linear(x, module.weight, module.bias)
@@ -1081,6 +1117,8 @@ def _small_row_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
         # One row runs as a single-threaded matrix-vector product; two rows run as a threaded GEMM,
         # which on a 2-core CPU computes SmolLM2's 49,152 x 576 head in 4.7 ms instead of 10 ms.
         out = (module.weight @ torch.cat([flat, flat]).T).T[:1]
+    elif kernels == "packed":
+        return _onednn_linear(flat.contiguous(), packed_weight(module), module.bias).reshape(*x.shape[:-1], -1)
     else:
         out = (module.weight @ flat.T).T
     if module.bias is not None:
@@ -1089,22 +1127,35 @@ def _small_row_linear(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def small_row_linears(model: nn.Module) -> Iterator[int]:
-    """Run ``model``'s fp32 CPU ``nn.Linear`` layers on 2..``SMALL_ROWS`` rows as ``W @ x.T``.
+def small_row_linears(model: nn.Module, kernels: str = "packed") -> Iterator[int]:
+    """Run ``model``'s fp32 CPU ``nn.Linear`` layers on 2..``SMALL_ROWS`` rows on small-row kernels.
 
     A verify forward multiplies every weight matrix by a handful of rows (the block being checked).
     Stock ``x @ W.T`` hands MKL a layout it repacks the whole weight for, so on a 2-core CPU a
-    SmolLM2-135M forward over 2 tokens costs 88 ms against 55 ms for one; computed as ``W @ x.T``
-    the same forward over 2-4 tokens costs about 45 ms and over 8 about 62 ms. One row keeps the
-    stock kernel, except for a vocabulary-sized head (``WIDE_WEIGHT`` entries), computed as two
-    rows with 2+ threads: a one-token forward then costs about 49 ms instead of 52-55.
-    Values agree to float rounding (about 1e-5 on the logits), the same class of difference as
-    between the stock one-row and multi-row kernels that any assisted decoding already mixes.
+    SmolLM2-135M forward over 2 tokens costs 88 ms against 55 ms for one. ``kernels``:
+
+    - ``"packed"`` (default where :func:`onednn_linear_available`): oneDNN's linear on a copy of each
+      weight packed once into its blocked layout (:func:`packed_weight`, cached with the module,
+      rebuilt when the weight changes; it takes as much memory again as the weights: 509 MB for SmolLM2).
+      On a 2-core AVX2 EPYC a SmolLM2 forward over 2 / 3 / 4 / 6 / 9 tokens took 102 / 107 / 111 /
+      122 / 138 ms against 109 / 134 / 112 / 149 / 177 ms as ``"matmul"`` (one token: 98 ms).
+    - ``"matmul"``: ``W @ x.T``, which MKL runs without repacking: on a 2-core AVX512 EPYC a forward
+      over 2-4 tokens cost about 45 ms and over 8 about 62 ms.
+
+    One row keeps the stock kernel either way, except for a vocabulary-sized head (``WIDE_WEIGHT``
+    entries), computed as two rows with 2+ threads: a one-token forward then costs about 49 ms
+    instead of 52-55 (AVX512 EPYC). Values agree with the stock kernels to float rounding (about
+    1e-5 on the logits), the same class of difference as between the stock one-row and multi-row
+    kernels that any assisted decoding already mixes.
 
     Only exact ``nn.Linear`` modules are switched (not subclasses such as quantised or LoRA layers,
     not modules that already carry their own ``forward``, e.g. accelerate offload hooks), through
     an instance attribute that is removed on exit. Yields how many layers were switched.
     """
+    if kernels not in SMALL_ROW_KERNELS:
+        raise ValueError(f"small-row kernels {kernels!r}: expected one of {SMALL_ROW_KERNELS}")
+    if kernels == "packed" and not onednn_linear_available():
+        kernels = "matmul"
     switched = []
     for module in model.modules():
         if (
@@ -1113,7 +1164,7 @@ def small_row_linears(model: nn.Module) -> Iterator[int]:
             and module.weight.device.type == "cpu"
             and module.weight.dtype == torch.float32
         ):
-            module.forward = _small_row_linear.__get__(module)
+            module.forward = functools.partial(_small_row_linear, module, kernels=kernels)
             switched.append(module)
     try:
         yield len(switched)
@@ -1129,9 +1180,15 @@ def _assisted_decoding_hook(original):
         # The candidate generator is built without the stopping criteria; hand them over through this
         # call's private copy of the generation config (see ``stop_free_length``).
         generation_config._dflare_stopping_criteria = stopping_criteria
-        # generation_config.dflare_small_row_kernels=False keeps the stock kernels (see small_row_linears)
-        wanted = getattr(generation_config, "dflare_small_row_kernels", None) is not False
-        kernels = small_row_linears(self) if wanted else contextlib.nullcontext()
+        # generation_config.dflare_small_row_kernels: None / True / "packed" (default), "matmul", or
+        # False for the stock kernels (see small_row_linears)
+        setting = getattr(generation_config, "dflare_small_row_kernels", None)
+        if setting not in (None, True, False, *SMALL_ROW_KERNELS):
+            raise ValueError(
+                f"generation_config.dflare_small_row_kernels={setting!r}: expected None, True, False or one of {SMALL_ROW_KERNELS}"
+            )
+        kernel = "packed" if setting in (None, True) else setting
+        kernels = small_row_linears(self, kernel) if setting is not False else contextlib.nullcontext()
         try:
             with kernels:
                 return original(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs)
@@ -1200,6 +1257,8 @@ __all__ = [
     "install_generate_hook",
     "int8_draft",
     "int8_draft_supported",
+    "onednn_linear_available",
+    "packed_weight",
     "small_row_linears",
     "target_fingerprint",
 ]

@@ -73,14 +73,15 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
         # the free-draft ceiling is tau * t1 / t_verify: t1 is plain decoding's step (stock kernels),
         # t_verify is read off the kernels the method verifies on (small-row ones for DFlare drafts)
         plain_costs = results["costs"][dataset]["verify_ms"]
-        kernels = "verify_ms_small_rows" if method in bench.METHOD_DRAFT else "verify_ms"
+        kernels = {"dflare-hybrid-matmul": "verify_ms_small_rows_matmul"}.get(method, "verify_ms_small_rows" if method in bench.METHOD_DRAFT else "verify_ms")
         costs = results["costs"][dataset][kernels]
         assert row["ceiling"] == pytest.approx(row["tau"] * plain_costs[0] / row["t_verify_ms"])
         assert min(costs) * 0.999 <= row["t_verify_ms"] <= max(costs) * 1.001
         assert row["ceiling_fraction"] == pytest.approx(row["speedup"] / row["ceiling"])
         assert 0.0 <= row["draft_share"] < 1.0 and (row["draft_share"] > 0 or method == "prompt-lookup")
     assert rows[("math", "plain")]["speedup"] == pytest.approx(1.0)
-    assert len(results["costs"]["math"]["verify_ms"]) == len(results["costs"]["math"]["verify_ms_small_rows"]) == 11  # 1..max(4, 10 + 1)
+    math_costs = results["costs"]["math"]
+    assert len(math_costs["verify_ms"]) == len(math_costs["verify_ms_small_rows"]) == len(math_costs["verify_ms_small_rows_matmul"]) == 11  # 1..max(4, 10 + 1)
     markdown = (out / "bench.md").read_text()
     # the written table carries the JSON's numbers (read back from the markdown, not re-rendered)
     header = next(line for line in markdown.splitlines() if line.startswith("| Dataset | Method |"))

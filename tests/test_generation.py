@@ -586,6 +586,48 @@ def test_small_row_linears_one_row_is_stock_except_for_a_wide_head(monkeypatch):
     assert got.shape == (1, 1, 64) and torch.allclose(got, nn.functional.linear(x, wide.weight), atol=1e-5, rtol=1e-5)
 
 
+def test_small_row_linears_pack_each_weight_once_and_follow_it(monkeypatch):
+    """2+ rows run oneDNN's linear on a packed copy of the weight (bias included), made once per
+    weight and remade after an in-place update; "matmul" runs W @ x.T and packs nothing; one row
+    stays stock; an unknown kernel name is refused."""
+    from torch import nn
+
+    import modeling_dflare.modeling_dflare as modeling
+
+    if not modeling.onednn_linear_available():
+        pytest.fail("this torch build has no oneDNN linear: the packed small-row kernels are the CPU default and must be tested")
+    layer = nn.Linear(48, 40)
+    packs, calls = [], []
+    monkeypatch.setattr(modeling, "packed_weight", lambda m, original=modeling.packed_weight: calls.append(m) or original(m))
+    x = torch.randn(1, 3, 48, generator=torch.Generator().manual_seed(1))
+    one = x[:, :1]
+    with modeling.small_row_linears(layer) as switched:
+        assert switched == 1
+        first, second = layer(x), layer(x)
+        packs.append(modeling._PACKED[layer][1])
+        assert layer(one).equal(nn.functional.linear(one, layer.weight, layer.bias)) and len(calls) == 2  # one row: stock
+        with torch.no_grad():
+            layer.weight.mul_(2)  # the version counter moves: the packed copy is remade
+        third = layer(x)
+        packs.append(modeling._PACKED[layer][1])
+    assert len(calls) == 3 and packs[0] is not packs[1]
+    assert first.equal(second) and first.shape == (1, 3, 40)
+    with torch.no_grad():
+        layer.weight.div_(2)
+        want = nn.functional.linear(x, layer.weight, layer.bias)
+        assert torch.allclose(first, want, atol=1e-5, rtol=1e-5)
+        layer.weight.mul_(2)
+        assert torch.allclose(third, nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
+    calls.clear()
+    with modeling.small_row_linears(layer, "matmul"):
+        got = layer(x)
+    assert calls == [] and torch.allclose(got, third, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="'fast'.*packed"):
+        with modeling.small_row_linears(layer, "fast"):
+            pass
+    assert "forward" not in layer.__dict__
+
+
 def test_generate_verifies_on_small_row_kernels_unless_told_not_to():
     target = cached_target("llama")
     prompt = random_prompt(6)
@@ -604,6 +646,13 @@ def test_generate_verifies_on_small_row_kernels_unless_told_not_to():
         config.dflare_small_row_kernels = False
         got = greedy(target, prompt, max_new_tokens=12, assistant_model=draft, generation_config=config)
         assert got.tolist() == expected.tolist() and seen and not any(seen)
+        seen.clear()
+        config.dflare_small_row_kernels = "matmul"
+        got = greedy(target, prompt, max_new_tokens=12, assistant_model=draft, generation_config=config)
+        assert got.tolist() == expected.tolist() and seen and all(seen)
+        config.dflare_small_row_kernels = "fastest"
+        with pytest.raises(ValueError, match="dflare_small_row_kernels='fastest'"):
+            greedy(target, prompt, max_new_tokens=12, assistant_model=draft, generation_config=config)
     finally:
         handle.remove()
     assert "forward" not in layer.__dict__
