@@ -44,15 +44,18 @@ def render_table(results: dict) -> str:
 
 def render_costs(results: dict) -> str:
     """Measured target forward costs behind the free-draft ceiling."""
-    lines = [
-        "| Dataset | Context tokens | t_target(1 token) ms | t_target(verify B) ms | small-row kernels: 1 token | 2 tokens | verify B |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    costs = results.get("costs", {})
+    matmul = any(cost.get("verify_ms_small_rows_matmul") for cost in costs.values())
+    header = "| Dataset | Context tokens | t_target(1 token) ms | t_target(verify B) ms | small-row kernels: 1 token | 2 tokens | verify B |"
+    lines = [header + (" matmul kernels: 2 tokens | verify B |" if matmul else ""), "|---" * (7 + 2 * matmul) + "|"]
     block = results["meta"]["settings"]["block_size"]
-    for dataset, cost in results.get("costs", {}).items():
+    for dataset, cost in costs.items():
         verify, small = cost["verify_ms"], cost.get("verify_ms_small_rows") or []
         row = f"| {dataset} | {cost['context_tokens']} | {verify[0]:.1f} | {verify[min(block, len(verify)) - 1]:.1f} |"
         row += f" {small[0]:.1f} | {small[1]:.1f} | {small[min(block, len(small)) - 1]:.1f} |" if len(small) > 1 else " – | – | – |"
+        if matmul:
+            other = cost.get("verify_ms_small_rows_matmul") or []
+            row += f" {other[1]:.1f} | {other[min(block, len(other)) - 1]:.1f} |" if len(other) > 1 else " – | – |"
         lines.append(row)
     return "\n".join(lines)
 
