@@ -795,7 +795,7 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
             if not chosen:
                 continue
             context = torch.tensor([chosen[0][1]], device=target.device)
-            costs[dataset] = forward_costs(target, context, max_verify, args.cost_repeats, clock, "dflare-hybrid-matmul" in methods)
+            costs[dataset] = forward_costs(target, context, max_verify, args.cost_repeats, clock, matmul=True)
             found, bad = run_dataset(dataset, chosen, target, drafts, methods, settings, args.repeats, clock, tokenizer, bar)
             records += found
             mismatches += bad

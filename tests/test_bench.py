@@ -92,7 +92,7 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
         assert cells["τ"] == f"{row['tau']:.2f}" and cells["Speedup vs plain"] == f"{row['speedup']:.2f}x"
         assert cells["Lossless"] == "yes"
     assert "GREEDY MISMATCH" not in markdown and "Command:" in markdown
-    # the cost table shows the matmul kernels' curve beside the packed one when dflare-hybrid-matmul ran
+    # the cost table shows the matmul kernels' curve beside the packed one
     cost_row = next(l for l in markdown.splitlines() if l.startswith("| math |") and l.count("|") == 10)
     assert "matmul kernels: 2 tokens | verify B |" in markdown and f"{math_costs['verify_ms_small_rows_matmul'][1]:.1f}" in cost_row
     # which form each draft ran in (int8 copy, or bf16 where native) and the CPU features behind the timings
