@@ -120,8 +120,8 @@ def render_markdown(results: dict) -> str:
         "",
         "Free-draft ceiling = τ · t1 / t_verify(mean verified length): the speedup a draft costing nothing "
         "would give at the measured τ, from the target forward costs below (t1: plain decoding's step; t_verify: "
-        "the kernels the method verifies on, small-row ones for DFlare drafts, which compute a verify over a few "
-        "rows as W @ x.T); % of ceiling = speedup vs plain / ceiling; draft share = draft time / measured cycle time.",
+        "the kernels the method verifies on, small-row ones for DFlare drafts: oneDNN's linear on packed weights, "
+        "or W @ x.T for dflare-hybrid-matmul); % of ceiling = speedup vs plain / ceiling; draft share = draft time / measured cycle time.",
         "",
         render_costs(results),
     ]
