@@ -1117,7 +1117,7 @@ def _small_row_linear(module: nn.Linear, x: torch.Tensor, kernels: str = "packed
         # One row runs as a single-threaded matrix-vector product; two rows run as a threaded GEMM,
         # which on a 2-core CPU computes SmolLM2's 49,152 x 576 head in 4.7 ms instead of 10 ms.
         out = (module.weight @ torch.cat([flat, flat]).T).T[:1]
-    elif kernels == "packed":
+    elif kernels == "packed" and module.weight.is_contiguous():
         return _onednn_linear(flat.contiguous(), packed_weight(module), module.bias).reshape(*x.shape[:-1], -1)
     else:
         out = (module.weight @ flat.T).T
@@ -1177,16 +1177,16 @@ def _assisted_decoding_hook(original):
     def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs):
         if not is_dflare_draft(kwargs.get("assistant_model")):
             return original(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs)
-        # The candidate generator is built without the stopping criteria; hand them over through this
-        # call's private copy of the generation config (see ``stop_free_length``).
-        generation_config._dflare_stopping_criteria = stopping_criteria
         # generation_config.dflare_small_row_kernels: None / True / "packed" (default), "matmul", or
         # False for the stock kernels (see small_row_linears)
         setting = getattr(generation_config, "dflare_small_row_kernels", None)
-        if setting not in (None, True, False, *SMALL_ROW_KERNELS):
+        if not (setting is None or isinstance(setting, bool) or setting in SMALL_ROW_KERNELS):
             raise ValueError(
                 f"generation_config.dflare_small_row_kernels={setting!r}: expected None, True, False or one of {SMALL_ROW_KERNELS}"
             )
+        # The candidate generator is built without the stopping criteria; hand them over through this
+        # call's private copy of the generation config (see ``stop_free_length``).
+        generation_config._dflare_stopping_criteria = stopping_criteria
         kernel = "packed" if setting in (None, True) else setting
         kernels = small_row_linears(self, kernel) if setting is not False else contextlib.nullcontext()
         try:
