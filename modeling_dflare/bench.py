@@ -240,21 +240,18 @@ def measure_forward_costs(
     return seconds
 
 
-def forward_costs(
-    target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock, matmul: bool = False
-) -> dict[str, list[float]]:
+def forward_costs(target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock) -> dict[str, list[float]]:
     """Target forward costs over 1..``max_length`` new tokens with the stock kernels (what plain
-    decoding and prompt lookup run) and with the small-row kernels a DFlare draft's generation
-    verifies on (:func:`~modeling_dflare.modeling_dflare.small_row_linears`); with ``matmul`` also
-    on its ``"matmul"`` kernels (key ``small_rows_matmul``)."""
+    decoding and prompt lookup run), with the small-row kernels a DFlare draft's generation
+    verifies on (:func:`~modeling_dflare.modeling_dflare.small_row_linears`) and with their
+    ``"matmul"`` variant (key ``small_rows_matmul``)."""
     from .modeling_dflare import small_row_linears
 
     costs = {"stock": measure_forward_costs(target, input_ids, max_length, repeats, clock)}
     with small_row_linears(target):
         costs["small_rows"] = measure_forward_costs(target, input_ids, max_length, repeats, clock)
-    if matmul:
-        with small_row_linears(target, "matmul"):
-            costs["small_rows_matmul"] = measure_forward_costs(target, input_ids, max_length, repeats, clock)
+    with small_row_linears(target, "matmul"):
+        costs["small_rows_matmul"] = measure_forward_costs(target, input_ids, max_length, repeats, clock)
     return costs
 
 
@@ -795,7 +792,7 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
             if not chosen:
                 continue
             context = torch.tensor([chosen[0][1]], device=target.device)
-            costs[dataset] = forward_costs(target, context, max_verify, args.cost_repeats, clock, matmul=True)
+            costs[dataset] = forward_costs(target, context, max_verify, args.cost_repeats, clock)
             found, bad = run_dataset(dataset, chosen, target, drafts, methods, settings, args.repeats, clock, tokenizer, bar)
             records += found
             mismatches += bad
@@ -810,7 +807,7 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
                 "context_tokens": len(prompts[d][0][0][1]),
                 "verify_ms": [1000 * s for s in c["stock"]],
                 "verify_ms_small_rows": [1000 * s for s in c["small_rows"]],
-                **({"verify_ms_small_rows_matmul": [1000 * s for s in c["small_rows_matmul"]]} if "small_rows_matmul" in c else {}),
+                "verify_ms_small_rows_matmul": [1000 * s for s in c["small_rows_matmul"]],
             }
             for d, c in costs.items()
         },
