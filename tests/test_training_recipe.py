@@ -22,7 +22,7 @@ from modeling_dflare import DFlareConfig, DFlareModel
 from modeling_dflare.anchors import block_inputs, position_weights
 from modeling_dflare.data import write_jsonl
 from modeling_dflare.testing import tiny_target, tiny_tokenizer
-from modeling_dflare.training import Sequence, TargetFeatures, TrainArgs, block_loss, train
+from modeling_dflare.training import Sequence, TargetFeatures, TrainArgs, TrainingInputError, block_loss, train
 from modeling_dflare.training.consistency import leading_runs, walk
 
 
@@ -170,6 +170,37 @@ def test_multi_epoch_run_reads_the_cache_back(tmp_path, looping_target, monkeypa
     # every training and held-out sequence ran through the target once (in the up-front fill), never again
     assert rows["n"] == summary["train_sequences"] + summary["heldout_sequences"]
     assert len(list((tmp_path / "cache").glob("*.pt"))) == rows["n"]
+
+
+def test_features_only_fills_the_cache_that_a_later_run_trains_from(tmp_path, looping_target, monkeypatch):
+    """``--features-only`` writes every sequence's features and stops (no draft, no work folder); the
+    training run after it reads them all back and runs the target on nothing."""
+    tokenizer = tiny_tokenizer()
+    write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 6, 0))
+    write_jsonl(tmp_path / "heldout.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 2, 100))
+    rows = {"n": 0}
+    original = TargetFeatures.compute
+
+    def counting(self, input_ids, layer_ids, attention_mask=None):
+        rows["n"] += input_ids.shape[0]
+        return original(self, input_ids, layer_ids, attention_mask)
+
+    monkeypatch.setattr(TargetFeatures, "compute", counting)
+    common = dict(
+        output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
+        num_hidden_layers=1, block_size=4, epochs=1, batch_size=2, save_every=100, eval_every=100, lr=3e-3,
+        draft_vocab_size=None, consistency_prompts=0,
+    )
+    with pytest.raises(TrainingInputError, match="--hidden-cache"):
+        train(TrainArgs(**common, features_only=True), target=looping_target, tokenizer=tokenizer)
+    cache = tmp_path / "cache"
+    assert train(TrainArgs(**common, hidden_cache=str(cache), features_only=True), target=looping_target, tokenizer=tokenizer) is None
+    filled = rows["n"]
+    assert filled >= 6 and len(list(cache.glob("*.pt"))) == filled
+    assert not (tmp_path / "draft").exists() and not (tmp_path / "draft-work").exists()
+    out = train(TrainArgs(**common, hidden_cache=str(cache)), target=looping_target, tokenizer=tokenizer)
+    assert (out / "model.safetensors").is_file()
+    assert rows["n"] == filled  # the training run computed no target features
 
 
 def test_implied_acceptance_matches_generate(tmp_path, looping_target):

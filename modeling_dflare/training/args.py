@@ -12,6 +12,7 @@ class TrainArgs:
     blocks cover the response once on average (NVIDIA ModelOpt's choice); an integer fixes the count.
     ``epochs`` passes over the training sequences; with ``hidden_cache`` the target runs only on the
     first (and :func:`~modeling_dflare.training.features.TargetFeatures.fill` can run it up front).
+    ``features_only`` stops after that fill: the cache is written for a later run, nothing is trained.
     """
 
     output_dir: str
@@ -48,6 +49,7 @@ class TrainArgs:
     threads: int | None = None
     consistency_prompts: int = 8
     tune_threshold: bool = False
+    features_only: bool = False
 
     @property
     def work_path(self) -> Path:
@@ -124,6 +126,12 @@ def add_arguments(parser) -> None:
         help="after training, set the confidence cut that a cost model (this machine's measured target and draft "
         "forward times, the held-out answers' acceptance) predicts fastest",
     )
+    parser.add_argument(
+        "--features-only",
+        action="store_true",
+        help="with --hidden-cache: compute and cache the target features of --data and --heldout, then stop "
+        "(no training, no output folder; interrupt and rerun at will, finished sequences are kept)",
+    )
 
 
 def run(args) -> int:
@@ -133,5 +141,7 @@ def run(args) -> int:
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs) if hasattr(args, f.name)}
     if values.get("draft_vocab_size") == 0:
         values["draft_vocab_size"] = None
-    train(TrainArgs(**values))
+    result = train(TrainArgs(**values))
+    if result is None:
+        print(f"target features cached in {args.hidden_cache}; nothing trained (--features-only)")
     return 0

@@ -79,6 +79,8 @@ def validate_args(args: TrainArgs) -> None:
         raise TrainingInputError(
             f"--grow-layers {args.grow_layers}: expected a positive count of layers to add to an --init-from draft"
         )
+    if args.features_only and not args.hidden_cache:
+        raise TrainingInputError("--features-only: expected --hidden-cache FOLDER too (the features are written there)")
     if args.block_size < 2:
         raise TrainingInputError(f"--block-size {args.block_size}: expected at least 2 (the anchor and one drafted token)")
     if args.num_anchors is not None and args.num_anchors < 1:
@@ -122,8 +124,9 @@ def anchors_for(sequence: Sequence, args: TrainArgs, block_size: int, generator:
     return sample_anchors(sequence.response_start, sequence.input_ids.numel(), count, generator)
 
 
-def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
-    """Run (or resume) a training run; returns the final Hub-ready draft folder."""
+def train(args: TrainArgs, target=None, tokenizer=None) -> Path | None:
+    """Run (or resume) a training run; returns the final Hub-ready draft folder (None with
+    ``features_only``, which stops once the target features are cached)."""
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
@@ -187,6 +190,11 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path:
     if args.hidden_cache and accelerator.is_main_process:
         feature_stats = loop.features.fill(sequences + heldout, loop.layer_ids)
     accelerator.wait_for_everyone()
+    if args.features_only:
+        logger.info("--features-only: target features cached in %s (%s); nothing trained", args.hidden_cache, feature_stats)
+        if created_work and latest_checkpoint(checkpoint_dir) is None:
+            _remove_empty_work(work)
+        return None
     if resumed is None and not args.init_from:
         loop.calibrate_output_scale()
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_main_process)
