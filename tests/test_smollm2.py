@@ -112,3 +112,25 @@ def test_shipped_drafts_know_the_weights_they_were_trained_against(smollm2, name
     config = DFlareConfig.from_pretrained(TRAINED_DRAFT.parent / name)
     assert config.target_name_or_path == target.config.name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert config.target_fingerprint and fingerprints_match(config.target_fingerprint, target_fingerprint(target))
+
+
+def test_distill_teacher_rebuilds_smollm2_logits_from_cached_features(smollm2):
+    """``--distill`` on the real target: from the features as the cache stores them (bf16, the
+    shipped draft's 9 layers, the deepest being 28 of 0-29) the rebuilt logits (layer 29, norm,
+    head) pick the target's greedy token at nearly every position of a real chat."""
+    from modeling_dflare.training import TargetFeatures
+    from modeling_dflare.training.distill import TeacherHead
+    from modeling_dflare.training.features import Features
+
+    target, tokenizer = smollm2
+    layer_ids = DFlareConfig.from_pretrained(TRAINED_DRAFT).target_layer_ids
+    assert max(layer_ids) < target.config.num_hidden_layers - 1  # a layer is left to run
+    ids = chat_ids(tokenizer, PROMPTS[1] + " Explain each step and give an example call.")
+    features = TargetFeatures(target).compute(ids, layer_ids)
+    stored = Features(features.hidden.to(torch.bfloat16).float(), features.predictions)
+    teacher = TeacherHead(target, layer_ids, target.get_output_embeddings().weight.detach())
+    assert teacher.agreement(stored) >= 0.95
+    with torch.no_grad():
+        full = target(ids).logits[0, -3:]
+    rebuilt = teacher.logits(TargetFeatures(target).compute(ids, layer_ids), torch.arange(ids.shape[1] - 3, ids.shape[1]))
+    torch.testing.assert_close(rebuilt, full, rtol=1e-3, atol=1e-3)

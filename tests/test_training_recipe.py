@@ -203,6 +203,58 @@ def test_features_only_fills_the_cache_that_a_later_run_trains_from(tmp_path, lo
     assert rows["n"] == filled  # the training run computed no target features
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3"])
+@pytest.mark.parametrize("layer_ids", [[0, 1], [1, 3]], ids=["layers-to-run", "last-layer-cached"])
+def test_teacher_rebuilds_the_target_logits_from_the_features(arch, layer_ids):
+    """``--distill``'s teacher: the target's logits over the draft vocabulary, rebuilt from the
+    features alone (the remaining layers, the final norm, the head rows), equal a full forward's;
+    where the layers cannot run the Llama way (Gemma 3) it refuses, naming --distill."""
+    from modeling_dflare.training.distill import TeacherHead
+
+    target = tiny_target(arch, num_hidden_layers=4)
+    ids = torch.randint(8, 90, (1, 20), generator=torch.Generator().manual_seed(0))
+    features = TargetFeatures(target).compute(ids, layer_ids)
+    vocab = torch.tensor([5, 9, 40, 41, 77])  # a reduced draft vocabulary
+    teacher = TeacherHead(target, layer_ids, target.get_output_embeddings().weight.detach()[vocab])
+    positions = torch.tensor([0, 7, 19])
+    if arch == "gemma3" and layer_ids == [0, 1]:
+        with pytest.raises(ValueError, match="--distill cannot run the target's decoder layers 2-3"):
+            teacher.logits(features, positions)
+        return
+    with torch.no_grad():
+        expected = target(ids).logits[0, positions][:, vocab]
+    torch.testing.assert_close(teacher.logits(features, positions), expected, rtol=1e-4, atol=1e-5)
+    full = TeacherHead(target, layer_ids, target.get_output_embeddings().weight.detach())
+    assert full.agreement(features) == 1.0  # the target's own greedy token at every position
+    wrong = TeacherHead(target, layer_ids, torch.randn_like(target.get_output_embeddings().weight))
+    assert wrong.agreement(features) < 0.5  # the check can fail
+
+
+def test_distill_mixes_the_target_distribution_into_the_training_loss(tmp_path, looping_target):
+    """A --distill run checks its teacher, trains on a different loss than greedy labels alone, and
+    evaluates with the greedy-label loss (comparable across runs); a weight outside [0, 1] is refused."""
+    import json
+
+    tokenizer = tiny_tokenizer()
+    write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 6, 0))
+    write_jsonl(tmp_path / "heldout.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 2, 100))
+    common = dict(
+        data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"), num_hidden_layers=1, block_size=4,
+        epochs=1, max_steps=3, batch_size=2, save_every=100, eval_every=3, lr=3e-3, draft_vocab_size=None,
+        consistency_prompts=0, hidden_cache=str(tmp_path / "cache"),
+    )
+    with pytest.raises(TrainingInputError, match="--distill 1.5: expected a weight from 0"):
+        train(TrainArgs(output_dir=str(tmp_path / "bad"), distill=1.5, **common), target=looping_target, tokenizer=tokenizer)
+    summaries = {}
+    for alpha in (0.0, 0.5):
+        out = train(TrainArgs(output_dir=str(tmp_path / f"d{alpha}"), distill=alpha, **common), target=looping_target, tokenizer=tokenizer)
+        summaries[alpha] = json.loads((out / "training_summary.json").read_text())
+    assert summaries[0.5]["args"]["distill"] == 0.5
+    # the same data, anchors and first step: the training loss differs only by the soft term
+    assert summaries[0.5]["final_train_loss"] != pytest.approx(summaries[0.0]["final_train_loss"], abs=1e-4)
+    assert "--distill: the rebuilt target logits" in (tmp_path / "d0.5-work" / "train.log").read_text()
+
+
 def test_implied_acceptance_matches_generate(tmp_path, looping_target):
     """On answers the target itself produced greedily, walking the held-out correctness table the way
     generation walks it predicts ``generate``'s acceptance length exactly (same model, same numbers);

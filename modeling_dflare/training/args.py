@@ -50,6 +50,7 @@ class TrainArgs:
     consistency_prompts: int = 8
     tune_threshold: bool = False
     features_only: bool = False
+    distill: float = 0.0
 
     @property
     def work_path(self) -> Path:
@@ -125,6 +126,14 @@ def add_arguments(parser) -> None:
         action="store_true",
         help="after training, set the confidence cut that a cost model (this machine's measured target and draft "
         "forward times, the held-out answers' acceptance) predicts fastest",
+    )
+    parser.add_argument(
+        "--distill",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="weight of the target's distribution in the loss: (1 - ALPHA) x CE on its greedy token + ALPHA x CE on "
+        "its softmax over the draft vocabulary, rebuilt from the cached features (0 = greedy labels only)",
     )
     parser.add_argument(
         "--features-only",

@@ -79,6 +79,8 @@ def validate_args(args: TrainArgs) -> None:
         raise TrainingInputError(
             f"--grow-layers {args.grow_layers}: expected a positive count of layers to add to an --init-from draft"
         )
+    if not 0.0 <= args.distill <= 1.0:
+        raise TrainingInputError(f"--distill {args.distill}: expected a weight from 0 (greedy labels only) to 1 (the target's distribution only)")
     if args.features_only and not args.hidden_cache:
         raise TrainingInputError("--features-only: expected --hidden-cache FOLDER too (the features are written there)")
     if args.block_size < 2:
@@ -190,6 +192,8 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path | None:
     if args.hidden_cache and accelerator.is_main_process:
         feature_stats = loop.features.fill(sequences + heldout, loop.layer_ids)
     accelerator.wait_for_everyone()
+    if loop.teacher is not None:
+        loop.check_teacher()
     if args.features_only:
         logger.info("--features-only: target features cached in %s (%s); nothing trained", args.hidden_cache, feature_stats)
         if created_work and latest_checkpoint(checkpoint_dir) is None:
@@ -322,6 +326,11 @@ class _Loop:
         self.features = TargetFeatures(target, args.hidden_cache, args.target_precision)
         self.embed = target.get_input_embeddings()
         self.head_weight, self.token_to_draft = training_head(inner, target)
+        self.teacher = None
+        if args.distill > 0:
+            from .distill import TeacherHead
+
+            self.teacher = TeacherHead(target, self.layer_ids, self.head_weight)
 
     def _sequence(self, stream_index: int) -> tuple[Sequence, torch.Generator]:
         count = len(self.sequences)
@@ -330,10 +339,27 @@ class _Loop:
         generator = torch.Generator().manual_seed(self.args.seed * 1_000_003 + stream_index)
         return self.sequences[int(order[position])], generator
 
-    def _loss(self, sequence: Sequence, anchors: torch.LongTensor):
+    def check_teacher(self, minimum: float = 0.95) -> float:
+        """Refuse ``--distill`` where the target's logits cannot be rebuilt from its features: the
+        rebuilt argmax must be the cached greedy token at ``minimum`` of the first sequence's positions."""
+        sequence = self.sequences[0]
+        agreement = self.teacher.agreement(self.features(sequence, self.layer_ids), self.token_to_draft)
+        logger.info("--distill: the rebuilt target logits pick the cached greedy token at %.4f of %r's positions", agreement, sequence.id)
+        if not agreement >= minimum:
+            raise TrainingInputError(
+                f"--distill {self.args.distill}: the target's logits rebuilt from its cached features agree with its "
+                f"greedy tokens at {agreement:.3f} of the positions of {sequence.id!r} (expected at least {minimum}); "
+                "this target's layers do not run the Llama way: train without --distill"
+            )
+        return agreement
+
+    def _loss(self, sequence: Sequence, anchors: torch.LongTensor, distill: bool = False):
+        """The block loss of one sequence; ``distill`` mixes in the target's distribution
+        (training steps only: evaluation and calibration keep the greedy-label loss, comparable across runs)."""
         features = self.features(sequence, self.layer_ids)
         return block_loss(
-            self.draft, self.embed, self.head_weight, self.token_to_draft, sequence, features, anchors, self.weights, self.args.labels
+            self.draft, self.embed, self.head_weight, self.token_to_draft, sequence, features, anchors, self.weights,
+            self.args.labels, teacher=self.teacher if distill else None, distill=self.args.distill,
         )
 
     def step(self, step: int, optimizer, scheduler) -> dict:
@@ -343,7 +369,7 @@ class _Loop:
             sequence, generator = self._sequence((step * self.accum + micro) * world + rank)
             # the head product and loss too, not only the draft's forward (accelerate wraps just that)
             with self.accelerator.autocast():
-                result = self._loss(sequence, anchors_for(sequence, self.args, self.block_size, generator))
+                result = self._loss(sequence, anchors_for(sequence, self.args, self.block_size, generator), distill=True)
             if not torch.isfinite(result.loss):
                 raise FloatingPointError(
                     f"loss is {result.loss.item()} at step {step} (sequence {sequence.id!r}); the last good checkpoint "

@@ -75,11 +75,16 @@ def block_loss(
     weights: torch.Tensor,
     labels_from: str = "target",
     with_confidence: bool = False,
+    teacher=None,
+    distill: float = 0.0,
 ) -> BlockResult:
     """Weighted CE of all anchor blocks of one sequence in a single draft pass.
 
     ``labels_from="target"``: labels are the target's greedy predictions on on-policy positions
-    (see :func:`target_labels`); ``"data"``: the data tokens themselves.
+    (see :func:`target_labels`); ``"data"``: the data tokens themselves. With a ``teacher``
+    (:class:`~modeling_dflare.training.distill.TeacherHead`) and ``distill`` = alpha > 0, each labelled
+    position's loss is ``(1 - alpha) * CE(greedy label) + alpha * CE(the target's distribution over
+    the draft vocabulary)``.
     """
     config = getattr(draft, "module", draft).config  # DDP/FSDP wrappers keep the model in .module
     block, device = config.block_size, features.hidden.device
@@ -107,6 +112,11 @@ def block_loss(
     logits = hidden[valid_loss].to(head_weight.dtype) @ head_weight.T
     position_weight = weights.to(device).repeat(anchors.numel())[valid_loss]
     ce = F.cross_entropy(logits.float(), target_ids[valid_loss], reduction="none")
+    if teacher is not None and distill > 0:
+        from .distill import soft_cross_entropy
+
+        rows = (positions - 1).clamp(0, length - 1)[valid_loss]
+        ce = (1 - distill) * ce + distill * soft_cross_entropy(logits, teacher.logits(features, rows))
     loss = (ce * position_weight).sum() / position_weight.sum().clamp_min(1e-6)
     correct = torch.zeros_like(valid)
     correct[valid_loss] = logits.argmax(-1) == target_ids[valid_loss]
