@@ -483,3 +483,26 @@ def test_hybrid_walk_replays_generate(looping_target):
             lookups += stats.lookup_tokens
         assert (predicted_tokens, predicted_cycles) == (generated_tokens, generated_cycles), (cut, confidence, shortest)
     assert lookups > 0  # the hybrid really proposed lookups, so the replay was tested on them
+
+
+def test_learning_curve_table_and_plot(tmp_path):
+    """``python -m modeling_dflare.training.curve``: one table row per evaluation, the generate τ on
+    each run's last point, a plot with one colour per run (more runs than one palette holds)."""
+    import json
+
+    from modeling_dflare.training.curve import main
+
+    specs = []
+    for run in range(12):
+        curve = [{"step": s, "cpu_hours": run + s / 1000, "acc": [0.5], "tau": 1.5 + s / 1000, "walk_tau": 1.4} for s in (250, 500)]
+        (tmp_path / f"r{run}.json").write_text(json.dumps({"curve": curve, "consistency": {"generate_tau": 1.7 + run / 100}}))
+        specs.append(f"r{run}={tmp_path / f'r{run}.json'}")
+    assert main([str(tmp_path / "out"), *specs]) == 0
+    assert (tmp_path / "out" / "training-curve.png").stat().st_size > 10_000
+    from modeling_dflare.training.curve import load_curves, markdown_table
+
+    table = markdown_table(load_curves(specs)).splitlines()
+    assert len(table) == 2 + 24
+    assert table[3].startswith("| r0 | 500 | 0.50 | 0.500 | 2.000 | 1.400 | 1.7 |") and table[2].endswith("| – |")
+    with pytest.raises(ValueError, match="expected LABEL=path"):
+        load_curves(["r0.json"])

@@ -46,18 +46,29 @@ def plot(curves: dict[str, list[dict]], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(9.5, 4))
-    for label, points in curves.items():
+    from matplotlib.lines import Line2D
+
+    figure, axis = plt.subplots(figsize=(9.5, 4.5))
+    handles, palette = [], plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+    for index, (label, points) in enumerate(curves.items()):
+        color = palette(index % palette.N)
         hours = [p["cpu_hours"] for p in points]
-        axis.plot(hours, [p["tau"] for p in points], "o--", label=f"{label}: implied τ (anchors)")
-        axis.plot(hours, [p.get("walk_tau") or float("nan") for p in points], "o-", label=f"{label}: walked τ (≈ generate)")
+        axis.plot(hours, [p["tau"] for p in points], "o--", color=color, alpha=0.6, markersize=3)
+        axis.plot(hours, [p.get("walk_tau") or float("nan") for p in points], "o-", color=color, markersize=4)
         measured = [(p["cpu_hours"], p["generate_tau"]) for p in points if p.get("generate_tau")]
         if measured:
-            axis.plot(*zip(*measured), "k*", markersize=12, label=f"{label}: τ measured in generate")
+            axis.plot(*zip(*measured), "*", color=color, markeredgecolor="k", markersize=12)
+        handles.append(Line2D([], [], color=color, marker="o", label=label))
+    # one colour per run; the line style says which measure
+    handles += [
+        Line2D([], [], color="grey", linestyle="--", marker="o", markersize=3, label="implied τ (random anchors)"),
+        Line2D([], [], color="grey", linestyle="-", marker="o", markersize=4, label="walked τ (≈ generate)"),
+        Line2D([], [], color="grey", linestyle="", marker="*", markeredgecolor="k", markersize=12, label="τ measured in generate"),
+    ]
     axis.set_xlabel("cumulative CPU-hours (2-core machine, threads x wall time)")
     axis.set_ylabel("acceptance length τ (held-out, no cut)")
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the lines fill the axes
+    axis.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the lines fill the axes
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=120)
