@@ -60,6 +60,21 @@ class Conversation:
                 return [m for m in self.messages[:i] if m["role"] == "system"] + [message]
         raise ValueError(f"conversation {self.id!r} has no user turn")
 
+    def prompt_at(self, turn: int) -> list[dict[str, str]] | None:
+        """The chat up to and including its ``turn``-th user message (1 = :attr:`first_prompt`),
+        earlier replies kept as the data has them; None when it has fewer user turns.
+
+        Later turns answer new questions in contexts the first turns never give (long histories,
+        follow-ups), from conversations the data already has.
+        """
+        if turn < 1:
+            raise ValueError(f"turn {turn}: expected 1 or more")
+        users = [i for i, message in enumerate(self.messages) if message["role"] == "user"]
+        if len(users) < turn:
+            return None
+        first = users[0]
+        return [m for m in self.messages[:first] if m["role"] == "system"] + self.messages[first : users[turn - 1] + 1]
+
 
 @dataclasses.dataclass
 class ReadReport:

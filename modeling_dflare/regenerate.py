@@ -3,7 +3,9 @@
 Greedy answers (the default) are the ones generation meets. ``--sample`` answers the same prompts
 again at a temperature, each answer stored under ``<prompt id>#sample-s<seed>-t<temperature>``: more
 contexts on which the draft learns the target's greedy next tokens (training labels are the
-target's own choices wherever the data agrees with them), from prompts the data already has. A
+target's own choices wherever the data agrees with them), from prompts the data already has.
+``--turn K`` answers the K-th user turn of multi-turn chats after their own earlier turns
+(``<prompt id>#turn<K>``): new questions, in longer contexts than first turns give. A
 folder of sampled answers trains beside the greedy one (``--data greedy,sampled``); the held-out
 splits follow the prompt's id, so a prompt's answers never straddle them.
 
@@ -44,11 +46,17 @@ class RegenerateConfig:
     #: hardware has it: CUDA, or a CPU with native bf16 such as AVX512-BF16 / AMX).
     precision: str = "auto"
     seed: int = 0
+    #: which user turn to answer: 1 = the first; K > 1 answers the K-th, after the data's own turns
+    turn: int = 1
 
     @property
     def variant(self) -> str:
-        """Suffix of the stored ids: '' for greedy answers, ``#sample-s<seed>-t<temperature>`` otherwise."""
-        return f"{VARIANT_SEPARATOR}sample-s{self.seed}-t{self.temperature:g}" if self.do_sample else ""
+        """Suffix of the stored ids: '' for greedy answers to first turns, then ``#turn<K>`` for a
+        later turn and ``#sample-s<seed>-t<temperature>`` for sampled answers (both, in that order)."""
+        suffix = f"{VARIANT_SEPARATOR}turn{self.turn}" if self.turn > 1 else ""
+        if self.do_sample:
+            suffix += f"{VARIANT_SEPARATOR}sample-s{self.seed}-t{self.temperature:g}"
+        return suffix
 
 
 def answer_files(out_dir: Path) -> list[Path]:
@@ -116,19 +124,23 @@ def cpu_autocast(precision: str, device: str):
     return contextlib.nullcontext()
 
 
-def _encode_prompts(tokenizer, conversations: list[Conversation], max_prompt_tokens: int, limit: int | None = None):
-    """Chat-templated prompt ids (at most ``limit``); prompts over the length limit are skipped and counted."""
-    encoded, too_long = [], 0
+def _encode_prompts(tokenizer, conversations: list[Conversation], max_prompt_tokens: int, limit: int | None = None, turn: int = 1):
+    """Chat-templated prompts of user turn ``turn`` (at most ``limit``), and how many were skipped:
+    ``{"too long": prompts over the length limit, "no such turn": chats with fewer user turns}``."""
+    encoded, skipped = [], {"too long": 0, "no such turn": 0}
     for conversation in conversations:
         if limit is not None and len(encoded) >= limit:
             break
-        prompt = conversation.first_prompt
+        prompt = conversation.first_prompt if turn == 1 else conversation.prompt_at(turn)
+        if prompt is None:
+            skipped["no such turn"] += 1
+            continue
         ids = chat_template_ids(tokenizer, prompt, add_generation_prompt=True)
         if len(ids) > max_prompt_tokens:
-            too_long += 1
+            skipped["too long"] += 1
             continue
         encoded.append((conversation, prompt, ids))
-    return encoded, too_long
+    return encoded, skipped
 
 
 @torch.inference_mode()
@@ -163,7 +175,7 @@ def regenerate(
     config: RegenerateConfig | None = None,
     limit: int | None = None,
 ) -> Path:
-    """Answer the first user turn of each conversation with the target; resumable.
+    """Answer the first (or ``config.turn``-th) user turn of each conversation with the target; resumable.
 
     ``limit`` caps how many of ``conversations`` end up answered in ``out_dir`` (answers already
     there count), after prompts over ``max_prompt_tokens`` are skipped.
@@ -176,9 +188,11 @@ def regenerate(
     remaining = None if limit is None else max(0, limit - sum(1 for c in conversations if c.id + variant in finished))
     if config.do_sample:  # reproducible for an uninterrupted run (a resumed one draws afresh from its seed)
         torch.manual_seed(config.seed + len(finished))
-    encoded, too_long = _encode_prompts(tokenizer, todo, config.max_prompt_tokens, remaining)
-    if too_long:
-        logger.info("skipped %d prompts longer than %d tokens", too_long, config.max_prompt_tokens)
+    encoded, skipped = _encode_prompts(tokenizer, todo, config.max_prompt_tokens, remaining, config.turn)
+    if skipped["too long"]:
+        logger.info("skipped %d prompts longer than %d tokens", skipped["too long"], config.max_prompt_tokens)
+    if skipped["no such turn"]:
+        logger.info("skipped %d conversations with fewer than %d user turns", skipped["no such turn"], config.turn)
     # Within windows of 8 batches, prompts of similar length share a batch (less left padding);
     # the windows keep the dataset order, so the first answers arrive early and the order is stable.
     window = 8 * config.batch_size
@@ -219,7 +233,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="shuffle seed for the conversation order (and, with --sample, the sampling seed)")
     defaults = RegenerateConfig()
     for field in dataclasses.fields(RegenerateConfig):
-        if field.type in ("int", int) and field.name != "seed":  # --seed is the shuffle seed above
+        if field.type in ("int", int) and field.name not in ("seed", "turn"):  # --seed is the shuffle seed above, --turn below
             parser.add_argument("--" + field.name.replace("_", "-"), type=int, default=getattr(defaults, field.name))
     parser.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument(
@@ -229,6 +243,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 per process when two run)")
     parser.add_argument("--pack", action="store_true", help="only fold finished shards into a compressed part file")
     parser.add_argument("--temperature", type=float, default=defaults.temperature)
+    parser.add_argument(
+        "--turn", type=int, default=1,
+        help="answer the K-th user turn, after the conversation's own earlier turns (stored as <id>#turn<K>; default 1)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -242,6 +260,8 @@ def run(args) -> int:
         part = pack_shards(args.output_dir)
         logger.info("packed into %s" % part if part else "no loose shards to pack in %s" % args.output_dir)
         return 0
+    if args.turn < 1:
+        raise ValueError(f"--turn {args.turn}: expected 1 (the first user turn) or more")
     if args.threads:
         torch.set_num_threads(args.threads)
     _split_source(args.target)  # a missing target path fails here, before the data is read
@@ -260,6 +280,7 @@ def run(args) -> int:
         temperature=args.temperature,
         precision=resolve_precision(args.precision, args.device),
         seed=args.seed,
+        turn=args.turn,
     )
     logger.info("regenerating in %s on %s", config.precision, args.device)
     dtype = torch.bfloat16 if args.device.startswith("cuda") and config.precision == "bf16" else torch.float32

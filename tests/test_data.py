@@ -220,3 +220,42 @@ def test_sampled_answers_are_variants_of_their_prompt_on_its_side_of_every_split
     train, heldout = load_training_conversations(args)
     assert sorted(c.id for c in train) == sorted([f"c{i}" for i in (1, 2, 3)] + [f"c{i}#sample-s3-t1.5" for i in (1, 2, 3)])
     assert [c.id for c in heldout] == ["c0"]
+
+
+def test_later_turns_are_answered_after_the_chats_own_history(tmp_path):
+    """``--turn 2`` answers each chat's second user turn after its first exchange as the data has it,
+    stores it as ``<id>#turn2`` (a variant of the chat: same side of every split), skips chats with
+    one user turn, and trains on the new reply only, with the history as its prompt."""
+    from modeling_dflare.data import Conversation, is_heldout, prompt_id
+    from modeling_dflare.regenerate import RegenerateConfig, done_ids, read_regenerated, regenerate
+    from modeling_dflare.testing import tiny_target, tiny_tokenizer
+    from modeling_dflare.training.data import tokenize_conversations
+
+    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
+    two_turns = [
+        Conversation(f"c{i}", [
+            {"role": "system", "content": "w5"},
+            {"role": "user", "content": f"w{i} w{i + 1}"},
+            {"role": "assistant", "content": f"w{i + 20} w{i + 21} w{i + 22}"},
+            {"role": "user", "content": f"w{i + 40}"},
+            {"role": "assistant", "content": "w70 w71"},  # the data's own reply: replaced
+        ])
+        for i in range(3)
+    ]
+    one_turn = Conversation("single", [{"role": "user", "content": "w9"}, {"role": "assistant", "content": "w8"}])
+    assert two_turns[0].prompt_at(1) == two_turns[0].first_prompt and one_turn.prompt_at(2) is None
+    with pytest.raises(ValueError, match="turn 0: expected 1 or more"):
+        one_turn.prompt_at(0)
+    config = RegenerateConfig(max_new_tokens=5, batch_size=2, shard_size=2, precision="fp32", turn=2)
+    assert RegenerateConfig(turn=2, do_sample=True, seed=1).variant == "#turn2#sample-s1-t0.7"
+    regenerate(target, tokenizer, two_turns + [one_turn], tmp_path, config)
+    assert done_ids(tmp_path) == {"c0#turn2", "c1#turn2", "c2#turn2"}
+    answers = {c.id: c.messages for c in read_regenerated(tmp_path)}
+    history = two_turns[1].messages[:4]
+    assert answers["c1#turn2"][:4] == history and answers["c1#turn2"][4]["role"] == "assistant"
+    ids = tokenizer.apply_chat_template(history, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+    out = target.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert answers["c1#turn2"][4]["content"] == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert prompt_id("c1#turn2") == "c1" and all(is_heldout(f"p{i}#turn2") == is_heldout(f"p{i}") for i in range(2000))
+    (sequence,), _ = tokenize_conversations(tokenizer, [Conversation("c1#turn2", answers["c1#turn2"])], 512)
+    assert sequence.response_start == ids.shape[1]  # the whole history is prompt; the new reply is the response
