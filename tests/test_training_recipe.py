@@ -138,6 +138,31 @@ def _greedy_dataset(folder, target, tokenizer, count: int, start: int, new_token
     return records
 
 
+def _tiny_run(tmp_path, target, train_count: int, heldout_count: int, **overrides) -> dict:
+    """TrainArgs fields of a tiny run on freshly regenerated data (``train.jsonl``, ``heldout.jsonl``)."""
+    tokenizer = tiny_tokenizer()
+    write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, target, tokenizer, train_count, 0))
+    write_jsonl(tmp_path / "heldout.jsonl", _greedy_dataset(tmp_path, target, tokenizer, heldout_count, 100))
+    fields = dict(
+        output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
+        num_hidden_layers=1, block_size=4, epochs=1, batch_size=2, save_every=100, eval_every=100, lr=3e-3,
+        draft_vocab_size=None, consistency_prompts=0,
+    )
+    return {**fields, **overrides}
+
+
+def _count_target_rows(monkeypatch) -> dict:
+    """``{"n": sequences the target has run on}``, counted from now on through ``TargetFeatures.compute``."""
+    rows, original = {"n": 0}, TargetFeatures.compute
+
+    def counting(self, input_ids, layer_ids, attention_mask=None):
+        rows["n"] += input_ids.shape[0]
+        return original(self, input_ids, layer_ids, attention_mask)
+
+    monkeypatch.setattr(TargetFeatures, "compute", counting)
+    return rows
+
+
 @pytest.fixture(scope="module")
 def looping_target():
     # a larger init makes the tiny target's greedy answers loop, which a draft can learn in a few steps
@@ -146,23 +171,9 @@ def looping_target():
 
 def test_multi_epoch_run_reads_the_cache_back(tmp_path, looping_target, monkeypatch):
     """Three epochs over a cached dataset run the target once per sequence, never again."""
-    tokenizer = tiny_tokenizer()
-    write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 12, 0))
-    write_jsonl(tmp_path / "heldout.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 3, 100))
-    rows = {"n": 0}
-    original = TargetFeatures.compute
-
-    def counting(self, input_ids, layer_ids, attention_mask=None):
-        rows["n"] += input_ids.shape[0]
-        return original(self, input_ids, layer_ids, attention_mask)
-
-    monkeypatch.setattr(TargetFeatures, "compute", counting)
-    args = TrainArgs(
-        output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
-        num_hidden_layers=1, block_size=4, epochs=3, batch_size=2, save_every=100, eval_every=4, lr=3e-3,
-        draft_vocab_size=None, hidden_cache=str(tmp_path / "cache"), consistency_prompts=0,
-    )
-    out = train(args, target=looping_target, tokenizer=tokenizer)
+    args = TrainArgs(**_tiny_run(tmp_path, looping_target, 12, 3, epochs=3, eval_every=4, hidden_cache=str(tmp_path / "cache")))
+    rows = _count_target_rows(monkeypatch)
+    out = train(args, target=looping_target, tokenizer=tiny_tokenizer())
     import json
 
     summary = json.loads((out / "training_summary.json").read_text())
@@ -176,21 +187,8 @@ def test_features_only_fills_the_cache_that_a_later_run_trains_from(tmp_path, lo
     """``--features-only`` writes every sequence's features and stops (no draft, no work folder); the
     training run after it reads them all back and runs the target on nothing."""
     tokenizer = tiny_tokenizer()
-    write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 6, 0))
-    write_jsonl(tmp_path / "heldout.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 2, 100))
-    rows = {"n": 0}
-    original = TargetFeatures.compute
-
-    def counting(self, input_ids, layer_ids, attention_mask=None):
-        rows["n"] += input_ids.shape[0]
-        return original(self, input_ids, layer_ids, attention_mask)
-
-    monkeypatch.setattr(TargetFeatures, "compute", counting)
-    common = dict(
-        output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
-        num_hidden_layers=1, block_size=4, epochs=1, batch_size=2, save_every=100, eval_every=100, lr=3e-3,
-        draft_vocab_size=None, consistency_prompts=0,
-    )
+    common = _tiny_run(tmp_path, looping_target, 6, 2)
+    rows = _count_target_rows(monkeypatch)
     with pytest.raises(TrainingInputError, match="--hidden-cache"):
         train(TrainArgs(**common, features_only=True), target=looping_target, tokenizer=tokenizer)
     cache = tmp_path / "cache"
@@ -236,13 +234,8 @@ def test_distill_mixes_the_target_distribution_into_the_training_loss(tmp_path, 
     import json
 
     tokenizer = tiny_tokenizer()
-    write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 6, 0))
-    write_jsonl(tmp_path / "heldout.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 2, 100))
-    common = dict(
-        data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"), num_hidden_layers=1, block_size=4,
-        epochs=1, max_steps=3, batch_size=2, save_every=100, eval_every=3, lr=3e-3, draft_vocab_size=None,
-        consistency_prompts=0, hidden_cache=str(tmp_path / "cache"),
-    )
+    common = _tiny_run(tmp_path, looping_target, 6, 2, max_steps=3, eval_every=3, hidden_cache=str(tmp_path / "cache"))
+    del common["output_dir"]
     with pytest.raises(TrainingInputError, match="--distill 1.5: expected a weight from 0"):
         train(TrainArgs(output_dir=str(tmp_path / "bad"), distill=1.5, **common), target=looping_target, tokenizer=tokenizer)
     summaries = {}
