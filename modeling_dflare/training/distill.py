@@ -12,14 +12,10 @@ The last entry of ``output_hidden_states`` is the final norm's output (transform
 ``last_hidden_state``), so when the draft reads the target's last layer the head applies directly.
 """
 
-import logging
-
 import torch
 from torch.nn import functional as F
 
 from .features import Features
-
-logger = logging.getLogger(__name__)
 
 
 class TeacherHead:

@@ -188,12 +188,12 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path | None:
         logger.info("resumed from %s at step %d of %d", resumed, step, total_steps)
 
     loop = _Loop(args, accelerator, draft, target, sequences, weights, accum)
+    if loop.teacher is not None:  # before the feature pass: a target it cannot rebuild fails in seconds
+        loop.check_teacher()
     feature_stats = {}
     if args.hidden_cache and accelerator.is_main_process:
         feature_stats = loop.features.fill(sequences + heldout, loop.layer_ids)
     accelerator.wait_for_everyone()
-    if loop.teacher is not None:
-        loop.check_teacher()
     if args.features_only:
         logger.info("--features-only: target features cached in %s (%s); nothing trained", args.hidden_cache, feature_stats)
         if created_work and latest_checkpoint(checkpoint_dir) is None:
