@@ -76,7 +76,6 @@ class TeacherHead:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         return logits
 
-
     @torch.no_grad()
     def agreement(self, features: Features, token_to_draft: torch.LongTensor | None = None) -> float:
         """Share of positions where the rebuilt logits' argmax is the target's cached greedy token
