@@ -55,10 +55,10 @@ class Conversation:
         Assistant turns before the first user turn (a third of ShareGPT opens with one) are dropped,
         so such a conversation is answered from its first user turn instead of being unusable.
         """
-        for i, message in enumerate(self.messages):
-            if message["role"] == "user":
-                return [m for m in self.messages[:i] if m["role"] == "system"] + [message]
-        raise ValueError(f"conversation {self.id!r} has no user turn")
+        prompt = self.prompt_at(1)
+        if prompt is None:
+            raise ValueError(f"conversation {self.id!r} has no user turn")
+        return prompt
 
     def prompt_at(self, turn: int) -> list[dict[str, str]] | None:
         """The chat up to and including its ``turn``-th user message (1 = :attr:`first_prompt`),
