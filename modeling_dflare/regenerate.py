@@ -11,7 +11,10 @@ splits follow the prompt's id, so a prompt's answers never straddle them.
 
 Responses are written to shards ``shard-NNNNN.jsonl`` under the output folder, each written
 atomically. A restarted run reads the finished shards and continues with the prompts not yet
-answered, so an interrupted regeneration loses at most one batch.
+answered, so an interrupted regeneration loses at most one batch. ``--worker K/N`` answers only
+the K-th of N disjoint shares of the prompts (by a hash of their ids), so N processes (one thread
+each on a small machine) can fill one output folder side by side: each shard takes the next free
+number at the moment it is written, never one another process holds.
 
 ``dflare regenerate --pack`` folds the finished shards into one compressed ``part-NNNNN.jsonl.gz``
 (what a project commits: a few MB for thousands of answers). Packed parts count as answered, so a
@@ -21,6 +24,7 @@ later run, in another session or on another machine, continues where the committ
 import contextlib
 import dataclasses
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -48,6 +52,8 @@ class RegenerateConfig:
     seed: int = 0
     #: which user turn to answer: 1 = the first; K > 1 answers the K-th, after the data's own turns
     turn: int = 1
+    #: (K, N): answer only the prompts of share K of N (see :func:`worker_share`); None = all of them
+    worker: tuple[int, int] | None = None
 
     @property
     def variant(self) -> str:
@@ -57,6 +63,51 @@ class RegenerateConfig:
         if self.do_sample:
             suffix += f"{VARIANT_SEPARATOR}sample-s{self.seed}-t{self.temperature:g}"
         return suffix
+
+
+def parse_worker(spec: str) -> tuple[int, int]:
+    """``"K/N"`` -> (K, N) with 0 <= K < N; anything else is refused with the value and the form."""
+    k, slash, n = str(spec).partition("/")
+    try:
+        share, shares = int(k), int(n)
+    except ValueError:
+        share, shares = -1, 0
+    if not slash or shares < 1 or not 0 <= share < shares:
+        raise ValueError(f"--worker {spec!r}: expected K/N with 0 <= K < N, e.g. 0/2 and 1/2 for two processes")
+    return share, shares
+
+
+def worker_share(conversation_id: str, shares: int) -> int:
+    """Which of ``shares`` disjoint shares a prompt id falls in (a hash of the id, independent of
+    the held-out split's hash, so every share holds the same mix)."""
+    digest = hashlib.sha256(("worker/" + conversation_id).encode("utf-8")).digest()
+    return int.from_bytes(digest[:4], "big") % shares
+
+
+def _shard_number(path: Path) -> int:
+    return int(path.name.split("-")[1].split(".")[0])
+
+
+def write_new_shard(out_dir: Path, records: list[dict]) -> Path:
+    """Write ``records`` as the next free ``shard-NNNNN.jsonl``, safely beside other writers.
+
+    The records go to a file of this process's own first; then the first shard name not taken is
+    claimed by creating it exclusively (creation fails where another process got there first) and
+    the finished file is renamed onto it, so two processes filling one folder never overwrite each
+    other's shard. A shard is empty, never half-written, between the claim and the rename.
+    """
+    tmp = out_dir / f".shard-{os.getpid()}.jsonl.tmp"
+    write_jsonl(tmp, records)
+    number = max((_shard_number(p) for p in out_dir.glob("shard-*.jsonl")), default=-1) + 1
+    while True:
+        shard = out_dir / f"shard-{number:05d}.jsonl"
+        try:
+            os.close(os.open(shard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            number += 1
+            continue
+        tmp.replace(shard)
+        return shard
 
 
 def answer_files(out_dir: Path) -> list[Path]:
@@ -177,13 +228,17 @@ def regenerate(
 ) -> Path:
     """Answer the first (or ``config.turn``-th) user turn of each conversation with the target; resumable.
 
-    ``limit`` caps how many of ``conversations`` end up answered in ``out_dir`` (answers already
-    there count), after prompts over ``max_prompt_tokens`` are skipped.
+    ``limit`` caps how many of ``conversations`` (of this worker's share, with ``config.worker``)
+    end up answered in ``out_dir`` (answers already there count), after prompts over
+    ``max_prompt_tokens`` are skipped.
     """
     config = config or RegenerateConfig()
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     finished, variant = done_ids(out_dir), config.variant
+    if config.worker is not None:
+        share, shares = config.worker
+        conversations = [c for c in conversations if worker_share(c.id, shares) == share]
     todo = [c for c in conversations if c.id + variant not in finished]
     remaining = None if limit is None else max(0, limit - sum(1 for c in conversations if c.id + variant in finished))
     if config.do_sample:  # reproducible for an uninterrupted run (a resumed one draws afresh from its seed)
@@ -201,8 +256,6 @@ def regenerate(
         for start in range(0, len(encoded), window)
         for item in sorted(encoded[start : start + window], key=lambda item: len(item[2]))
     ]
-    shard_numbers = [int(p.name.split("-")[1].split(".")[0]) for p in out_dir.glob("shard-*.jsonl")]
-    next_shard = max(shard_numbers, default=-1) + 1
     pending: list[dict] = []
     with tqdm(total=len(encoded), desc="regenerating", unit="prompt") as bar:
         for start in range(0, len(encoded), config.batch_size):
@@ -215,8 +268,7 @@ def regenerate(
             bar.update(len(batch))
             if len(pending) >= config.shard_size or start + config.batch_size >= len(encoded):
                 if pending:
-                    write_jsonl(out_dir / f"shard-{next_shard:05d}.jsonl", pending)
-                    next_shard += 1
+                    write_new_shard(out_dir, pending)
                     pending = []
     return out_dir
 
@@ -247,6 +299,11 @@ def add_arguments(parser) -> None:
         "--turn", type=int, default=1,
         help="answer the K-th user turn, after the conversation's own earlier turns (stored as <id>#turn<K>; default 1)",
     )
+    parser.add_argument(
+        "--worker", default=None, metavar="K/N",
+        help="answer only share K of N disjoint shares of the prompts, so N processes can fill one "
+        "output folder side by side (e.g. 0/2 and 1/2, --threads 1 each; stop them before --pack)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -262,6 +319,7 @@ def run(args) -> int:
         return 0
     if args.turn < 1:
         raise ValueError(f"--turn {args.turn}: expected 1 (the first user turn) or more")
+    worker = parse_worker(args.worker) if args.worker is not None else None
     if args.threads:
         torch.set_num_threads(args.threads)
     _split_source(args.target)  # a missing target path fails here, before the data is read
@@ -281,6 +339,7 @@ def run(args) -> int:
         precision=resolve_precision(args.precision, args.device),
         seed=args.seed,
         turn=args.turn,
+        worker=worker,
     )
     logger.info("regenerating in %s on %s", config.precision, args.device)
     dtype = torch.bfloat16 if args.device.startswith("cuda") and config.precision == "bf16" else torch.float32

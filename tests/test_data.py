@@ -259,3 +259,52 @@ def test_later_turns_are_answered_after_the_chats_own_history(tmp_path):
     assert prompt_id("c1#turn2") == "c1" and all(is_heldout(f"p{i}#turn2") == is_heldout(f"p{i}") for i in range(2000))
     (sequence,), _ = tokenize_conversations(tokenizer, [Conversation("c1#turn2", answers["c1#turn2"])], 512)
     assert sequence.response_start == ids.shape[1]  # the whole history is prompt; the new reply is the response
+
+
+def _write_shards(out_dir, count, tag):
+    from modeling_dflare.regenerate import write_new_shard
+
+    for i in range(count):
+        write_new_shard(out_dir, [{"id": f"{tag}{i}", "messages": []}])
+
+
+def test_worker_shares_split_the_prompts_and_share_one_folder(tmp_path):
+    """``--worker K/N``: N processes answer disjoint shares whose union is every prompt, with the same
+    answers one process gives; shard names are claimed so two writers never overwrite each other."""
+    import multiprocessing
+
+    from modeling_dflare.data import Conversation
+    from modeling_dflare.regenerate import RegenerateConfig, done_ids, parse_worker, read_regenerated, regenerate, worker_share
+    from modeling_dflare.testing import tiny_target, tiny_tokenizer
+
+    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
+    conversations = [Conversation(f"c{i}", [{"role": "user", "content": f"w{i} w{i + 1}"}]) for i in range(10)]
+    shares = {worker_share(c.id, 2) for c in conversations}
+    assert shares == {0, 1}  # both shares hold prompts, so the split below is not vacuous
+    config = dict(max_new_tokens=4, batch_size=1, shard_size=1, precision="fp32")
+    regenerate(target, tokenizer, conversations, tmp_path / "one", RegenerateConfig(**config))
+    for k in (0, 1):
+        regenerate(target, tokenizer, conversations, tmp_path / "two", RegenerateConfig(**config, worker=(k, 2)), limit=3)
+    first = {c.id for c in read_regenerated(tmp_path / "two")}
+    assert len(first) == 6 and all(sum(worker_share(i, 2) == k for i in first) == 3 for k in (0, 1))
+    regenerate(target, tokenizer, conversations, tmp_path / "two", RegenerateConfig(**config, worker=(1, 2)))
+    regenerate(target, tokenizer, conversations, tmp_path / "two", RegenerateConfig(**config, worker=(0, 2)))
+    one = {c.id: c.messages for c in read_regenerated(tmp_path / "one")}
+    two = [c for c in read_regenerated(tmp_path / "two")]
+    assert len(two) == 10 and {c.id: c.messages for c in two} == one  # disjoint, complete, the same answers
+    # two processes writing shards into one folder at once: every shard kept, no name taken twice
+    folder = tmp_path / "race"
+    folder.mkdir()
+    context = multiprocessing.get_context("fork")
+    writers = [context.Process(target=_write_shards, args=(folder, 40, tag)) for tag in ("a", "b")]
+    for writer in writers:
+        writer.start()
+    for writer in writers:
+        writer.join(60)
+    assert [w.exitcode for w in writers] == [0, 0]
+    assert done_ids(folder) == {f"{t}{i}" for t in "ab" for i in range(40)} and len(list(folder.glob("shard-*.jsonl"))) == 80
+    assert not list(folder.glob(".*.tmp"))
+    assert parse_worker("1/3") == (1, 3)
+    for bad in ("2/2", "-1/2", "1", "a/b", "0/0"):
+        with pytest.raises(ValueError, match=f"--worker '{bad}': expected K/N"):
+            parse_worker(bad)
