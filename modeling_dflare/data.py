@@ -254,10 +254,16 @@ def prompt_id(conversation_id: str) -> str:
     return conversation_id.split(VARIANT_SEPARATOR, 1)[0]
 
 
+def id_hash(key: str) -> int:
+    """A stable 32-bit hash of ``key`` (the first four bytes of its SHA-256), the same on every run
+    and machine: the held-out and report splits and ``regenerate --worker`` shares are drawn from it,
+    each with its own prefix on the id so the draws are independent."""
+    return int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:4], "big")
+
+
 def is_heldout(conversation_id: str, fraction: float = 0.02) -> bool:
     """Stable split by hash of the (prompt) id, so every run and machine agrees on the held-out set."""
-    digest = hashlib.sha256(prompt_id(conversation_id).encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big") / 2**32 < fraction
+    return id_hash(prompt_id(conversation_id)) / 2**32 < fraction
 
 
 def split_conversations(
@@ -273,8 +279,7 @@ def split_conversations(
 def is_report_prompt(conversation_id: str) -> bool:
     """Held-out prompts are halved by a second hash: *tune* prompts may steer choices (training
     evaluation, the confidence cut, the hybrid), *report* prompts only ever feed ``dflare bench``."""
-    digest = hashlib.sha256(("report/" + prompt_id(conversation_id)).encode("utf-8")).digest()
-    return digest[0] < 128
+    return id_hash("report/" + prompt_id(conversation_id)) < 2**31  # the first hash byte below 128
 
 
 def split_heldout(heldout: list[Conversation]) -> tuple[list[Conversation], list[Conversation]]:

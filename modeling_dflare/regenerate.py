@@ -24,7 +24,6 @@ later run, in another session or on another machine, continues where the committ
 import contextlib
 import dataclasses
 import gzip
-import hashlib
 import json
 import logging
 import os
@@ -33,7 +32,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import VARIANT_SEPARATOR, Conversation, chat_template_ids, write_jsonl
+from .data import VARIANT_SEPARATOR, Conversation, chat_template_ids, id_hash, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +79,7 @@ def parse_worker(spec: str) -> tuple[int, int]:
 def worker_share(conversation_id: str, shares: int) -> int:
     """Which of ``shares`` disjoint shares a prompt id falls in (a hash of the id, independent of
     the held-out split's hash, so every share holds the same mix)."""
-    digest = hashlib.sha256(("worker/" + conversation_id).encode("utf-8")).digest()
-    return int.from_bytes(digest[:4], "big") % shares
+    return id_hash("worker/" + conversation_id) % shares
 
 
 def _shard_number(path: Path) -> int:

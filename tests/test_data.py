@@ -290,7 +290,7 @@ def test_worker_shares_split_the_prompts_and_share_one_folder(tmp_path):
     regenerate(target, tokenizer, conversations, tmp_path / "two", RegenerateConfig(**config, worker=(1, 2)))
     regenerate(target, tokenizer, conversations, tmp_path / "two", RegenerateConfig(**config, worker=(0, 2)))
     one = {c.id: c.messages for c in read_regenerated(tmp_path / "one")}
-    two = [c for c in read_regenerated(tmp_path / "two")]
+    two = read_regenerated(tmp_path / "two")
     assert len(two) == 10 and {c.id: c.messages for c in two} == one  # disjoint, complete, the same answers
     # two processes writing shards into one folder at once: every shard kept, no name taken twice
     folder = tmp_path / "race"
