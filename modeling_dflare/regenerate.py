@@ -273,7 +273,10 @@ def regenerate(
 
 def add_arguments(parser) -> None:
     parser.add_argument("--target", default=None, help="target folder or .gguf (default: embedded SmolLM2)")
-    parser.add_argument("--data", default="sharegpt", help="'sharegpt', a .json array or a .jsonl file")
+    parser.add_argument(
+        "--data", default="sharegpt",
+        help="'sharegpt', 'gsm-symbolic' (math word problems), 'codeio' (Python tasks), a .json array or a .jsonl file",
+    )
     parser.add_argument("--output-dir", required=True, help="folder for the resumable response shards")
     parser.add_argument(
         "--split", choices=("train", "heldout"), default="train",
@@ -309,6 +312,7 @@ def run(args) -> int:
     import random
 
     from .data import read_conversations, split_conversations, split_heldout
+    from .prompt_sources import PROMPT_SOURCES
     from .targets import _split_source, load_target, load_tokenizer
 
     if args.pack:
@@ -321,8 +325,10 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     _split_source(args.target)  # a missing target path fails here, before the data is read
-    if args.data != "sharegpt" and not Path(args.data).exists():
-        raise FileNotFoundError(f"--data {args.data!r}: no such file (expected 'sharegpt', a .json or .jsonl file)")
+    if args.data != "sharegpt" and args.data not in PROMPT_SOURCES and not Path(args.data).exists():
+        raise FileNotFoundError(
+            f"--data {args.data!r}: no such file (expected 'sharegpt', one of {sorted(PROMPT_SOURCES)}, a .json or .jsonl file)"
+        )
     conversations, report = read_conversations(args.data)
     train, heldout = split_conversations(conversations)
     chosen = train if args.split == "train" else split_heldout(heldout)[0]
