@@ -131,3 +131,27 @@ def test_training_with_fewer_threads_than_cores_points_to_tune_cut(tmp_path, mon
     finally:
         torch.set_num_threads(threads)
     assert "training ran with --threads 1" in caplog.text and f"dflare tune-cut {tmp_path / 'draft3'}" in caplog.text
+
+
+def test_evaluate_reports_what_the_training_run_measured(trained, capsys):
+    """`dflare evaluate` on the run's own held-out answers gives the run's last curve point (acc@1,
+    implied and walked τ: same anchors, same walk), and τ measured in generate on request."""
+    from modeling_dflare.training.evaluate import evaluate_draft
+
+    draft, target, tokenizer, heldout = trained
+    last = json.loads((draft / "training_summary.json").read_text())["curve"][-1]
+    reports = evaluate_draft(draft, str(heldout), target=target, tokenizer=tokenizer, max_length=512, generate_prompts=2)
+    report = reports[str(heldout)]
+    assert report["answers"] == 4
+    assert report["acc1"] == pytest.approx(last["acc"][0], abs=0.02)
+    assert report["implied_tau"] == pytest.approx(last["tau"], abs=0.05)
+    assert report["walk_tau"] == pytest.approx(last["walk_tau"], abs=0.05)
+    assert report["generate_prompts"] == 2 and report["generate_tau"] >= 1.0
+
+
+def test_evaluate_names_a_missing_folder(trained):
+    from modeling_dflare.training.evaluate import evaluate_draft
+
+    draft, target, tokenizer, heldout = trained
+    with pytest.raises(FileNotFoundError, match="no-such-folder"):
+        evaluate_draft(draft, f"{heldout},no-such-folder", target=target, tokenizer=tokenizer)

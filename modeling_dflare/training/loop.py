@@ -423,25 +423,34 @@ class _Loop:
         point["walk_tau"] = walked.get("walk_tau")
         return point
 
-    @torch.no_grad()
     def evaluate(self, heldout: list[Sequence], max_sequences: int = HELDOUT_SEQUENCES) -> dict:
-        """Per-position accuracy (plain and conditional) and implied acceptance length on held-out
-        sequences (fixed anchors, the same at every evaluation)."""
-        self.draft.eval()
-        meter, losses = AccuracyMeter(self.block_size), []
+        """:func:`heldout_accuracy` of the draft being trained (greedy-label loss, fixed anchors)."""
+        return heldout_accuracy(self.draft, self._loss, heldout, self.block_size, max_sequences)
+
+
+@torch.no_grad()
+def heldout_accuracy(draft, loss_fn, heldout: list[Sequence], block_size: int, max_sequences: int = HELDOUT_SEQUENCES) -> dict:
+    """Per-position accuracy (plain and conditional), loss and implied acceptance length on held-out
+    sequences: 64 random anchors per answer, seeded by its index, so every evaluation of every run
+    sees the same anchors. ``loss_fn(sequence, anchors)`` returns the draft's block loss result."""
+    was_training = draft.training
+    draft.eval()
+    meter, losses = AccuracyMeter(block_size), []
+    try:
         for index, sequence in enumerate(heldout[:max_sequences]):
             generator = torch.Generator().manual_seed(index)
             anchors = sample_anchors(sequence.response_start, sequence.input_ids.numel(), 64, generator)
-            result = self._loss(sequence, anchors)
+            result = loss_fn(sequence, anchors)
             meter.add(result)
             losses.append(result.loss.item())
-        self.draft.train()
-        return {
-            "loss": round(sum(losses) / max(1, len(losses)), 4),
-            "acc": [round(a, 4) for a in meter.accuracy()],
-            "conditional_acc": [round(a, 4) for a in meter.conditional_accuracy()],
-            "tau": round(meter.acceptance_length(), 4),
-        }
+    finally:
+        draft.train(was_training)
+    return {
+        "loss": round(sum(losses) / max(1, len(losses)), 4),
+        "acc": [round(a, 4) for a in meter.accuracy()],
+        "conditional_acc": [round(a, 4) for a in meter.conditional_accuracy()],
+        "tau": round(meter.acceptance_length(), 4),
+    }
 
 
 def _cumulative(args: TrainArgs, steps_here: int, sequences_seen: int, cpu_hours: float) -> dict:

@@ -1,0 +1,118 @@
+"""``dflare evaluate``: how well a trained draft predicts its target on held-out answers.
+
+The numbers a training run prints on its own held-out split, for any draft and any answer folder,
+so drafts can be compared where their users will run them (chat, code, math) without training:
+
+- ``acc@1`` and the implied acceptance length over 64 random anchors per answer (the papers' number);
+- the walked acceptance length: the same correctness table walked the way generation walks it (a
+  block at the first response token, the next one after the accepted prefix and the bonus token);
+- with ``--generate-prompts N``: the acceptance length of ``target.generate(assistant_model=draft)``
+  on the first N prompts (greedy, no confidence cut), the number the walk predicts.
+
+Each answer folder is reported on its own (``--heldout a,b``), since the walk of chat and of code
+differ by far more than any two drafts do. Evaluate on held-out answers only: never on the prompts
+a benchmark reports.
+"""
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def evaluate_draft(
+    draft_dir: str | Path,
+    heldout: str,
+    target=None,
+    tokenizer=None,
+    target_source: str | None = None,
+    max_length: int = 768,
+    hidden_cache: str | None = None,
+    generate_prompts: int = 0,
+    max_answers: int = 64,
+) -> dict[str, dict]:
+    """Held-out accuracy, implied and walked acceptance of ``draft_dir`` on each comma-separated
+    answer source of ``heldout`` (and the acceptance measured in ``generate`` on ``generate_prompts``
+    of them); returns ``{source: report}``."""
+    from ..anchors import default_gamma, position_weights
+    from ..modeling_dflare import DFlareModel, check_draft_matches_target
+    from ..targets import load_target, load_tokenizer
+    from .consistency import measure_consistency
+    from .data import read_source, tokenize_conversations
+    from .features import TargetFeatures
+    from .loop import heldout_accuracy
+    from .loss import block_loss, training_head
+
+    folder = Path(draft_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"draft folder {str(draft_dir)!r} has no config.json (expected a trained DFlare draft folder)")
+    sources = [source for source in heldout.split(",") if source]
+    for source in sources:
+        if not Path(source).exists():
+            raise FileNotFoundError(f"--heldout {source!r} does not exist (expected a regenerated-answers folder or a .json/.jsonl chat file)")
+    target = target if target is not None else load_target(target_source)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target_source)
+    draft = DFlareModel.from_pretrained(folder, dtype=torch.float32)
+    check_draft_matches_target(draft, target)
+    block = draft.config.block_size
+    weights = position_weights(block, default_gamma(block))
+    features = TargetFeatures(target, hidden_cache)
+    layer_ids = list(draft.config.target_layer_ids)
+    embed = target.get_input_embeddings()
+    head_weight, token_to_draft = training_head(draft, target)
+
+    def loss_fn(sequence, anchors):
+        return block_loss(draft, embed, head_weight, token_to_draft, sequence, features(sequence, layer_ids), anchors, weights, "target")
+
+    reports = {}
+    for source in sources:
+        sequences, skipped = tokenize_conversations(tokenizer, read_source(source), max_length, max_answers)
+        if not sequences:
+            raise ValueError(f"--heldout {source!r} holds no usable answer (expected chat records with a user turn and an assistant reply)")
+        accuracy = heldout_accuracy(draft, loss_fn, sequences, block, max_answers)
+        walked = measure_consistency(draft, target, features, sequences, weights, run_generate=False)
+        report = {
+            "answers": len(sequences),
+            "acc1": accuracy["acc"][0],
+            "implied_tau": accuracy["tau"],
+            "walk_tau": walked.get("walk_tau"),
+            "conditional_acc": accuracy["conditional_acc"],
+        }
+        if generate_prompts:
+            measured = measure_consistency(draft, target, features, sequences[:generate_prompts], weights)
+            report.update(generate_prompts=measured.get("prompts"), generate_tau=measured.get("generate_tau"), generate_walk_tau=measured.get("walk_tau"))
+        logger.info("%s on %s: %s", folder, source, report)
+        reports[source] = report
+    return reports
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("draft", help="trained draft folder")
+    parser.add_argument("--heldout", required=True, help="held-out answer folders or chat files, comma-separated (each reported on its own)")
+    parser.add_argument("--target", default=None, help="target folder or .gguf file (default: embedded SmolLM2)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--max-length", type=int, default=768, help="longest answer (prompt + reply) in tokens")
+    parser.add_argument("--max-answers", type=int, default=64, help="answers evaluated per source")
+    parser.add_argument("--generate-prompts", type=int, default=0, help="also measure τ in generate on this many prompts per source")
+    parser.add_argument("--hidden-cache", default=None, help="reuse a training run's target-feature cache")
+    parser.add_argument("--output", default=None, help="also write the reports to this JSON file")
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    reports = evaluate_draft(
+        args.draft, args.heldout, target_source=args.target, max_length=args.max_length, hidden_cache=args.hidden_cache,
+        generate_prompts=args.generate_prompts, max_answers=args.max_answers,
+    )
+    text = json.dumps(reports, indent=2)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+__all__ = ["evaluate_draft"]

