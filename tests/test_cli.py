@@ -44,6 +44,8 @@ def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
         (["train", "--output-dir", "d", "--data", "sharegpt", "--init-from", "nowhere"], ["--init-from", "nowhere"]),
         (["train", "--output-dir", "d", "--data", "sharegpt", "--grow-layers", "2"], ["--grow-layers 2", "--init-from"]),
         (["bench", "--draft", "nowhere"], ["nowhere", "no draft"]),
+        (["evaluate", "nowhere", "--heldout", "x"], ["nowhere", "no config.json"]),
+        (["regenerate", "--data", "gsm_symbolic", "--output-dir", "out"], ["gsm_symbolic", "'codeio'", "'gsm-symbolic'"]),
         (["push", "nowhere", "--repo-id", "bad//id", "--dry-run", "out"], ["bad//id"]),
     ],
 )
