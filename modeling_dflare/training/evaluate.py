@@ -23,6 +23,25 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+def load_draft_and_target(draft_dir: str | Path, heldout_sources: list[str], target=None, tokenizer=None, target_source: str | None = None):
+    """(draft, target, tokenizer) for a held-out measurement, after checking that the draft folder
+    and every held-out source exist (before the target loads) and that the draft fits the target."""
+    from ..modeling_dflare import DFlareModel, check_draft_matches_target
+    from ..targets import load_target, load_tokenizer
+
+    folder = Path(draft_dir)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"draft folder {str(draft_dir)!r} has no config.json (expected a trained DFlare draft folder)")
+    for source in heldout_sources:
+        if not Path(source).exists():
+            raise FileNotFoundError(f"--heldout {source!r} does not exist (expected a regenerated-answers folder or a .json/.jsonl chat file)")
+    target = target if target is not None else load_target(target_source)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target_source)
+    draft = DFlareModel.from_pretrained(folder, dtype=torch.float32)
+    check_draft_matches_target(draft, target)
+    return draft, target, tokenizer
+
+
 def evaluate_draft(
     draft_dir: str | Path,
     heldout: str,
@@ -38,25 +57,15 @@ def evaluate_draft(
     answer source of ``heldout`` (and the acceptance measured in ``generate`` on ``generate_prompts``
     of them); returns ``{source: report}``."""
     from ..anchors import default_gamma, position_weights
-    from ..modeling_dflare import DFlareModel, check_draft_matches_target
-    from ..targets import load_target, load_tokenizer
     from .consistency import measure_consistency
     from .data import read_source, tokenize_conversations
     from .features import TargetFeatures
     from .loop import heldout_accuracy
     from .loss import block_loss, training_head
 
-    folder = Path(draft_dir)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"draft folder {str(draft_dir)!r} has no config.json (expected a trained DFlare draft folder)")
     sources = [source for source in heldout.split(",") if source]
-    for source in sources:
-        if not Path(source).exists():
-            raise FileNotFoundError(f"--heldout {source!r} does not exist (expected a regenerated-answers folder or a .json/.jsonl chat file)")
-    target = target if target is not None else load_target(target_source)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target_source)
-    draft = DFlareModel.from_pretrained(folder, dtype=torch.float32)
-    check_draft_matches_target(draft, target)
+    draft, target, tokenizer = load_draft_and_target(draft_dir, sources, target, tokenizer, target_source)
+    folder = Path(draft_dir)
     block = draft.config.block_size
     weights = position_weights(block, default_gamma(block))
     features = TargetFeatures(target, hidden_cache)
@@ -115,4 +124,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["evaluate_draft"]
+__all__ = ["evaluate_draft", "load_draft_and_target"]

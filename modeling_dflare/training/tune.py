@@ -18,8 +18,6 @@ import json
 import logging
 from pathlib import Path
 
-import torch
-
 logger = logging.getLogger(__name__)
 
 
@@ -40,21 +38,13 @@ def tune_cut(
     pass the thread count generation will run with, on an otherwise quiet machine.
     """
     from ..anchors import default_gamma, position_weights
-    from ..modeling_dflare import DFlareModel, check_draft_matches_target
-    from ..targets import load_target, load_tokenizer
     from .consistency import tune_threshold
     from .data import read_source, tokenize_conversations
+    from .evaluate import load_draft_and_target
     from .features import TargetFeatures
 
     folder = Path(draft_dir)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"draft folder {str(draft_dir)!r} has no config.json (expected a trained DFlare draft folder)")
-    if not Path(heldout).exists():
-        raise FileNotFoundError(f"--heldout {heldout!r} does not exist (expected a regenerated-answers folder or a .json/.jsonl chat file)")
-    target = target if target is not None else load_target(target_source)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(target_source)
-    draft = DFlareModel.from_pretrained(folder, dtype=torch.float32)
-    check_draft_matches_target(draft, target)
+    draft, target, tokenizer = load_draft_and_target(draft_dir, [heldout], target, tokenizer, target_source)
     sequences, _ = tokenize_conversations(tokenizer, read_source(heldout), max_length)
     if not sequences:
         raise ValueError(f"--heldout {heldout!r} holds no usable answer (expected chat records with a user turn and an assistant reply)")
