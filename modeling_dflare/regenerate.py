@@ -311,8 +311,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import random
 
-    from .data import read_conversations, split_conversations, split_heldout
-    from .prompt_sources import PROMPT_SOURCES
+    from .data import check_data_source, read_conversations, split_conversations, split_heldout
     from .targets import _split_source, load_target, load_tokenizer
 
     if args.pack:
@@ -325,10 +324,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     _split_source(args.target)  # a missing target path fails here, before the data is read
-    if args.data != "sharegpt" and args.data not in PROMPT_SOURCES and not Path(args.data).exists():
-        raise FileNotFoundError(
-            f"--data {args.data!r}: no such file (expected 'sharegpt', one of {sorted(PROMPT_SOURCES)}, a .json or .jsonl file)"
-        )
+    check_data_source(args.data)  # before the target loads
     conversations, report = read_conversations(args.data)
     train, heldout = split_conversations(conversations)
     chosen = train if args.split == "train" else split_heldout(heldout)[0]

@@ -37,7 +37,7 @@ def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
     [
         (["regenerate", "--target", "no/such/dir", "--output-dir", "out"], ["no/such/dir", "no such file or folder"]),
         (["regenerate", "--target", "./missing", "--output-dir", "out"], ["./missing", "no such file or folder"]),
-        (["regenerate", "--data", "nope.jsonl", "--output-dir", "out"], ["nope.jsonl", "no such file"]),
+        (["regenerate", "--data", "nope.jsonl", "--output-dir", "out"], ["nope.jsonl", "does not exist", "'codeio'"]),
         (["regenerate", "--worker", "2/2", "--output-dir", "out"], ["--worker '2/2'", "expected K/N"]),
         (["convert", "--to", "zlab-dflash", "no/such/dir", "out"], ["no/such/dir", "no such folder"]),
         (["train", "--output-dir", "d", "--data", "missing.jsonl"], ["--data", "missing.jsonl", "does not exist"]),
