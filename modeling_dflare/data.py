@@ -230,18 +230,6 @@ def read_hf_dataset(dataset: Iterable[dict[str, Any]], name: str = "dataset") ->
     return conversations, report
 
 
-def check_data_source(source: str | Path | None) -> None:
-    """Fail early, naming the choices, when ``source`` is neither a named source nor an existing file."""
-    from .prompt_sources import PROMPT_SOURCES
-
-    if source is None or str(source) == "sharegpt" or str(source) in PROMPT_SOURCES or Path(source).exists():
-        return
-    raise FileNotFoundError(
-        f"data source {str(source)!r} does not exist (expected 'sharegpt', one of {sorted(PROMPT_SOURCES)}, "
-        "a .json or .jsonl file)"
-    )
-
-
 def read_conversations(source: str | Path | None) -> tuple[list[Conversation], ReadReport]:
     """Dispatch on the source: None or ``"sharegpt"`` -> shipped ShareGPT; ``"gsm-symbolic"`` or
     ``"codeio"`` -> the domain prompts of :mod:`modeling_dflare.prompt_sources`; ``*.jsonl[.gz]``; ``*.json``."""
@@ -253,8 +241,12 @@ def read_conversations(source: str | Path | None) -> tuple[list[Conversation], R
         conversations, report = PROMPT_SOURCES[str(source)]()
         logger.info(report.summary())
         return conversations, report
-    check_data_source(source)
     path = Path(source)
+    if not path.exists():
+        raise FileNotFoundError(
+            f"data source {str(source)!r} does not exist (expected 'sharegpt', one of {sorted(PROMPT_SOURCES)}, "
+            "a .json or .jsonl file)"
+        )
     if path.name.endswith((".jsonl", ".jsonl.gz")):
         return read_jsonl(path)
     if path.suffix == ".json":

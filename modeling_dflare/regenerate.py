@@ -311,7 +311,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     import random
 
-    from .data import check_data_source, read_conversations, split_conversations, split_heldout
+    from .data import read_conversations, split_conversations, split_heldout
     from .targets import _split_source, load_target, load_tokenizer
 
     if args.pack:
@@ -324,8 +324,7 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     _split_source(args.target)  # a missing target path fails here, before the data is read
-    check_data_source(args.data)  # before the target loads
-    conversations, report = read_conversations(args.data)
+    conversations, report = read_conversations(args.data)  # so does an unknown --data, before the target loads
     train, heldout = split_conversations(conversations)
     chosen = train if args.split == "train" else split_heldout(heldout)[0]
     random.Random(args.seed).shuffle(chosen)
