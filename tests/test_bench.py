@@ -213,3 +213,24 @@ def test_drafts_run_in_the_fastest_dtype_unless_told(monkeypatch):
         assert modeling.fast_draft_dtype("cpu") == expected
         assert bench.draft_dtype(argparse.Namespace(device="cpu", draft_dtype="auto")) == expected
     assert bench.draft_dtype(argparse.Namespace(device="cpu", draft_dtype="float32")) == torch.float32
+
+
+@pytest.mark.parametrize(
+    "capabilities, native",
+    [
+        ({"avx2": True, "avx512_f": True, "avx512_bw": True, "avx512_vl": True}, False),  # oneDNN would emulate bf16
+        ({"avx2": True, "avx512_f": True, "avx512_bf16": True}, True),
+        ({"avx2": True, "amx_tile": True, "amx_bf16": True}, True),
+        ({"architecture": "arm64", "neon": True, "bf16": True}, True),
+        ({"avx2": True}, False),
+    ],
+)
+def test_bf16_counts_as_native_only_where_the_cpu_has_bf16_instructions(monkeypatch, capabilities, native):
+    """bf16 is chosen for CPU drafts, targets and training only on AVX512-BF16 / AMX / ARM BF16: oneDNN's
+    own check says yes on plain AVX-512 too, where bf16 autocast ran 3.6x slower than fp32."""
+    import modeling_dflare.modeling_dflare as modeling
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert modeling.bf16_is_native() is native
+    assert modeling.fast_draft_dtype("cpu") == (torch.bfloat16 if native else torch.float32)
