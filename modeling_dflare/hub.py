@@ -143,8 +143,9 @@ def weight_summary(draft_dir: Path) -> tuple[int, str]:
     return total, "/".join(sorted(names.get(d, d) for d in dtypes if d != "I64")) or "unknown"
 
 
-def card_context(draft_dir: Path, *, base_model: str, datasets: list[str], training: dict, bench_json, repo_id) -> dict:
-    """Template variables of the draft card."""
+def card_context(draft_dir: Path, *, base_model: str, datasets: list[str], training: dict, bench_json, repo_id,
+                 prompt_sources: list[str] | None = None) -> dict:
+    """Template variables of the draft card (``prompt_sources``: the "Training prompts" line, default ``datasets``)."""
     config = json.loads((draft_dir / "config.json").read_text())
     layerwise = config.get("fusion", "layerwise") == "layerwise"
     parameters, dtype = weight_summary(draft_dir)
@@ -173,6 +174,7 @@ def card_context(draft_dir: Path, *, base_model: str, datasets: list[str], train
         training_command=command,
         training_rows=[(str(k).replace("_", " "), _format_value(v)) for k, v in training.items()],
         datasets=list(datasets or []),
+        prompt_sources=list(prompt_sources if prompt_sources is not None else datasets or []),
         bench_rows=rows,
         bench_context=context,
         bench_has_lossless=any(r["has_lossless"] for r in rows),
@@ -180,7 +182,8 @@ def card_context(draft_dir: Path, *, base_model: str, datasets: list[str], train
 
 
 def render_model_card(draft_dir, *, base_model: str, datasets: list[str], training: dict, bench_json=None,
-                      license: str = "apache-2.0", repo_id: str | None = None, template_path=None):
+                      license: str = "apache-2.0", repo_id: str | None = None, template_path=None,
+                      prompt_sources: list[str] | None = None):
     """The draft's :class:`huggingface_hub.ModelCard` (metadata + text) without writing it."""
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -197,21 +200,24 @@ def render_model_card(draft_dir, *, base_model: str, datasets: list[str], traini
         license=license,
         datasets=list(datasets) or None,
     )
-    context = card_context(draft_dir, base_model=base_model, datasets=datasets, training=training, bench_json=bench_json, repo_id=repo_id)
+    context = card_context(draft_dir, base_model=base_model, datasets=datasets, training=training, bench_json=bench_json,
+                           repo_id=repo_id, prompt_sources=prompt_sources)
     return ModelCard.from_template(data, template_path=str(template), **context)
 
 
 def write_model_card(draft_dir, *, base_model: str, datasets: list[str], training: dict, bench_json: str | None = None,
-                     license: str = "apache-2.0", repo_id: str | None = None) -> Path:
+                     license: str = "apache-2.0", repo_id: str | None = None, prompt_sources: list[str] | None = None) -> Path:
     """Write ``README.md`` (the model card) into ``draft_dir`` and return its path.
 
     ``training`` holds free-form recipe facts (command, data size, steps, hardware, wall time, final
     per-position accuracy, ...): ``command`` is shown as a code block, the rest as a table in insertion
     order. ``bench_json`` is a ``dflare bench`` JSON for the benchmark table. Without ``repo_id`` the
     usage snippet names :data:`REPO_ID_PLACEHOLDER`, which ``dflare push --repo-id`` fills in.
+    ``prompt_sources`` is the text of the "Training prompts" line (default: ``datasets``), which may name
+    sources that are no Hub dataset.
     """
     card = render_model_card(draft_dir, base_model=base_model, datasets=datasets, training=training,
-                             bench_json=bench_json, license=license, repo_id=repo_id)
+                             bench_json=bench_json, license=license, repo_id=repo_id, prompt_sources=prompt_sources)
     path = Path(draft_dir) / "README.md"
     card.save(path)
     return path

@@ -359,8 +359,42 @@ def test_init_from_keeps_this_runs_block_size_and_cut(tmp_path, looping_target):
     assert config.block_size == 4 and config.confidence_threshold == 0.25
     import json
 
-    cumulative = json.loads((second / "training_summary.json").read_text())["cumulative"]
+    summary = json.loads((second / "training_summary.json").read_text())
+    cumulative = summary["cumulative"]
     assert cumulative["runs"] == 2 and cumulative["steps"] == 4
+    assert summary["prompt_sources"] == {"other": 4} and cumulative["prompt_sources"] == ["other"]
+    assert "ShareGPT" not in (second / "README.md").read_text()  # the user's own data is not credited to ShareGPT
+
+
+def test_card_names_every_prompt_source_of_the_warm_start_chain(tmp_path):
+    """The card's "Training prompts" line and ``datasets:`` metadata come from the answers' ids (reasoning-gym
+    prompts carry their source) and from where unprefixed answers live (a link into a ShareGPT folder)."""
+    from types import SimpleNamespace
+
+    from modeling_dflare.training.data import count_prompt_sources
+    from modeling_dflare.training.loop import _parent_totals, card_datasets, card_prompt_text
+
+    (tmp_path / "smollm2-sharegpt").mkdir()
+    (tmp_path / "smollm2-sharegpt" / "part-00000.jsonl.gz").write_bytes(b"")
+    (tmp_path / "mix").mkdir()
+    (tmp_path / "mix" / "part-00008.jsonl.gz").symlink_to(tmp_path / "smollm2-sharegpt" / "part-00000.jsonl.gz")
+    answers = [SimpleNamespace(id=i) for i in ("SBmYeOI_39", "codeio/codeio-hq/952", "codeio/x/1", "gsm-symbolic/0/7", "q/1")]
+    counts = count_prompt_sources(answers, str(tmp_path / "mix"))
+    assert counts == {"codeio": 2, "gsm-symbolic": 1, "sharegpt": 2}  # "q/1": no known prefix, so the folder's source
+    assert count_prompt_sources(answers[:1], str(tmp_path / "own.jsonl")) == {"other": 1}
+    assert count_prompt_sources(answers[:1], None) == {"sharegpt": 1}  # the built-in ShareGPT reader
+
+    # a parent summary from before the field (r15's): ShareGPT from its data names, the rest from this run
+    parent = {"cumulative": {"runs": 12, "steps": 1, "sequences_seen": 4, "cpu_hours": 1.0, "data": ["runs/data-r15", "sharegpt"]}}
+    assert _parent_totals(parent)["prompt_sources"] == ["sharegpt"]
+    summary = {"args": {"data": "runs/data-r16"}, "prompt_sources": {"codeio": 2, "gsm-symbolic": 1},
+               "cumulative": {"data": ["runs/data-r16"], "prompt_sources": ["sharegpt"]}}
+    assert card_datasets(summary) == ["anon8231489123/ShareGPT_Vicuna_unfiltered"]
+    text = card_prompt_text(summary)
+    assert text[0] == "anon8231489123/ShareGPT_Vicuna_unfiltered" and len(text) == 3
+    assert "GSM-Symbolic" in text[1] and "CodeI/O" in text[2] and all("reasoning-gym" in t for t in text[1:])
+    own = {"args": {"data": "my-chats.jsonl"}, "prompt_sources": {"other": 3}, "cumulative": {"data": ["my-chats.jsonl"]}}
+    assert card_datasets(own) == card_prompt_text(own) == []  # the card's table names the file instead
 
 
 def test_cost_measurement_runs_the_prompt_once():

@@ -117,6 +117,28 @@ def read_source(source: str | None) -> list:
     return [first_exchange(c) for c in conversations]
 
 
+def count_prompt_sources(conversations: list, data: str | None) -> dict[str, int]:
+    """Training conversations by where their prompts come from, for the model card.
+
+    Answers to reasoning-gym prompts carry their source in the id (``codeio/...``,
+    ``gsm-symbolic/...``: :mod:`modeling_dflare.prompt_sources`); any other conversation counts as
+    ShareGPT's when ``data`` names ShareGPT (the built-in reader, or a path that is or links into a
+    ``*sharegpt*`` folder), else as ``"other"`` (the user's own data).
+    """
+    from ..prompt_sources import PROMPT_SOURCES
+
+    paths = [Path(source) for source in (data or "sharegpt").split(",")]
+    files = [f for path in paths if path.is_dir() for f in path.iterdir()]
+    named = [str(p) for p in paths] + [str(p.resolve()) for p in paths + files if p.exists()]
+    unprefixed = "sharegpt" if any("sharegpt" in name.lower() for name in named) else "other"
+    counts: dict[str, int] = {}
+    for conversation in conversations:
+        prefix = conversation.id.split("/", 1)[0] if "/" in conversation.id else None
+        source = prefix if prefix in PROMPT_SOURCES else unprefixed
+        counts[source] = counts.get(source, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def load_training_conversations(args) -> tuple[list, list]:
     """(train, held-out) conversations. ``data`` may list several sources separated by commas;
     held-out conversations (a hash split, or ``heldout``) never reach training, and of the hash

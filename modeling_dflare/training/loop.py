@@ -25,7 +25,7 @@ from ..anchors import default_gamma, position_weights, sample_anchors
 from ..modeling_dflare import DFlareModel, target_fingerprint
 from .args import TrainArgs
 from .checkpoints import latest_checkpoint, save_checkpoint
-from .data import Sequence, load_training_conversations, tokenize_conversations
+from .data import Sequence, count_prompt_sources, load_training_conversations, tokenize_conversations
 from .draft_init import build_draft
 from .features import TargetFeatures
 from .loss import AccuracyMeter, block_loss, training_head
@@ -267,7 +267,8 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path | None:
                 setattr(inner.config, key, value)
             logger.info("confidence cut tuned on %d held-out answers: %s", tuning["heldout_answers"], tuning)
     return _finish(
-        args, accelerator, draft, target, (len(sequences), len(heldout)), total_steps, final_eval, history, train_seconds,
+        args, accelerator, draft, target, (len(sequences), len(heldout), count_prompt_sources(sequences, args.data)),
+        total_steps, final_eval, history, train_seconds,
         feature_stats, consistency, tuning, curve,
     )
 
@@ -453,8 +454,9 @@ def heldout_accuracy(draft, loss_fn, heldout: list[Sequence], block_size: int, m
     }
 
 
-def _cumulative(args: TrainArgs, steps_here: int, sequences_seen: int, cpu_hours: float) -> dict:
-    """Totals over a chain of ``--init-from`` warm starts: this run plus what the parent's summary says."""
+def _cumulative(args: TrainArgs, steps_here: int, sequences_seen: int, cpu_hours: float, prompt_sources: dict | None = None) -> dict:
+    """Totals over a chain of ``--init-from`` warm starts: this run plus what the parent's summary says
+    (``prompt_sources``: every prompt source any run of the chain trained on)."""
     parent = {}
     if args.init_from:
         summary = Path(args.init_from) / "training_summary.json"
@@ -466,6 +468,7 @@ def _cumulative(args: TrainArgs, steps_here: int, sequences_seen: int, cpu_hours
         "sequences_seen": parent.get("sequences_seen", 0) + sequences_seen,
         "cpu_hours": round(parent.get("cpu_hours", 0.0) + cpu_hours, 3),
         "data": sorted(set(parent.get("data", [])) | {args.data or "sharegpt"}),
+        "prompt_sources": sorted(set(parent.get("prompt_sources", [])) | set(prompt_sources or {})),
         "commands": parent.get("commands", []) + [" ".join(["dflare", "train", *sys.argv[2:]]) if sys.argv[1:2] == ["train"] else None],
     }
 
@@ -474,7 +477,10 @@ def _parent_totals(summary: dict) -> dict:
     """The ``cumulative`` block of a parent summary; summaries written before it existed (one run,
     single-threaded CPU training) are converted from their own fields."""
     if "cumulative" in summary:
-        return summary["cumulative"]
+        cumulative = dict(summary["cumulative"])
+        if "prompt_sources" not in cumulative:  # written before the field: ShareGPT where the data names it
+            cumulative["prompt_sources"] = ["sharegpt"] if any("sharegpt" in d.lower() for d in cumulative.get("data", [])) else []
+        return cumulative
     args = summary.get("args", {})
     steps = int(summary.get("steps") or 0)
     return {
@@ -483,6 +489,7 @@ def _parent_totals(summary: dict) -> dict:
         "sequences_seen": steps * int(args.get("batch_size") or 1),
         "cpu_hours": round(float(summary.get("train_seconds") or 0.0) * int(summary.get("threads") or 1) / 3600, 3),
         "data": sorted(set((args.get("data") or "sharegpt").split(","))),
+        "prompt_sources": ["sharegpt"] if "sharegpt" in (args.get("data") or "sharegpt").lower() else [],
         "commands": [summary.get("command")] if summary.get("command") else [],
     }
 
@@ -507,10 +514,11 @@ def _finish(
     threads = torch.get_num_threads() if not torch.cuda.is_available() else 1
     feature_seconds = feature_stats["seconds_total"]  # this launch's feature pass and the earlier launches'
     cpu_hours = (train_seconds + feature_seconds) * threads * accelerator.num_processes / 3600
-    num_sequences, num_heldout = counts
+    num_sequences, num_heldout, prompt_sources = counts
     summary = {
         "train_sequences": num_sequences,
         "heldout_sequences": num_heldout,
+        "prompt_sources": prompt_sources,
         "steps": total_steps,
         "epochs": round(total_steps * args.batch_size / max(1, num_sequences), 3),
         "block_size": inner.config.block_size,
@@ -525,7 +533,7 @@ def _finish(
         "threads": threads,
         "precision": accelerator.mixed_precision,
         "cpu_hours": round(cpu_hours, 3),
-        "cumulative": _cumulative(args, total_steps, total_steps * args.batch_size, cpu_hours),
+        "cumulative": _cumulative(args, total_steps, total_steps * args.batch_size, cpu_hours, prompt_sources),
     }
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2))
     _write_card(tmp, inner, summary)
@@ -597,29 +605,38 @@ def _write_card(folder: Path, draft: DFlareModel, summary: dict) -> None:
         logger.warning("modeling_dflare.hub is unavailable: no model card written")
         return
     write_model_card(
-        folder, base_model=draft.config.target_name_or_path or "unknown", datasets=card_datasets(summary), training=card_facts(summary)
+        folder, base_model=draft.config.target_name_or_path or "unknown", datasets=card_datasets(summary), training=card_facts(summary),
+        prompt_sources=card_prompt_text(summary),
     )
 
 
-#: Hub datasets behind the data sources this project reads (local regenerated data comes from ShareGPT).
-SOURCE_DATASETS = {"sharegpt": "anon8231489123/ShareGPT_Vicuna_unfiltered"}
+#: The card's names for the prompt sources (:func:`~.data.count_prompt_sources`): a Hub dataset id for
+#: the ``datasets:`` metadata where the prompts are one, and the text of the card's "Training prompts" line.
+PROMPT_SOURCE_CARDS = {
+    "sharegpt": ("anon8231489123/ShareGPT_Vicuna_unfiltered", "anon8231489123/ShareGPT_Vicuna_unfiltered"),
+    "gsm-symbolic": (None, "GSM-Symbolic word problems generated by the `reasoning-gym` package (Apache-2.0)"),
+    "codeio": (None, "CodeI/O Python tasks from the `reasoning-gym` package (Apache-2.0)"),
+}
+
+
+def _card_prompt_sources(summary: dict) -> list[str]:
+    """Prompt sources of this run and its warm-start chain (older summaries: ShareGPT where the data names it)."""
+    found = set(summary.get("prompt_sources") or {}) | set(summary.get("cumulative", {}).get("prompt_sources", []))
+    for source in (summary["args"].get("data") or "sharegpt").split(",") + summary.get("cumulative", {}).get("data", []):
+        if "sharegpt" in source.lower():
+            found.add("sharegpt")
+    return [name for name in PROMPT_SOURCE_CARDS if name in found]  # in the table's order
 
 
 def card_datasets(summary: dict) -> list[str]:
-    """Hub dataset ids for the card's ``datasets:`` metadata: never a local path (those are described
-    in the card's training table instead)."""
-    import re
+    """Hub dataset ids for the card's ``datasets:`` metadata (the prompt sources that are one; never a
+    local path: those are described in the card's training table instead)."""
+    return [PROMPT_SOURCE_CARDS[name][0] for name in _card_prompt_sources(summary) if PROMPT_SOURCE_CARDS[name][0]]
 
-    found = []
-    this_run = (summary["args"].get("data") or "sharegpt").split(",")
-    for source in this_run + summary.get("cumulative", {}).get("data", []):
-        if source in SOURCE_DATASETS:
-            found.append(SOURCE_DATASETS[source])
-        elif "sharegpt" in source.lower():  # regenerated answers to ShareGPT prompts
-            found.append(SOURCE_DATASETS["sharegpt"])
-        elif source in this_run and re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not Path(source).exists():
-            found.append(source)  # a Hub dataset id given to this run
-    return sorted(set(found))
+
+def card_prompt_text(summary: dict) -> list[str]:
+    """The card's "Training prompts" line: every source's name, Hub dataset or not."""
+    return [PROMPT_SOURCE_CARDS[name][1] for name in _card_prompt_sources(summary)]
 
 
 def _log_to_file(path: Path) -> None:
