@@ -366,6 +366,53 @@ def test_init_from_keeps_this_runs_block_size_and_cut(tmp_path, looping_target):
     assert "ShareGPT" not in (second / "README.md").read_text()  # the user's own data is not credited to ShareGPT
 
 
+def test_balanced_draft_vocabulary_weighs_each_prompt_source_equally():
+    """A small code set's tokens enter the vocabulary beside a chat set many times its size."""
+    from modeling_dflare.training.data import choose_draft_vocab
+
+    chat = [Sequence(f"chat{i}", torch.tensor([1, 1] + [5] * 50 + [6] * 40), 2) for i in range(10)]
+    code = [Sequence("codeio/codeio-hq/1", torch.tensor([1, 1] + [9] * 5), 2)]
+    assert choose_draft_vocab(chat + code, 3, 12, always=[0]).tolist() == [0, 5, 6]
+    assert choose_draft_vocab(chat + code, 3, 12, always=[0], balanced=True).tolist() == [0, 9, 5]
+
+
+def test_draft_vocab_data_rechooses_a_warm_started_drafts_vocabulary(tmp_path, looping_target):
+    """``--draft-vocab-data`` replaces the parent's vocabulary (same size) by one its answers choose, each
+    prompt source weighed equally, held-out prompts left out; without it the parent's vocabulary stays."""
+    tokenizer = tiny_tokenizer()
+    records = _greedy_dataset(tmp_path, looping_target, tokenizer, 4, 0, 12)
+    write_jsonl(tmp_path / "train.jsonl", records)
+    code = [{"id": f"codeio/t/{i}", "messages": [{"role": "user", "content": "w1"}, {"role": "assistant", "content": "w80 w81 w82 w83"}]}
+            for i in range(2)]
+    held = [{"id": "h1", "messages": [{"role": "user", "content": "w2"}, {"role": "assistant", "content": "w84 w85 w86 w87"}]}]
+    write_jsonl(tmp_path / "code.jsonl", code)
+    write_jsonl(tmp_path / "held.jsonl", held)
+    common = dict(data=str(tmp_path / "train.jsonl"), num_hidden_layers=1, max_steps=1, batch_size=1, block_size=4, consistency_prompts=0)
+    first = train(TrainArgs(output_dir=str(tmp_path / "a"), draft_vocab_size=12, **common), target=looping_target, tokenizer=tokenizer)
+    kept = train(TrainArgs(output_dir=str(tmp_path / "b"), init_from=str(first), **common), target=looping_target, tokenizer=tokenizer)
+    vocab_data = f"{tmp_path / 'code.jsonl'},{tmp_path / 'held.jsonl'}"
+    chosen = train(
+        TrainArgs(output_dir=str(tmp_path / "c"), init_from=str(first), draft_vocab_data=vocab_data, heldout=str(tmp_path / "held.jsonl"),
+                  **common),
+        target=looping_target, tokenizer=tokenizer,
+    )
+    ids = {name: DFlareModel.from_pretrained(path).draft_vocab_ids.tolist() for name, path in (("a", first), ("b", kept), ("c", chosen))}
+    assert ids["b"] == ids["a"] and len(ids["c"]) == 12
+    code_tokens = set(tokenizer("w80 w81 w82 w83")["input_ids"])
+    held_tokens = set(tokenizer("w84 w85 w86 w87")["input_ids"]) - code_tokens
+    assert code_tokens <= set(ids["c"]) and not code_tokens <= set(ids["a"])
+    assert not held_tokens & set(ids["c"])  # the held-out answer chose nothing
+    from modeling_dflare.training.loop import _vocab_sequences
+
+    args = TrainArgs(output_dir="unused", draft_vocab_data=vocab_data)
+    assert [s.id for s in _vocab_sequences(args, tokenizer, [])] == ["codeio/t/0", "codeio/t/1", "h1"]
+    assert [s.id for s in _vocab_sequences(args, tokenizer, [Sequence("h1", torch.tensor([1]), 0)])] == ["codeio/t/0", "codeio/t/1"]
+    full = train(TrainArgs(output_dir=str(tmp_path / "d"), draft_vocab_size=None, **common), target=looping_target, tokenizer=tokenizer)
+    with pytest.raises(ValueError, match="full vocabulary"):
+        train(TrainArgs(output_dir=str(tmp_path / "e"), init_from=str(full), draft_vocab_data=str(tmp_path / "code.jsonl"), **common),
+              target=looping_target, tokenizer=tokenizer)
+
+
 def test_card_names_every_prompt_source_of_the_warm_start_chain(tmp_path):
     """The card's "Training prompts" line and ``datasets:`` metadata come from the answers' ids (reasoning-gym
     prompts carry their source) and from where unprefixed answers live (a link into a ShareGPT folder)."""

