@@ -495,7 +495,7 @@ def _parent_totals(summary: dict) -> dict:
     if "cumulative" in summary:
         cumulative = dict(summary["cumulative"])
         if "prompt_sources" not in cumulative:  # written before the field: ShareGPT where the data names it
-            cumulative["prompt_sources"] = ["sharegpt"] if any("sharegpt" in d.lower() for d in cumulative.get("data", [])) else []
+            cumulative["prompt_sources"] = _sharegpt_if_named(cumulative.get("data", []))
         return cumulative
     args = summary.get("args", {})
     steps = int(summary.get("steps") or 0)
@@ -505,9 +505,14 @@ def _parent_totals(summary: dict) -> dict:
         "sequences_seen": steps * int(args.get("batch_size") or 1),
         "cpu_hours": round(float(summary.get("train_seconds") or 0.0) * int(summary.get("threads") or 1) / 3600, 3),
         "data": sorted(set((args.get("data") or "sharegpt").split(","))),
-        "prompt_sources": ["sharegpt"] if "sharegpt" in (args.get("data") or "sharegpt").lower() else [],
+        "prompt_sources": _sharegpt_if_named((args.get("data") or "sharegpt").split(",")),
         "commands": [summary.get("command")] if summary.get("command") else [],
     }
+
+
+def _sharegpt_if_named(data: list[str]) -> list[str]:
+    """The prompt sources of a summary written before ``prompt_sources`` existed: ShareGPT where its data names it."""
+    return ["sharegpt"] if any("sharegpt" in source.lower() for source in data) else []
 
 
 def _finish(
@@ -637,10 +642,7 @@ PROMPT_SOURCE_CARDS = {
 
 def _card_prompt_sources(summary: dict) -> list[str]:
     """Prompt sources of this run and its warm-start chain (older summaries: ShareGPT where the data names it)."""
-    found = set(summary.get("prompt_sources") or {}) | set(summary.get("cumulative", {}).get("prompt_sources", []))
-    for source in (summary["args"].get("data") or "sharegpt").split(",") + summary.get("cumulative", {}).get("data", []):
-        if "sharegpt" in source.lower():
-            found.add("sharegpt")
+    found = set(summary.get("prompt_sources") or {}) | set(_parent_totals(summary)["prompt_sources"])
     return [name for name in PROMPT_SOURCE_CARDS if name in found]  # in the table's order
 
 
