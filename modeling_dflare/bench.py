@@ -27,8 +27,9 @@ prompt lookup after the confidence cut, ``dflare-nocut`` the draft with the cut 
 cut's effect and the generator's are two separate numbers against ``dflare-stock``, which has no
 cut), ``dflare-stock`` transformers' own DFlash generator, ``dflare-hybrid-noint8`` the hybrid with
 the draft kept in the dtype it was loaded in (on a CPU, an fp32 draft otherwise runs as its int8
-copy: :func:`~modeling_dflare.modeling_dflare.int8_draft`), ``dflare-hybrid-matmul`` the hybrid verifying on the
-earlier ``W @ x.T`` small-row kernels instead of oneDNN's packed ones
+copy: :func:`~modeling_dflare.modeling_dflare.int8_draft`), ``dflare-hybrid-matmul`` and ``dflare-hybrid-packed``
+the hybrid verifying on one fixed small-row kernel (``W @ x.T``, or oneDNN's linear on packed weights)
+instead of the kernels timed fastest on this machine for each layer and row count
 (:func:`~modeling_dflare.modeling_dflare.small_row_linears`). ShareGPT prompts come from the report
 half of the held-out split, which no training or tuning step reads.
 
@@ -69,16 +70,18 @@ logger = logging.getLogger(__name__)
 
 BASELINE = "plain"
 METHODS = (
-    "plain", "plain-fast", "dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-nocut", "dflare-stock",
-    "dflash", "prompt-lookup",
+    "plain", "plain-fast", "dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-hybrid-packed", "dflare-nocut",
+    "dflare-stock", "dflash", "prompt-lookup",
 )
 #: Which draft each draft-based method uses (keys of the drafts dict built by :func:`load_drafts`).
 METHOD_DRAFT = {
-    "dflare": "dflare", "dflare-hybrid": "dflare", "dflare-hybrid-noint8": "dflare", "dflare-hybrid-matmul": "dflare", "dflare-nocut": "dflare",
-    "dflare-stock": "dflare", "dflash": "dflash",
+    "dflare": "dflare", "dflare-hybrid": "dflare", "dflare-hybrid-noint8": "dflare", "dflare-hybrid-matmul": "dflare",
+    "dflare-hybrid-packed": "dflare", "dflare-nocut": "dflare", "dflare-stock": "dflare", "dflash": "dflash",
 }
 #: Methods run by our generator (they leave ``draft.dflare_stats``).
-OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-nocut", "dflash")
+OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-hybrid-packed", "dflare-nocut", "dflash")
+#: Hybrid variants that verify on one fixed small-row kernel instead of the timed choice (``"auto"``).
+FIXED_KERNELS = {"dflare-hybrid-matmul": "matmul", "dflare-hybrid-packed": "packed"}
 #: The shipped drafts, found next to the package whatever the working folder.
 DEFAULT_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflare")
 DEFAULT_DFLASH_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflash")
@@ -243,15 +246,16 @@ def measure_forward_costs(
 def forward_costs(target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock) -> dict[str, list[float]]:
     """Target forward costs over 1..``max_length`` new tokens with the stock kernels (what plain
     decoding and prompt lookup run), with the small-row kernels a DFlare draft's generation
-    verifies on (:func:`~modeling_dflare.modeling_dflare.small_row_linears`) and with their
-    ``"matmul"`` variant (key ``small_rows_matmul``)."""
+    verifies on (:func:`~modeling_dflare.modeling_dflare.small_row_linears`, key ``small_rows``)
+    and with each fixed kernel of :data:`FIXED_KERNELS` (keys ``small_rows_matmul``, ``small_rows_packed``)."""
     from .modeling_dflare import small_row_linears
 
     costs = {"stock": measure_forward_costs(target, input_ids, max_length, repeats, clock)}
     with small_row_linears(target):
         costs["small_rows"] = measure_forward_costs(target, input_ids, max_length, repeats, clock)
-    with small_row_linears(target, "matmul"):
-        costs["small_rows_matmul"] = measure_forward_costs(target, input_ids, max_length, repeats, clock)
+    for kernels in FIXED_KERNELS.values():
+        with small_row_linears(target, kernels):
+            costs[f"small_rows_{kernels}"] = measure_forward_costs(target, input_ids, max_length, repeats, clock)
     return costs
 
 
@@ -281,8 +285,8 @@ def generation_config_for(method: str, target, settings: Settings):
         config.dflare_prompt_lookup_ngram = settings.lookup_ngram if method.startswith("dflare-hybrid") else 0
         # "-noint8": the draft in the dtype it was loaded in, not its int8 CPU copy (int8_draft)
         config.dflare_int8_draft = False if method == "dflare-hybrid-noint8" else None
-        # "-matmul": verify on the W @ x.T small-row kernels instead of the oneDNN-packed ones
-        config.dflare_small_row_kernels = "matmul" if method == "dflare-hybrid-matmul" else None
+        # "-matmul" / "-packed": verify on one fixed small-row kernel instead of the timed choice
+        config.dflare_small_row_kernels = FIXED_KERNELS.get(method)
     elif method == "dflare-stock":
         config.speculation_type = "dflash"
     elif method == "prompt-lookup":
@@ -525,7 +529,7 @@ def summarize(dataset: str, method: str, records: list[dict], costs: dict[str, l
         "peak_memory_mib": max((run.peak_memory or 0) for run in runs) / 2**20 if runs else None,
     }
     # DFlare drafts (ours and the stock DFlash path) verify on the small-row kernels, other methods on stock ones
-    kernels = "small_rows_matmul" if method == "dflare-hybrid-matmul" else "small_rows" if method in METHOD_DRAFT else "stock"
+    kernels = f"small_rows_{FIXED_KERNELS[method]}" if method in FIXED_KERNELS else "small_rows" if method in METHOD_DRAFT else "stock"
     verify_costs = costs.get(kernels) if costs else None
     summary.update(free_draft_ceiling(summary, cycles, costs.get("stock") if costs else None, verify_costs, speculative))
     return summary
@@ -807,7 +811,7 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
                 "context_tokens": len(prompts[d][0][0][1]),
                 "verify_ms": [1000 * s for s in c["stock"]],
                 "verify_ms_small_rows": [1000 * s for s in c["small_rows"]],
-                "verify_ms_small_rows_matmul": [1000 * s for s in c["small_rows_matmul"]],
+                **{f"verify_ms_small_rows_{k}": [1000 * s for s in c[f"small_rows_{k}"]] for k in FIXED_KERNELS.values()},
             }
             for d, c in costs.items()
         },

@@ -45,16 +45,16 @@ def render_table(results: dict) -> str:
 def render_costs(results: dict) -> str:
     """Measured target forward costs behind the free-draft ceiling."""
     costs = results.get("costs", {})
-    matmul = any(cost.get("verify_ms_small_rows_matmul") for cost in costs.values())
+    fixed = [k for k in ("matmul", "packed") if any(cost.get(f"verify_ms_small_rows_{k}") for cost in costs.values())]
     header = "| Dataset | Context tokens | t_target(1 token) ms | t_target(verify B) ms | small-row kernels: 1 token | 2 tokens | verify B |"
-    lines = [header + (" matmul kernels: 2 tokens | verify B |" if matmul else ""), "|---" * (7 + 2 * matmul) + "|"]
+    lines = [header + "".join(f" {k} kernels: 2 tokens | verify B |" for k in fixed), "|---" * (7 + 2 * len(fixed)) + "|"]
     block = results["meta"]["settings"]["block_size"]
     for dataset, cost in costs.items():
         verify, small = cost["verify_ms"], cost.get("verify_ms_small_rows") or []
         row = f"| {dataset} | {cost['context_tokens']} | {verify[0]:.1f} | {verify[min(block, len(verify)) - 1]:.1f} |"
         row += f" {small[0]:.1f} | {small[1]:.1f} | {small[min(block, len(small)) - 1]:.1f} |" if len(small) > 1 else " – | – | – |"
-        if matmul:
-            other = cost.get("verify_ms_small_rows_matmul") or []
+        for kernels in fixed:
+            other = cost.get(f"verify_ms_small_rows_{kernels}") or []
             row += f" {other[1]:.1f} | {other[min(block, len(other)) - 1]:.1f} |" if len(other) > 1 else " – | – |"
         lines.append(row)
     return "\n".join(lines)
@@ -120,8 +120,8 @@ def render_markdown(results: dict) -> str:
         "",
         "Free-draft ceiling = τ · t1 / t_verify(mean verified length): the speedup a draft costing nothing "
         "would give at the measured τ, from the target forward costs below (t1: plain decoding's step; t_verify: "
-        "the kernels the method verifies on, small-row ones for DFlare drafts: oneDNN's linear on packed weights, "
-        "or W @ x.T for dflare-hybrid-matmul); % of ceiling = speedup vs plain / ceiling; draft share = draft time / measured cycle time.",
+        "the kernels the method verifies on, small-row ones for DFlare drafts: per layer and row count the kernel timed "
+        "fastest on this machine, W @ x.T for dflare-hybrid-matmul, oneDNN's linear on packed weights for dflare-hybrid-packed); % of ceiling = speedup vs plain / ceiling; draft share = draft time / measured cycle time.",
         "",
         render_costs(results),
     ]

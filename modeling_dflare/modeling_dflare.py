@@ -32,6 +32,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import statistics
 import time
 import warnings
 import weakref
@@ -1080,10 +1081,15 @@ WIDE_WEIGHT = 1 << 22
 #: Row count oneDNN lays a packed weight out for (any count 2..SMALL_ROWS then runs on it).
 PACK_ROWS = 4
 #: Kernel choices of :func:`small_row_linears` (``generation_config.dflare_small_row_kernels``).
-SMALL_ROW_KERNELS = ("packed", "matmul")
+SMALL_ROW_KERNELS = ("auto", "packed", "matmul")
+#: Row counts ``"auto"`` times (a verify forward of a block of 8 runs 1-8 rows); counts between
+#: two timed ones take the choice of the next timed count above, counts past the last its choice.
+TIMED_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
 
 # module -> ((data pointer, version, shape) of its weight, oneDNN-packed copy); entries go with the module
 _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple[tuple, torch.Tensor]]" = weakref.WeakKeyDictionary()
+# model -> {(torch threads, layer signatures): {layer signature: kernel per row count 1..SMALL_ROWS}}
+_CHOSEN: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
 def onednn_linear_available() -> bool:
@@ -1113,47 +1119,130 @@ def _onednn_linear(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor 
     return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
 
 
+def _run_kernel(kernel: str, module: nn.Linear, flat: torch.Tensor) -> torch.Tensor:
+    """``module`` applied to ``flat`` [rows, in] on one kernel: ``"stock"`` (``F.linear``),
+    ``"packed"`` (oneDNN on :func:`packed_weight`), ``"matmul"`` (``W @ x.T``, which MKL runs
+    without repacking W) or ``"tworow"`` (the rows twice through ``W @ x.T``: for one row a
+    threaded GEMM instead of a single-threaded matrix-vector product)."""
+    if kernel == "stock":
+        return nn.functional.linear(flat, module.weight, module.bias)
+    if kernel == "packed":
+        return _onednn_linear(flat.contiguous(), packed_weight(module), module.bias)
+    if kernel == "tworow":
+        out = (module.weight @ torch.cat([flat, flat]).T).T[: flat.shape[0]]
+    else:
+        out = (module.weight @ flat.T).T
+    return out + module.bias if module.bias is not None else out
+
+
 def _small_row_linear(module: nn.Linear, x: torch.Tensor, kernels: str = "packed") -> torch.Tensor:
     rows = x.numel() // x.shape[-1] if x.numel() else 0
     if not 1 <= rows <= SMALL_ROWS or x.dtype != module.weight.dtype:
         return nn.functional.linear(x, module.weight, module.bias)
-    flat = x.reshape(rows, x.shape[-1])
     if rows == 1:
         if module.weight.numel() < WIDE_WEIGHT or torch.get_num_threads() < 2:
             return nn.functional.linear(x, module.weight, module.bias)
         # One row runs as a single-threaded matrix-vector product; two rows run as a threaded GEMM,
-        # which on a 2-core CPU computes SmolLM2's 49,152 x 576 head in 4.7 ms instead of 10 ms.
-        out = (module.weight @ torch.cat([flat, flat]).T).T[:1]
-    elif kernels == "packed" and module.weight.is_contiguous():
-        return _onednn_linear(flat.contiguous(), packed_weight(module), module.bias).reshape(*x.shape[:-1], -1)
+        # which on a 2-core AVX2 EPYC computes SmolLM2's 49,152 x 576 head in 4.7 ms instead of 10 ms.
+        kernel = "tworow"
     else:
-        out = (module.weight @ flat.T).T
-    if module.bias is not None:
-        out = out + module.bias
+        kernel = "packed" if kernels == "packed" and module.weight.is_contiguous() else "matmul"
+    out = _run_kernel(kernel, module, x.reshape(rows, x.shape[-1]))
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+def _chosen_linear(module: nn.Linear, chosen: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    rows = x.numel() // x.shape[-1] if x.numel() else 0
+    if not 1 <= rows <= SMALL_ROWS or x.dtype != module.weight.dtype or chosen[rows - 1] == "stock":
+        return nn.functional.linear(x, module.weight, module.bias)
+    out = _run_kernel(chosen[rows - 1], module, x.reshape(rows, x.shape[-1]))
+    return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _signature(module: nn.Linear) -> tuple:
+    """What a kernel's speed on ``module`` depends on: weight shape, bias, layout."""
+    return (tuple(module.weight.shape), module.bias is not None, module.weight.is_contiguous())
+
+
+@torch.no_grad()
+def choose_small_row_kernels(
+    modules: list[nn.Linear], rounds: int = 3, clock: Callable[[], float] = time.perf_counter
+) -> dict[tuple, tuple[str, ...]]:
+    """Time the candidate kernels of :func:`_run_kernel` on ``modules`` and pick the fastest for
+    each kind of layer (:func:`_signature`) and each row count in ``TIMED_ROWS``.
+
+    Each kind is timed over all its layers in a row, as a forward reads them, so that the weights
+    stream from memory as they do in a real forward rather than sit in cache. The candidates take
+    turns within a round and each keeps its median over ``rounds`` (after one warm-up round, which
+    also packs the weights), so a slow spell of a shared machine lands on all of them alike.
+    Returns ``{signature: (kernel for 1 row, ..., kernel for SMALL_ROWS rows)}``.
+    """
+    groups: dict[tuple, list[nn.Linear]] = {}
+    for module in modules:
+        groups.setdefault(_signature(module), []).append(module)
+    packed = onednn_linear_available()
+    chosen: dict[tuple, tuple[str, ...]] = {}
+    for signature, group in groups.items():
+        (_, features), _, contiguous = signature
+        timed: dict[int, str] = {}
+        for rows in TIMED_ROWS:
+            candidates = ["stock", "matmul"] + (["packed"] if packed and contiguous else []) + (["tworow"] if rows == 1 else [])
+            x = torch.randn(rows, features, dtype=group[0].weight.dtype, generator=torch.Generator().manual_seed(rows))
+            seconds: dict[str, list[float]] = {kernel: [] for kernel in candidates}
+            for round_ in range(rounds + 1):
+                for kernel in candidates:
+                    start = clock()
+                    for module in group:
+                        _run_kernel(kernel, module, x)
+                    if round_:  # the first round warms up (and packs)
+                        seconds[kernel].append(clock() - start)
+            timed[rows] = min(candidates, key=lambda kernel: (statistics.median(seconds[kernel]), kernel != "stock"))
+        chosen[signature] = tuple(timed[next((t for t in TIMED_ROWS if t >= rows), TIMED_ROWS[-1])] for rows in range(1, SMALL_ROWS + 1))
+    return chosen
+
+
+def _chosen_kernels(model: nn.Module, modules: list[nn.Linear]) -> dict[tuple, tuple[str, ...]]:
+    """:func:`choose_small_row_kernels` for ``model``'s layers, timed once per model and thread count."""
+    key = (torch.get_num_threads(), tuple(sorted({_signature(module) for module in modules})))
+    per_model = _CHOSEN.setdefault(model, {})
+    if key not in per_model:
+        start = time.perf_counter()
+        per_model[key] = choose_small_row_kernels(modules)
+        logger.info(
+            "small-row kernels timed in %.1f s at %d thread(s): %s",
+            time.perf_counter() - start,
+            key[0],
+            {signature[0]: {rows: kernels[rows - 1] for rows in TIMED_ROWS} for signature, kernels in per_model[key].items()},
+        )
+    return per_model[key]
+
+
 @contextlib.contextmanager
-def small_row_linears(model: nn.Module, kernels: str = "packed") -> Iterator[int]:
-    """Run ``model``'s fp32 CPU ``nn.Linear`` layers on 2..``SMALL_ROWS`` rows on small-row kernels.
+def small_row_linears(model: nn.Module, kernels: str = "auto") -> Iterator[int]:
+    """Run ``model``'s fp32 CPU ``nn.Linear`` layers on 1..``SMALL_ROWS`` rows on small-row kernels.
 
     A verify forward multiplies every weight matrix by a handful of rows (the block being checked).
     Stock ``x @ W.T`` hands MKL a layout it repacks the whole weight for, so on a 2-core CPU a
-    SmolLM2-135M forward over 2 tokens costs 88 ms against 55 ms for one. ``kernels``:
+    SmolLM2-135M forward over 2 tokens costs 88 ms against 55 ms for one. Which kernel is fastest
+    depends on the row count and on the machine. ``kernels``:
 
-    - ``"packed"`` (default where :func:`onednn_linear_available`): oneDNN's linear on a copy of each
-      weight packed once into its blocked layout (:func:`packed_weight`, cached with the module,
-      rebuilt when the weight changes; it takes as much memory again as the weights: 509 MB for SmolLM2).
-      On a 2-core AVX2 EPYC a SmolLM2 forward over 2 / 3 / 4 / 6 / 9 tokens took 102 / 107 / 111 /
-      122 / 138 ms against 109 / 134 / 112 / 149 / 177 ms as ``"matmul"`` (one token: 98 ms).
-    - ``"matmul"``: ``W @ x.T``, which MKL runs without repacking: on a 2-core AVX512 EPYC a forward
-      over 2-4 tokens cost about 45 ms and over 8 about 62 ms.
+    - ``"auto"`` (default): for each kind of layer and row count, the fastest of the stock kernel,
+      ``"packed"``, ``"matmul"`` and (one row) the row computed twice, timed on this model's own
+      layers once per model and thread count (:func:`choose_small_row_kernels`; about 2-4 s for
+      SmolLM2 on 2 cores, logged at INFO). On a 2-core AVX-512 Xeon without bf16 the stock kernel
+      wins for 1-2 rows and the packed one from 3-4 rows; on an AVX2 EPYC packed wins from 2 rows.
+    - ``"packed"``: oneDNN's linear on a copy of each weight packed once into its blocked layout
+      (:func:`packed_weight`, cached with the module, rebuilt when the weight changes; it takes as
+      much memory again as the weights: 509 MB for SmolLM2), from 2 rows. On a 2-core AVX2 EPYC a
+      SmolLM2 forward over 2 / 3 / 4 / 6 / 9 tokens took 102 / 107 / 111 / 122 / 138 ms against
+      109 / 134 / 112 / 149 / 177 ms as ``"matmul"`` (one token: 98 ms).
+    - ``"matmul"``: ``W @ x.T`` from 2 rows: on a 2-core AVX512 EPYC a forward over 2-4 tokens cost
+      about 45 ms and over 8 about 62 ms.
 
-    One row keeps the stock kernel either way, except for a vocabulary-sized head (``WIDE_WEIGHT``
-    entries), computed as two rows with 2+ threads: a one-token forward then costs about 49 ms
-    instead of 52-55 (AVX512 EPYC). Values agree with the stock kernels to float rounding (about
-    1e-5 on the logits), the same class of difference as between the stock one-row and multi-row
-    kernels that any assisted decoding already mixes.
+    With ``"packed"`` and ``"matmul"`` one row keeps the stock kernel, except for a vocabulary-sized
+    head (``WIDE_WEIGHT`` entries), computed as two rows with 2+ threads. Values agree with the
+    stock kernels to float rounding (about 1e-5 on the logits), the same class of difference as
+    between the stock one-row and multi-row kernels that any assisted decoding already mixes.
 
     Only exact ``nn.Linear`` modules are switched (not subclasses such as quantised or LoRA layers,
     not modules that already carry their own ``forward``, e.g. accelerate offload hooks), through
@@ -1163,16 +1252,20 @@ def small_row_linears(model: nn.Module, kernels: str = "packed") -> Iterator[int
         raise ValueError(f"small-row kernels {kernels!r}: expected one of {SMALL_ROW_KERNELS}")
     if kernels == "packed" and not onednn_linear_available():
         kernels = "matmul"
-    switched = []
-    for module in model.modules():
-        if (
-            type(module) is nn.Linear
-            and "forward" not in module.__dict__
-            and module.weight.device.type == "cpu"
-            and module.weight.dtype == torch.float32
-        ):
+    switched = [
+        module
+        for module in model.modules()
+        if type(module) is nn.Linear
+        and "forward" not in module.__dict__
+        and module.weight.device.type == "cpu"
+        and module.weight.dtype == torch.float32
+    ]
+    chosen = _chosen_kernels(model, switched) if kernels == "auto" and switched else {}
+    for module in switched:
+        if kernels == "auto":
+            module.forward = functools.partial(_chosen_linear, module, chosen[_signature(module)])
+        else:
             module.forward = functools.partial(_small_row_linear, module, kernels=kernels)
-            switched.append(module)
     try:
         yield len(switched)
     finally:
@@ -1184,8 +1277,8 @@ def _assisted_decoding_hook(original):
     def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs):
         if not is_dflare_draft(kwargs.get("assistant_model")):
             return original(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs)
-        # generation_config.dflare_small_row_kernels: None / True / "packed" (default), "matmul", or
-        # False for the stock kernels (see small_row_linears)
+        # generation_config.dflare_small_row_kernels: None / True / "auto" (default), "packed", "matmul",
+        # or False for the stock kernels (see small_row_linears)
         setting = getattr(generation_config, "dflare_small_row_kernels", None)
         if not (setting is None or isinstance(setting, bool) or setting in SMALL_ROW_KERNELS):
             raise ValueError(
@@ -1194,7 +1287,7 @@ def _assisted_decoding_hook(original):
         # The candidate generator is built without the stopping criteria; hand them over through this
         # call's private copy of the generation config (see ``stop_free_length``).
         generation_config._dflare_stopping_criteria = stopping_criteria
-        kernel = "packed" if setting in (None, True) else setting
+        kernel = "auto" if setting in (None, True) else setting
         kernels = small_row_linears(self, kernel) if setting is not False else contextlib.nullcontext()
         try:
             with kernels:
@@ -1259,6 +1352,7 @@ __all__ = [
     "bf16_is_native",
     "check_draft_matches_target",
     "check_transformers_compatible",
+    "choose_small_row_kernels",
     "draft_for_generation",
     "fast_draft_dtype",
     "install_generate_hook",

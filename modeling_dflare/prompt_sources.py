@@ -11,8 +11,12 @@ its dependencies):
 - ``codeio``: the task descriptions and input/output specifications of CodeI/O (Li et al., 2025)
   as reasoning-gym ships them (both of its files, about 5,700 tasks), each asked as a Python
   function to write (``codeio/<file>/<index>``).
+- ``pystubs``: the public functions and methods of the running Python's own standard library that
+  have a docstring and a short body, asked as the signature and docstring to implement
+  (``pystubs/<file>/<qualified name>``; PSF licence, nothing to install). A HumanEval problem has
+  the same shape (a signature and a docstring), which CodeI/O's task descriptions do not.
 
-Neither overlaps the benchmark: HumanEval's problems and the benchmark's own generated arithmetic
+None overlaps the benchmark: HumanEval's problems and the benchmark's own generated arithmetic
 problems (:mod:`modeling_dflare.bench_datasets`) are never among them, and the instructions are
 worded differently from the benchmark's. The answers are the target's own (``dflare regenerate
 --data gsm-symbolic``), so only the questions come from these sources.
@@ -20,12 +24,15 @@ worded differently from the benchmark's. The answers are the target's own (``dfl
 
 from __future__ import annotations
 
+import ast
 import gzip
 import importlib.util
 import json
 import random
 import re
 import sys
+import sysconfig
+import textwrap
 import types
 from pathlib import Path
 
@@ -118,6 +125,77 @@ def _code_prompt(record: dict, variant: int) -> str | None:
     return CODE_INSTRUCTIONS[variant % len(CODE_INSTRUCTIONS)].format(stub=stub, name=name, args=args, task=task, spec=spec)
 
 
+#: wording of the ``pystubs`` prompts, taken in turn (never the benchmark's "Complete this Python function")
+STUB_INSTRUCTIONS = (
+    "Implement this Python {kind}:\n```python\n{stub}```",
+    "Write the body of the following {kind}.\n\n```python\n{stub}```",
+    "Here is a {kind} signature and its docstring. Write the code.\n\n```python\n{stub}```",
+    "Fill in the implementation of `{name}`:\n\n```python\n{stub}```",
+)
+#: ``pystubs`` keeps a function whose docstring has at least this many characters ...
+STUB_MIN_DOC = 80
+#: ... and whose definition spans at most this many lines (a body a small model can write)
+STUB_MAX_LINES = 60
+#: standard-library folders that hold tests, not library code
+_STDLIB_SKIP = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+
+
+def _stub(node: ast.FunctionDef, doc: str, owner: str | None) -> str:
+    returns = f" -> {ast.unparse(node.returns)}" if node.returns else ""
+    indent = "    " if owner else ""
+    body = textwrap.indent(f'"""\n{doc}\n"""', indent + "    ", lambda line: line.strip() != "")
+    stub = f"{indent}def {node.name}({ast.unparse(node.args)}){returns}:\n{body}\n"
+    return f"class {owner}:\n{stub}" if owner else stub
+
+
+def stdlib_functions(root: Path | None = None) -> list[tuple[str, ast.FunctionDef, str | None]]:
+    """(path relative to ``root``, definition, class name or None) of every public function and
+    method (not nested deeper) in the ``.py`` files under ``root`` (default: this Python's standard
+    library), test folders left out, in path order."""
+    root = Path(root or sysconfig.get_paths()["stdlib"])
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if any(part in _STDLIB_SKIP or part.startswith("test_") for part in relative.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):  # e.g. lib2to3's Python 2 fixtures
+            continue
+        for node in tree.body:
+            members = [(node, None)] if isinstance(node, ast.FunctionDef) else []
+            if isinstance(node, ast.ClassDef):
+                members = [(member, node.name) for member in node.body if isinstance(member, ast.FunctionDef)]
+            found += [(relative.as_posix(), member, owner) for member, owner in members if not member.name.startswith("_")]
+    return found
+
+
+def read_pystubs(root: Path | None = None) -> tuple[list[Conversation], ReadReport]:
+    """Standard-library functions and methods as "implement this signature and docstring" chats,
+    ids ``pystubs/<file>/<qualified name>``; a docstring seen before is kept once."""
+    report = ReadReport(f"pystubs (Python {sys.version_info.major}.{sys.version_info.minor} standard library)")
+    seen_ids, seen_docs, conversations = set(), set(), []
+    for relative, node, owner in stdlib_functions(root):
+        doc = ast.get_docstring(node)
+        if not doc or len(doc) < STUB_MIN_DOC:
+            report.skip(f"docstring under {STUB_MIN_DOC} characters")
+            continue
+        if len(node.body) < 2 or node.end_lineno - node.lineno > STUB_MAX_LINES:
+            report.skip(f"no body, or over {STUB_MAX_LINES} lines")
+            continue
+        conversation_id = f"pystubs/{relative}/{owner + '.' if owner else ''}{node.name}"
+        if conversation_id in seen_ids or doc in seen_docs:
+            report.skip("repeats an earlier function")
+            continue
+        seen_ids.add(conversation_id)
+        seen_docs.add(doc)
+        instruction = STUB_INSTRUCTIONS[len(conversations) % len(STUB_INSTRUCTIONS)]
+        content = instruction.format(kind="method" if owner else "function", name=node.name, stub=_stub(node, doc, owner))
+        conversations.append(Conversation(conversation_id, [{"role": "user", "content": content}]))
+        report.kept += 1
+    return conversations, report
+
+
 def _read_json_records(path: Path) -> list:
     """A JSON array, or JSON lines (reasoning-gym ships one of each under the .jsonl.gz name)."""
     text = gzip.open(path, "rt", encoding="utf-8").read()
@@ -148,6 +226,8 @@ def read_codeio() -> tuple[list[Conversation], ReadReport]:
 
 
 #: named prompt sources for ``--data`` beside ``sharegpt``
-PROMPT_SOURCES = {"gsm-symbolic": read_gsm_symbolic, "codeio": read_codeio}
+PROMPT_SOURCES = {"gsm-symbolic": read_gsm_symbolic, "codeio": read_codeio, "pystubs": read_pystubs}
 
-__all__ = ["GSM_SYMBOLIC_POOL", "PROMPT_SOURCES", "read_codeio", "read_gsm_symbolic", "reasoning_gym_root"]
+__all__ = [
+    "GSM_SYMBOLIC_POOL", "PROMPT_SOURCES", "read_codeio", "read_gsm_symbolic", "read_pystubs", "reasoning_gym_root", "stdlib_functions",
+]  # fmt: skip

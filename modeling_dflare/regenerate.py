@@ -275,7 +275,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--target", default=None, help="target folder or .gguf (default: embedded SmolLM2)")
     parser.add_argument(
         "--data", default="sharegpt",
-        help="'sharegpt', 'gsm-symbolic' (math word problems), 'codeio' (Python tasks), a .json array or a .jsonl file",
+        help="'sharegpt', 'gsm-symbolic' (math word problems), 'codeio' (Python tasks), 'pystubs' (Python standard-library "
+        "signatures and docstrings to implement), a .json array or a .jsonl file",
     )
     parser.add_argument("--output-dir", required=True, help="folder for the resumable response shards")
     parser.add_argument(

@@ -73,7 +73,8 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
         # the free-draft ceiling is tau * t1 / t_verify: t1 is plain decoding's step (stock kernels),
         # t_verify is read off the kernels the method verifies on (small-row ones for DFlare drafts)
         plain_costs = results["costs"][dataset]["verify_ms"]
-        kernels = {"dflare-hybrid-matmul": "verify_ms_small_rows_matmul"}.get(method, "verify_ms_small_rows" if method in bench.METHOD_DRAFT else "verify_ms")
+        fixed = bench.FIXED_KERNELS.get(method)
+        kernels = f"verify_ms_small_rows_{fixed}" if fixed else "verify_ms_small_rows" if method in bench.METHOD_DRAFT else "verify_ms"
         costs = results["costs"][dataset][kernels]
         assert row["ceiling"] == pytest.approx(row["tau"] * plain_costs[0] / row["t_verify_ms"])
         assert min(costs) * 0.999 <= row["t_verify_ms"] <= max(costs) * 1.001
@@ -81,7 +82,8 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
         assert 0.0 <= row["draft_share"] < 1.0 and (row["draft_share"] > 0 or method == "prompt-lookup")
     assert rows[("math", "plain")]["speedup"] == pytest.approx(1.0)
     math_costs = results["costs"]["math"]
-    assert len(math_costs["verify_ms"]) == len(math_costs["verify_ms_small_rows"]) == len(math_costs["verify_ms_small_rows_matmul"]) == 11  # 1..max(4, 10 + 1)
+    curves = ("verify_ms", "verify_ms_small_rows", "verify_ms_small_rows_matmul", "verify_ms_small_rows_packed")
+    assert [len(math_costs[curve]) for curve in curves] == [11] * 4  # 1..max(4, 10 + 1)
     markdown = (out / "bench.md").read_text()
     # the written table carries the JSON's numbers (read back from the markdown, not re-rendered)
     header = next(line for line in markdown.splitlines() if line.startswith("| Dataset | Method |"))
@@ -92,9 +94,11 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
         assert cells["τ"] == f"{row['tau']:.2f}" and cells["Speedup vs plain"] == f"{row['speedup']:.2f}x"
         assert cells["Lossless"] == "yes"
     assert "GREEDY MISMATCH" not in markdown and "Command:" in markdown
-    # the cost table shows the matmul kernels' curve beside the packed one
-    cost_row = next(l for l in markdown.splitlines() if l.startswith("| math |") and l.count("|") == 10)
-    assert "matmul kernels: 2 tokens | verify B |" in markdown and f"{math_costs['verify_ms_small_rows_matmul'][1]:.1f}" in cost_row
+    # the cost table shows each fixed kernel's curve beside the timed choice
+    cost_row = next(l for l in markdown.splitlines() if l.startswith("| math |") and l.count("|") == 12)
+    assert "| matmul kernels: 2 tokens | verify B | packed kernels: 2 tokens | verify B |" in markdown
+    block = results["meta"]["settings"]["block_size"]
+    assert cost_row.endswith("".join(f" {math_costs[f'verify_ms_small_rows_{k}'][i]:.1f} |" for k in ("matmul", "packed") for i in (1, block - 1)))
     # which form each draft ran in (int8 copy, or bf16 where native) and the CPU features behind the timings
     from modeling_dflare.modeling_dflare import bf16_is_native
 

@@ -575,7 +575,7 @@ def test_small_row_linears_one_row_is_stock_except_for_a_wide_head(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b, original=torch.Tensor.__matmul__: calls.append(b.shape) or original(a, b))
     try:
         torch.set_num_threads(2)
-        with modeling.small_row_linears(nn.Sequential(narrow, wide)):
+        with modeling.small_row_linears(nn.Sequential(narrow, wide), "packed"):
             assert narrow(x).equal(nn.functional.linear(x, narrow.weight, narrow.bias)) and calls == []
             got = wide(x)
             assert calls == [(48, 2)]  # the row, twice
@@ -601,7 +601,7 @@ def test_small_row_linears_pack_each_weight_once_and_follow_it(monkeypatch):
     monkeypatch.setattr(modeling, "packed_weight", lambda m, original=modeling.packed_weight: calls.append(m) or original(m))
     x = torch.randn(1, 3, 48, generator=torch.Generator().manual_seed(1))
     one = x[:, :1]
-    with modeling.small_row_linears(layer) as switched:
+    with modeling.small_row_linears(layer, "packed") as switched:
         assert switched == 1
         first, second = layer(x), layer(x)
         packs.append(modeling._PACKED[layer][1])
@@ -626,6 +626,79 @@ def test_small_row_linears_pack_each_weight_once_and_follow_it(monkeypatch):
         with modeling.small_row_linears(layer, "fast"):
             pass
     assert "forward" not in layer.__dict__
+
+
+def test_auto_small_row_kernels_take_the_fastest_timed_kernel_per_layer_kind_and_row_count(monkeypatch):
+    """``choose_small_row_kernels`` times every candidate on each kind of layer (weight shape, bias,
+    layout) for each row count in TIMED_ROWS and keeps the fastest; counts between timed ones take
+    the next timed count's choice, counts past the last its choice. A fake clock that each kernel
+    call advances by a set cost stands in for the machine."""
+    from torch import nn
+
+    import modeling_dflare.modeling_dflare as modeling
+
+    if not modeling.onednn_linear_available():
+        pytest.fail("this torch build has no oneDNN linear: the packed small-row kernels are the CPU default and must be tested")
+    monkeypatch.setattr(modeling, "TIMED_ROWS", (1, 2, 4))
+    now = [0.0]
+    calls = []
+
+    def cost(kernel, module, rows):
+        wide = module.out_features == 64
+        if rows == 1:
+            return {"tworow": 1.0, "stock": 2.0}.get(kernel, 3.0) if wide else {"stock": 1.0}.get(kernel, 2.0)
+        if rows == 2:
+            return {"matmul": 1.0}.get(kernel, 2.0)
+        return {"packed": 1.0, "stock": 1.0}.get(kernel, 2.0)  # a tie goes to the stock kernel
+
+    def timed_kernel(kernel, module, flat, original=modeling._run_kernel):
+        calls.append((kernel, module, flat.shape[0]))
+        now[0] += cost(kernel, module, flat.shape[0])
+        return original(kernel, module, flat)
+
+    monkeypatch.setattr(modeling, "_run_kernel", timed_kernel)
+    narrow, narrow_too, wide = nn.Linear(48, 16), nn.Linear(48, 16), nn.Linear(48, 64, bias=False)
+    chosen = modeling.choose_small_row_kernels([narrow, wide, narrow_too], rounds=3, clock=lambda: now[0])
+    assert set(chosen) == {((16, 48), True, True), ((64, 48), False, True)}
+    for kernels, one in ((chosen[((16, 48), True, True)], "stock"), (chosen[((64, 48), False, True)], "tworow")):
+        assert len(kernels) == modeling.SMALL_ROWS
+        assert kernels[:4] == (one, "matmul", "stock", "stock") and set(kernels[4:]) == {"stock"}
+    # each kind is timed over all its layers in a row; every candidate of every count once a round (+ a warm-up round)
+    narrow_calls = [c for c in calls if c[1] in (narrow, narrow_too)]
+    assert [c[1] for c in narrow_calls[:2]] == [narrow, narrow_too]
+    assert len(narrow_calls) == 2 * 4 * (4 + 3 + 3)  # 2 layers x 4 rounds x (1 row: 4 candidates; 2, 4 rows: 3)
+    assert {c[0] for c in calls if c[2] > 1} == {"stock", "packed", "matmul"}
+
+
+def test_auto_small_row_kernels_are_timed_once_per_model_and_thread_count_and_agree_with_stock(monkeypatch):
+    from torch import nn
+
+    import modeling_dflare.modeling_dflare as modeling
+
+    timings = []
+    monkeypatch.setattr(
+        modeling, "choose_small_row_kernels", lambda modules, original=modeling.choose_small_row_kernels: timings.append(len(modules)) or original(modules, rounds=1)
+    )
+    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 40), nn.Linear(40, 8, bias=False))
+    inputs = [torch.randn(1, rows, 24, generator=torch.Generator().manual_seed(rows)) for rows in (1, 2, 3, 9, 17, modeling.SMALL_ROWS + 1)]
+    expected = [model(x) for x in inputs]
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        for _ in range(2):
+            with modeling.small_row_linears(model) as switched:
+                assert switched == 3
+                got = [model(x) for x in inputs]
+            for x, want, have in zip(inputs, expected, got):
+                assert have.shape == want.shape and torch.allclose(have, want, atol=1e-5, rtol=1e-5), x.shape
+        assert timings == [3]
+        torch.set_num_threads(2)
+        with modeling.small_row_linears(model):
+            pass
+        assert timings == [3, 3]  # another thread count: timed again
+    finally:
+        torch.set_num_threads(threads)
+    assert all("forward" not in layer.__dict__ for layer in model)
 
 
 def test_generate_verifies_on_small_row_kernels_unless_told_not_to():

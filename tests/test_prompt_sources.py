@@ -37,7 +37,7 @@ def test_codeio_tasks_are_unique_function_prompts():
 
 def test_no_benchmark_prompt_is_a_training_prompt():
     """Neither source holds a benchmark prompt: HumanEval's problems and the generated arithmetic set."""
-    code = "\n".join(c.messages[0]["content"] for c in prompt_sources.read_codeio()[0])
+    code = "\n".join(c.messages[0]["content"] for source in (prompt_sources.read_codeio, prompt_sources.read_pystubs) for c in source()[0])
     math, _ = prompt_sources.read_gsm_symbolic(count=2000)
     math_text = "\n".join(c.messages[0]["content"] for c in math)
     humaneval = iter_prompts("humaneval")
@@ -77,3 +77,42 @@ def test_regenerate_rejects_an_unknown_source_naming_the_choices(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="gsm-symbolic"):
         main(["--debug", "regenerate", "--data", "mathh", "--output-dir", str(tmp_path / "out")])
+
+
+def test_pystubs_are_stdlib_signatures_and_docstrings_to_implement():
+    conversations, report = prompt_sources.read_pystubs()
+    again, _ = prompt_sources.read_pystubs()
+    assert report.kept == len(conversations) > 1000 and report.source.startswith("pystubs (Python 3.")
+    assert [c.messages for c in conversations] == [c.messages for c in again]  # same Python, same prompts
+    assert len({c.id for c in conversations}) == len(conversations)
+    assert all(c.id.startswith("pystubs/") for c in conversations)
+    assert not any(part in ("test", "tests", "idle_test") for c in conversations for part in c.id.split("/")[1:-2])  # no test folder
+    by_id = {c.id: c.messages[0]["content"] for c in conversations}
+    glob = by_id["pystubs/glob.py/glob"]
+    assert "```python\ndef glob(pathname, *, root_dir=None" in glob and '    """\n    Return a list of paths' in glob
+    method = next(text for cid, text in by_id.items() if cid.startswith("pystubs/inspect.py/Signature."))
+    assert "```python\nclass Signature:\n    def " in method and "method" in method.split("\n", 1)[0]
+    assert {text.split("\n", 1)[0].split("`")[0] for text in by_id.values()} >= {"Implement this Python function:", "Fill in the implementation of "}
+    train, heldout = split_conversations(conversations)
+    assert 0 < len(heldout) < 0.05 * len(conversations)
+
+
+def test_pystubs_keep_public_documented_short_functions_outside_tests(tmp_path):
+    doc = "Return the thing, " + "described at length " * 4
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "mod.py").write_text(
+        f'def kept(a: int, b=2) -> int:\n    """{doc}"""\n    return a + b\n\n'
+        f'def _private(a):\n    """{doc}"""\n    return a\n\n'
+        'def terse(a):\n    """Too short."""\n    return a\n\n'
+        f'def only_a_docstring(a):\n    """{doc}and more"""\n\n'
+        f'class Box:\n    def open(self):\n        """{doc}for boxes"""\n        return self\n\n'
+        f'def repeated(a):\n    """{doc}"""\n    return a\n'
+    )
+    (tmp_path / "test").mkdir()
+    (tmp_path / "test" / "helpers.py").write_text(f'def helper():\n    """{doc}in a test folder"""\n    return 1\n')
+    (tmp_path / "broken.py").write_text("print 'python 2'\n")
+    conversations, report = prompt_sources.read_pystubs(tmp_path)
+    assert [c.id for c in conversations] == ["pystubs/pkg/mod.py/kept", "pystubs/pkg/mod.py/Box.open"]
+    assert "def kept(a: int, b=2) -> int:\n    \"\"\"\n    Return the thing," in conversations[0].messages[0]["content"]
+    assert "class Box:\n    def open(self):\n        \"\"\"\n        Return the thing," in conversations[1].messages[0]["content"]
+    assert report.skipped == {"docstring under 80 characters": 1, "no body, or over 60 lines": 1, "repeats an earlier function": 1}

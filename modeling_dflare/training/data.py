@@ -118,8 +118,8 @@ def read_source(source: str | None) -> list:
 
 
 def prompt_source_of(conversation_id: str, unprefixed: str = "sharegpt") -> str:
-    """The prompt source an answer's id names (``codeio/...``, ``gsm-symbolic/...``: reasoning-gym's
-    tasks, :mod:`modeling_dflare.prompt_sources`), else ``unprefixed``."""
+    """The prompt source an answer's id names (``codeio/...``, ``gsm-symbolic/...``, ``pystubs/...``:
+    :mod:`modeling_dflare.prompt_sources`), else ``unprefixed``."""
     from ..prompt_sources import PROMPT_SOURCES
 
     prefix = conversation_id.split("/", 1)[0] if "/" in conversation_id else None
