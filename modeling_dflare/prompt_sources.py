@@ -13,8 +13,9 @@ its dependencies):
   function to write (``codeio/<file>/<index>``).
 - ``pystubs``: the public functions and methods of the running Python's own standard library that
   have a docstring and a short body, asked as the signature and docstring to implement
-  (``pystubs/<file>/<qualified name>``; PSF licence, nothing to install). A HumanEval problem has
-  the same shape (a signature and a docstring), which CodeI/O's task descriptions do not.
+  (``pystubs/<file>/<qualified name>``; PSF licence, nothing to install): named functions with
+  their own arguments and docstrings, the shape of a HumanEval problem, where every CodeI/O prompt
+  is one ``main_solution`` documented by a task description.
 
 None overlaps the benchmark: HumanEval's problems and the benchmark's own generated arithmetic
 problems (:mod:`modeling_dflare.bench_datasets`) are never among them, and the instructions are
