@@ -1213,11 +1213,15 @@ def _chosen_kernels(model: nn.Module, modules: list[nn.Linear]) -> dict[tuple, t
     if key not in per_model:
         start = time.perf_counter()
         per_model[key] = choose_small_row_kernels(modules)
+        changed = {
+            "x".join(map(str, signature[0])): {rows: kernels[rows - 1] for rows in TIMED_ROWS if kernels[rows - 1] != "stock"}
+            for signature, kernels in per_model[key].items()
+        }
         logger.info(
-            "small-row kernels timed in %.1f s at %d thread(s): %s",
+            "small-row kernels timed in %.1f s at %d thread(s); other than stock: %s",
             time.perf_counter() - start,
             key[0],
-            {signature[0]: {rows: kernels[rows - 1] for rows in TIMED_ROWS} for signature, kernels in per_model[key].items()},
+            {shape: rows for shape, rows in changed.items() if rows} or "none",
         )
     return per_model[key]
 
