@@ -1178,7 +1178,9 @@ def choose_small_row_kernels(
     stream from memory as they do in a real forward rather than sit in cache. The candidates take
     turns within a round and each keeps its median over ``rounds`` (after one warm-up round, which
     also packs the weights), so a slow spell of a shared machine lands on all of them alike. The
-    stock kernel stays unless another is at least ``MIN_GAIN`` faster. Returns ``{signature: (kernel for 1 row, ..., kernel for SMALL_ROWS rows)}``.
+    stock kernel stays unless another is at least ``MIN_GAIN`` faster; packed copies of weights that
+    no row count runs packed are freed. Returns ``{signature: (kernel for 1 row, ..., kernel for
+    SMALL_ROWS rows)}``.
     """
     groups: dict[tuple, list[nn.Linear]] = {}
     for module in modules:
@@ -1203,6 +1205,9 @@ def choose_small_row_kernels(
             fastest = min(candidates, key=median.__getitem__)
             timed[rows] = fastest if median[fastest] < (1 - MIN_GAIN) * median["stock"] else "stock"
         chosen[signature] = tuple(timed[next((t for t in TIMED_ROWS if t >= rows), TIMED_ROWS[-1])] for rows in range(1, SMALL_ROWS + 1))
+        if "packed" not in chosen[signature]:
+            for module in group:  # timing packed them: free the copies no row count will read
+                _PACKED.pop(module, None)
     return chosen
 
 

@@ -669,6 +669,8 @@ def test_auto_small_row_kernels_take_the_fastest_timed_kernel_per_layer_kind_and
     assert [c[1] for c in narrow_calls[:2]] == [narrow, narrow_too]
     assert len(narrow_calls) == 2 * 4 * (4 + 3 + 3)  # 2 layers x 4 rounds x (1 row: 4 candidates; 2, 4 rows: 3)
     assert {c[0] for c in calls if c[2] > 1} == {"stock", "packed", "matmul"}
+    # timing packed every weight; no count runs packed here, so no packed copy is kept
+    assert not any(module in modeling._PACKED for module in (narrow, narrow_too, wide))
 
 
 def test_auto_small_row_kernels_are_timed_once_per_model_and_thread_count_and_agree_with_stock(monkeypatch):
