@@ -1138,28 +1138,37 @@ def _run_kernel(kernel: str, module: nn.Linear, flat: torch.Tensor) -> torch.Ten
     return out + module.bias if module.bias is not None else out
 
 
-def _small_row_linear(module: nn.Linear, x: torch.Tensor, kernels: str = "packed") -> torch.Tensor:
-    rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if not 1 <= rows <= SMALL_ROWS or x.dtype != module.weight.dtype:
+def _through(kernel: str, module: nn.Linear, x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``module`` applied to ``x`` (any leading shape, ``rows`` rows in all) on ``kernel``."""
+    if kernel == "stock":
         return nn.functional.linear(x, module.weight, module.bias)
-    if rows == 1:
-        if module.weight.numel() < WIDE_WEIGHT or torch.get_num_threads() < 2:
-            return nn.functional.linear(x, module.weight, module.bias)
-        # One row runs as a single-threaded matrix-vector product; two rows run as a threaded GEMM,
-        # which on a 2-core AVX2 EPYC computes SmolLM2's 49,152 x 576 head in 4.7 ms instead of 10 ms.
-        kernel = "tworow"
-    else:
-        kernel = "packed" if kernels == "packed" and module.weight.is_contiguous() else "matmul"
     out = _run_kernel(kernel, module, x.reshape(rows, x.shape[-1]))
     return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _chosen_linear(module: nn.Linear, chosen: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+def _small_rows_in(module: nn.Linear, x: torch.Tensor) -> int:
+    """How many rows ``x`` feeds ``module`` when the small-row kernels apply to it, else 0."""
     rows = x.numel() // x.shape[-1] if x.numel() else 0
-    if not 1 <= rows <= SMALL_ROWS or x.dtype != module.weight.dtype or chosen[rows - 1] == "stock":
-        return nn.functional.linear(x, module.weight, module.bias)
-    out = _run_kernel(chosen[rows - 1], module, x.reshape(rows, x.shape[-1]))
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+    return rows if 1 <= rows <= SMALL_ROWS and x.dtype == module.weight.dtype else 0
+
+
+def _small_row_linear(module: nn.Linear, x: torch.Tensor, kernels: str = "packed") -> torch.Tensor:
+    rows = _small_rows_in(module, x)
+    if rows == 1:
+        # One row runs as a single-threaded matrix-vector product; two rows run as a threaded GEMM,
+        # which on a 2-core AVX2 EPYC computes SmolLM2's 49,152 x 576 head in 4.7 ms instead of 10 ms.
+        wide = module.weight.numel() >= WIDE_WEIGHT and torch.get_num_threads() >= 2
+        kernel = "tworow" if wide else "stock"
+    elif rows:
+        kernel = "packed" if kernels == "packed" and module.weight.is_contiguous() else "matmul"
+    else:
+        kernel = "stock"
+    return _through(kernel, module, x, rows)
+
+
+def _chosen_linear(module: nn.Linear, chosen: tuple[str, ...], x: torch.Tensor) -> torch.Tensor:
+    rows = _small_rows_in(module, x)
+    return _through(chosen[rows - 1] if rows else "stock", module, x, rows)
 
 
 def _signature(module: nn.Linear) -> tuple:
