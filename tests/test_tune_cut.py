@@ -86,6 +86,40 @@ def test_tune_cut_chooses_the_hybrid_settings_with_the_cut(trained, tmp_path):
     assert f"lookup confidence {hybrid['best']['prompt_lookup_confidence']}" in card
 
 
+def test_tune_cut_pools_several_heldout_sources_and_predicts_each(trained, tmp_path):
+    """Comma-separated held-out folders (chat, code, math...) are pooled for the choice; the card and
+    the record give each source's own prediction at the chosen settings, which the pooled prediction
+    lies between (both are tokens over seconds of the same cost model)."""
+    import shutil
+
+    source, target, tokenizer, heldout = trained
+    draft = tmp_path / "draft"
+    shutil.copytree(source, draft)
+    config = json.loads((draft / "config.json").read_text())
+    config["prompt_lookup_ngram"] = 3
+    (draft / "config.json").write_text(json.dumps(config))
+    other = tmp_path / "code" / "heldout"
+    other.mkdir(parents=True)
+    write_jsonl(other / "answers.jsonl", [
+        {"id": f"k{i}", "messages": [{"role": "user", "content": f"w{i} w{i + 1}"},
+                                     {"role": "assistant", "content": " ".join(f"w{(j * 5) % 31}" for j in range(30))}]}
+        for i in range(3)
+    ])
+    sources = f"{heldout},{other / 'answers.jsonl'}"
+    tuning = tune_cut(draft, sources, target=target, tokenizer=tokenizer, threads=1)
+    by_source = tuning["by_source"]
+    assert list(by_source) == [str(heldout), str(other / "answers.jsonl")]
+    assert [entry["answers"] for entry in by_source.values()] == [4, 3] and tuning["heldout_answers"] == 7
+    low, high = sorted(entry["predicted_speedup"] for entry in by_source.values())
+    assert low - 1e-3 <= tuning["hybrid"]["predicted"] <= high + 1e-3
+    card = (draft / "README.md").read_text()
+    assert "predicted speedup by held-out source" in card and f"heldout.jsonl: {by_source[str(heldout)]['predicted_speedup']}x (4 answers)" in card
+    alone = tune_cut(draft, str(heldout), target=target, tokenizer=tokenizer, threads=1, write=False)
+    assert "by_source" not in alone and alone["heldout_answers"] == 4
+    with pytest.raises(FileNotFoundError, match="missing.*does not exist"):
+        tune_cut(draft, f"{heldout},{tmp_path / 'missing'}", target=target, tokenizer=tokenizer, threads=1)
+
+
 def test_tune_cut_names_what_is_wrong(trained, tmp_path):
     source, target, tokenizer, heldout = trained
     with pytest.raises(FileNotFoundError, match="no config.json"):

@@ -358,14 +358,29 @@ def tuned_settings(tuning: dict) -> dict:
 
 
 def tune_threshold(
-    draft: DFlareModel, target, features: TargetFeatures, sequences: list[Sequence], weights: torch.Tensor, threads: int | None = None
+    draft: DFlareModel,
+    target,
+    features: TargetFeatures,
+    sequences: list[Sequence],
+    weights: torch.Tensor,
+    threads: int | None = None,
+    groups: list[str] | None = None,
 ) -> dict:
     """Choose the confidence cut on ``sequences`` (held-out answers, never benchmark prompts): one walk
     per answer, then the target and draft timed with ``threads`` (default: the current setting, put
     back afterwards) on a quiet machine. :func:`choose_threshold`'s record plus ``heldout_answers``
-    and ``threads``."""
+    and ``threads``. With ``groups`` (a name per sequence, e.g. its held-out folder) the choice is
+    made on all answers pooled, and ``by_source`` holds each group's answer count and predicted
+    speedup at the chosen settings."""
+    names = groups if groups is not None else [None] * len(sequences)
+    if len(names) != len(sequences):
+        raise ValueError(f"groups names {len(names)} answers but {len(sequences)} were given (expected one group per answer)")
     walks: list = []
-    measure_consistency(draft, target, features, sequences, weights, run_generate=False, walks=walks)
+    walks_by_group: dict = {}
+    for name in dict.fromkeys(names):  # a too-short answer is not walked: each group's walks are its own
+        own = walks_by_group.setdefault(name, [])
+        measure_consistency(draft, target, features, [s for s, g in zip(sequences, names) if g == name], weights, run_generate=False, walks=own)
+        walks += own
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -376,10 +391,31 @@ def tune_threshold(
         torch.set_num_threads(previous)
     tuning = choose_threshold(walks, verify_s, draft_s, plain_s=plain_s)
     tuning.update(heldout_answers=len(walks), threads=timed_with)
+    if groups is not None:
+        tuning["by_source"] = predicted_by_group(tuning, walks_by_group, verify_s, draft_s, plain_s)
     return tuning
 
 
+def predicted_by_group(tuning: dict, walks_by_group: dict[str, list], verify_s: list[float], draft_s: float, plain_s: float) -> dict:
+    """``{group: {"answers": n, "predicted_speedup": x}}``: the settings ``tuning`` chose, predicted on
+    each group's walks alone (the same cost model as the choice)."""
+    chosen = tuned_settings(tuning)
+    report = {}
+    for name, own in walks_by_group.items():
+        if not own:
+            predicted = None
+        elif "prompt_lookup_confidence" in chosen:
+            record = choose_threshold(own, verify_s, draft_s, thresholds=(chosen["confidence_threshold"],), plain_s=plain_s,
+                                      lookup_confidences=(chosen["prompt_lookup_confidence"],), min_ngrams=(chosen["prompt_lookup_min_ngram"],))
+            predicted = record["hybrid"]["predicted"]
+        else:
+            predicted = choose_threshold(own, verify_s, draft_s, thresholds=(chosen["confidence_threshold"],), plain_s=plain_s)["predicted_speedup"][
+                str(chosen["confidence_threshold"])]
+        report[name] = {"answers": len(own), "predicted_speedup": predicted}
+    return report
+
+
 __all__ = [
-    "LookupTable", "choose_threshold", "cut_lengths", "leading_runs", "measure_consistency", "measure_costs", "tune_threshold",
+    "LookupTable", "choose_threshold", "cut_lengths", "leading_runs", "measure_consistency", "measure_costs", "predicted_by_group", "tune_threshold",
     "tuned_settings", "walk", "walk_costs",
 ]

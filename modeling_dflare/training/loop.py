@@ -611,12 +611,23 @@ def card_facts(summary: dict) -> dict:
                 f"chosen with the cut for a predicted {tuning['hybrid']['predicted']}x (draft alone at that cut: "
                 f"{tuning['predicted_speedup'][str(tuning['best'])]}x)"
             )
+        if tuning.get("by_source"):
+            facts["predicted speedup by held-out source"] = ", ".join(
+                f"{_source_label(name)}: {entry['predicted_speedup']}x ({entry['answers']} answers)"
+                for name, entry in tuning["by_source"].items()
+            )
     if consistency:
         facts["implied tau (every anchor) / walked / measured in generate"] = (
             f"{consistency['implied_tau']} / {consistency['walk_tau']} / {consistency['generate_tau']} "
             f"({consistency['prompts']} held-out prompts, no confidence cut)"
         )
     return facts
+
+
+def _source_label(source: str) -> str:
+    """A held-out source as the card names it: ``datasets/smollm2-codeio/heldout`` -> ``smollm2-codeio``."""
+    path = Path(source)
+    return path.parent.name if path.name == "heldout" and path.parent.name else path.name
 
 
 def _write_card(folder: Path, draft: DFlareModel, summary: dict) -> None:

@@ -44,18 +44,26 @@ def tune_cut(
     from .features import TargetFeatures
 
     folder = Path(draft_dir)
-    draft, target, tokenizer = load_draft_and_target(draft_dir, [heldout], target, tokenizer, target_source)
-    sequences, _ = tokenize_conversations(tokenizer, read_source(heldout), max_length)
-    if not sequences:
-        raise ValueError(f"--heldout {heldout!r} holds no usable answer (expected chat records with a user turn and an assistant reply)")
+    sources = [source for source in str(heldout).split(",") if source]
+    draft, target, tokenizer = load_draft_and_target(draft_dir, sources, target, tokenizer, target_source)
+    sequences, groups = [], []
+    for source in sources:
+        answers, _ = tokenize_conversations(tokenizer, read_source(source), max_length)
+        if not answers:
+            raise ValueError(f"--heldout {source!r} holds no usable answer (expected chat records with a user turn and an assistant reply)")
+        sequences += answers
+        groups += [source] * len(answers)
     block = draft.config.block_size
     weights = position_weights(block, default_gamma(block))
-    tuning = tune_threshold(draft, target, TargetFeatures(target, hidden_cache), sequences, weights, threads)
+    tuning = tune_threshold(draft, target, TargetFeatures(target, hidden_cache), sequences, weights, threads,
+                            groups=groups if len(sources) > 1 else None)
     tuning.update(tool="dflare tune-cut", heldout=str(heldout), date=datetime.date.today().isoformat())
     previous = draft.config.confidence_threshold
     logger.info("confidence cut %s -> %s (predicted speedup by cut: %s)", previous, tuning["best"], tuning["predicted_speedup"])
     if "hybrid" in tuning:
         logger.info("prompt-lookup hybrid: %s, predicted %sx", tuning["hybrid"]["best"], tuning["hybrid"]["predicted"])
+    if "by_source" in tuning:
+        logger.info("predicted speedup of the chosen settings by held-out source: %s", tuning["by_source"])
     if write:
         _write_back(folder, draft, tuning, previous)
     return tuning
@@ -87,7 +95,8 @@ def _write_back(folder: Path, draft, tuning: dict, previous_cut: float) -> None:
 
 def add_arguments(parser) -> None:
     parser.add_argument("draft", help="trained draft folder (its config.json gets the new cut)")
-    parser.add_argument("--heldout", required=True, help="held-out answers the cut is chosen on (never benchmark prompts)")
+    parser.add_argument("--heldout", required=True, help="held-out answers the cut is chosen on (never benchmark prompts); "
+                        "comma-separated folders are pooled, and the prediction of the chosen settings is shown for each")
     parser.add_argument("--target", default=None, help="target folder or .gguf file (default: embedded SmolLM2)")
     parser.add_argument("--threads", type=int, default=None, help="threads to time with: the ones generation will use (default: torch's)")
     parser.add_argument("--max-length", type=int, default=512)
@@ -100,7 +109,8 @@ def run(args) -> int:
         args.draft, args.heldout, target_source=args.target, threads=args.threads, max_length=args.max_length,
         hidden_cache=args.hidden_cache, write=not args.dry_run,
     )
-    shown = {k: tuning[k] for k in ("best", "predicted_speedup", "verify_ms", "draft_ms", "plain_ms", "threads", "heldout_answers")}
+    shown = {k: tuning[k] for k in ("best", "predicted_speedup", "verify_ms", "draft_ms", "plain_ms", "threads", "heldout_answers", "by_source")
+             if k in tuning}
     if "hybrid" in tuning:
         shown["hybrid"] = {k: tuning["hybrid"][k] for k in ("best", "predicted", "draft_alone_best")}
     print(json.dumps(shown, indent=2))
