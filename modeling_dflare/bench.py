@@ -108,7 +108,9 @@ class Clock:
 @dataclasses.dataclass
 class Run:
     """One ``generate`` call: new token ids, wall time, per-forward target times, per-cycle
-    ``(proposed, accepted)`` drafts (prefill excluded), draft seconds and peak memory in bytes."""
+    ``(proposed, accepted)`` drafts (prefill excluded), draft seconds and peak memory in bytes;
+    for our generator, ``drafted``: per cycle how many of the proposed came from the draft (the
+    rest from the hybrid's prompt lookup)."""
 
     tokens: list[int]
     seconds: float
@@ -116,6 +118,7 @@ class Run:
     cycles: list[tuple[int, int]]
     draft_seconds: float
     peak_memory: int | None
+    drafted: list[int] | None = None
 
 
 class Probe:
@@ -326,9 +329,12 @@ def generate_once(method: str, target, input_ids: torch.LongTensor, drafts: dict
         seconds = clock() - start
     tokens = output[0, input_ids.shape[1] :].tolist()
     stats = getattr(draft, "dflare_stats", None) if method in OUR_GENERATOR else None
+    drafted = None
     if stats is not None and stats.accepted != [accepted for _, accepted in probe.cycles]:
         logger.warning("%s: draft.dflare_stats disagrees with the measured verify cycles", method)
-    return Run(tokens, seconds, probe.target_seconds, probe.cycles, probe.draft_seconds, memory.peak)
+    elif stats is not None:
+        drafted = list(stats.drafted)
+    return Run(tokens, seconds, probe.target_seconds, probe.cycles, probe.draft_seconds, memory.peak, drafted)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,7 +538,28 @@ def summarize(dataset: str, method: str, records: list[dict], costs: dict[str, l
     kernels = f"small_rows_{FIXED_KERNELS[method]}" if method in FIXED_KERNELS else "small_rows" if method in METHOD_DRAFT else "stock"
     verify_costs = costs.get(kernels) if costs else None
     summary.update(free_draft_ceiling(summary, cycles, costs.get("stock") if costs else None, verify_costs, speculative))
+    summary["by_source"] = proposal_sources(runs) if speculative else None
     return summary
+
+
+def proposal_sources(runs: list[Run]) -> dict | None:
+    """Proposed and accepted tokens by where they came from: ``{"draft": {...}, "lookup": {...}}``,
+    each with ``proposed``, ``accepted`` and ``acceptance`` (accepted / proposed; a cycle's drafts
+    come first, so its accepted tokens are the draft's up to their count, then the lookup's).
+    None when a run has no per-cycle record of it (methods other than our generator)."""
+    if not runs or any(run.drafted is None or len(run.drafted) != len(run.cycles) for run in runs):
+        return None
+    counts = {"draft": [0, 0], "lookup": [0, 0]}
+    for run in runs:
+        for (proposed, accepted), drafted in zip(run.cycles, run.drafted):
+            counts["draft"][0] += drafted
+            counts["draft"][1] += min(accepted, drafted)
+            counts["lookup"][0] += proposed - drafted
+            counts["lookup"][1] += max(0, accepted - drafted)
+    return {
+        source: {"proposed": proposed, "accepted": accepted, "acceptance": accepted / proposed if proposed else None}
+        for source, (proposed, accepted) in counts.items()
+    }
 
 
 def histogram(cycles: list[tuple[int, int]], width: int) -> list[int]:

@@ -83,6 +83,22 @@ def render_headline(results: dict, method: str | None = None) -> list[str]:
     return lines
 
 
+def render_sources(results: dict) -> list[str]:
+    """One line per dataset and method that proposed from both the draft and prompt lookup (the
+    hybrid): how many tokens each source proposed and what share of them the target accepted."""
+    lines = []
+    for row in results["results"]:
+        sources = row.get("by_source")
+        if not sources or not sources["lookup"]["proposed"]:
+            continue
+        parts = [
+            f"{name} proposed {entry['proposed']} tokens, {entry['acceptance']:.0%} accepted" if entry["proposed"] else f"{name} proposed none"
+            for name, entry in sources.items()
+        ]
+        lines.append(f"- {row['dataset']}: {row['method']}: " + "; ".join(parts))
+    return lines
+
+
 def render_markdown(results: dict) -> str:
     """Full report: setup, results table, forward costs, HumanEval pass@1 and any mismatch."""
     meta = results["meta"]
@@ -117,6 +133,8 @@ def render_markdown(results: dict) -> str:
         render_table(results),
         "",
         *render_headline(results),
+        *(["", "Where the proposals came from (a cycle's drafts come first, the lookup's continuation after them):", *sources]
+          if (sources := render_sources(results)) else []),
         "",
         "Free-draft ceiling = τ · t1 / t_verify(mean verified length): the speedup a draft costing nothing "
         "would give at the measured τ, from the target forward costs below (t1: plain decoding's step; t_verify: "
@@ -194,4 +212,4 @@ def plot_acceptance(results: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-__all__ = ["plot_acceptance", "plot_speedup", "render_costs", "render_markdown", "render_table"]
+__all__ = ["plot_acceptance", "plot_speedup", "render_costs", "render_markdown", "render_sources", "render_table"]

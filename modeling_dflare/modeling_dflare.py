@@ -519,11 +519,13 @@ def is_dflare_draft(model) -> bool:
 @dataclasses.dataclass
 class DFlareStats:
     """Per-cycle record of one ``generate`` call: ``proposed[i]`` drafts were verified in cycle i and
-    ``accepted[i]`` of them kept (the target adds one bonus token per cycle). ``lookup_tokens``
-    counts proposed tokens that came from prompt lookup rather than the draft."""
+    ``accepted[i]`` of them kept (the target adds one bonus token per cycle); the first
+    ``drafted[i]`` of the proposed came from the draft, the rest from prompt lookup (the hybrid).
+    ``lookup_tokens`` counts proposed tokens that came from prompt lookup rather than the draft."""
 
     proposed: list[int] = dataclasses.field(default_factory=list)
     accepted: list[int] = dataclasses.field(default_factory=list)
+    drafted: list[int] = dataclasses.field(default_factory=list)
     host_draft_seconds: float = 0.0
     lookup_tokens: int = 0
     #: How the draft ran: "int8" (the dynamic-quantised CPU copy of :func:`int8_draft`) or its dtype.
@@ -790,7 +792,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         self.num_context = 0
         self.stats = DFlareStats(draft_precision=precision)
         assistant_model.dflare_stats = self.stats
-        self._last_proposed = 0
+        self._last_proposed = self._last_drafted = 0
         self._prompt_unpadded: bool | None = None
         self.blocks = self.first_stops = 0  # drafted blocks and those the cut stopped at the first position
 
@@ -901,6 +903,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
     def _lookup(self, input_ids: torch.LongTensor, drafted: torch.LongTensor, budget: int, sure: int | None) -> torch.LongTensor:
         """Replace the unsure drafts (from ``sure`` on) with a prompt-lookup continuation, when the
         hybrid is on and the context holds an n-gram match; otherwise keep the drafts as they are."""
+        self._last_drafted = drafted.shape[1]
         if self.lookup_ngram <= 0 or sure is None or budget - sure <= 0:
             return drafted
         kept = drafted[:, :sure]
@@ -909,6 +912,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         if found.numel() == 0:
             return drafted
         self.stats.lookup_tokens += found.numel()
+        self._last_drafted = kept.shape[1]
         return torch.cat([kept, found[None].to(kept.device, kept.dtype)], dim=1)
 
     def get_candidates(self, input_ids, model_kwargs=None, model_outputs=None, is_first_iteration=False, n_last_matches=0, **kwargs):
@@ -916,7 +920,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         if is_first_iteration:
             return input_ids, None  # the target's prefill forward comes first
         budget = min(self.block_size - 1, self.max_length - input_ids.shape[1] - 1)
-        self._last_proposed = 0
+        self._last_proposed = self._last_drafted = 0
         if budget <= 0:
             return input_ids, None
         on_cuda = self.draft.device.type == "cuda"
@@ -947,6 +951,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         if self._last_proposed or self.stats.cycles or self.num_context:
             self.stats.proposed.append(self._last_proposed)
             self.stats.accepted.append(int(num_matches))
+            self.stats.drafted.append(min(self._last_drafted, self._last_proposed))
 
 
 # ----------------------------------------------------------------------------------------------

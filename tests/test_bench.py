@@ -80,6 +80,16 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
         assert min(costs) * 0.999 <= row["t_verify_ms"] <= max(costs) * 1.001
         assert row["ceiling_fraction"] == pytest.approx(row["speedup"] / row["ceiling"])
         assert 0.0 <= row["draft_share"] < 1.0 and (row["draft_share"] > 0 or method == "prompt-lookup")
+        # our generator says which source proposed each token; the two sources add up to the cycles'
+        sources = row["by_source"]
+        if method not in bench.OUR_GENERATOR:
+            assert sources is None
+            continue
+        cycles = sum(row["histogram"])
+        assert sources["draft"]["proposed"] + sources["lookup"]["proposed"] == pytest.approx(row["mean_proposed"] * cycles)
+        assert sources["draft"]["accepted"] + sources["lookup"]["accepted"] == pytest.approx((row["tau"] - 1) * cycles)
+        if "hybrid" not in method:
+            assert sources["lookup"]["proposed"] == 0
     assert rows[("math", "plain")]["speedup"] == pytest.approx(1.0)
     math_costs = results["costs"]["math"]
     curves = ("verify_ms", "verify_ms_small_rows", "verify_ms_small_rows_matmul", "verify_ms_small_rows_packed")
@@ -94,6 +104,13 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
         assert cells["τ"] == f"{row['tau']:.2f}" and cells["Speedup vs plain"] == f"{row['speedup']:.2f}x"
         assert cells["Lossless"] == "yes"
     assert "GREEDY MISMATCH" not in markdown and "Command:" in markdown
+    hybrid_lookups = [row["by_source"]["lookup"]["proposed"] for (_, method), row in rows.items() if method == "dflare-hybrid"]
+    assert sum(hybrid_lookups) > 0  # the tiny target repeats itself: the hybrid's lookup did propose
+    for (dataset, method), row in rows.items():  # the hybrid's proposals by source, as the JSON has them
+        lookup = (row["by_source"] or {}).get("lookup")
+        if lookup and lookup["proposed"]:
+            assert f"- {dataset}: {method}: draft proposed {row['by_source']['draft']['proposed']} tokens" in markdown
+            assert f"lookup proposed {lookup['proposed']} tokens, {lookup['acceptance']:.0%} accepted" in markdown
     # the cost table shows each fixed kernel's curve beside the timed choice
     cost_row = next(l for l in markdown.splitlines() if l.startswith("| math |") and l.count("|") == 12)
     assert "| matmul kernels: 2 tokens | verify B | packed kernels: 2 tokens | verify B |" in markdown

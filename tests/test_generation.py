@@ -176,6 +176,7 @@ def test_prompt_lookup_hybrid_is_lossless_and_used(arch):
         assert got.tolist() == expected.tolist(), seed
         stats = draft.dflare_stats
         assert stats.lookup_tokens == sum(stats.proposed)
+        assert stats.drafted == [0] * stats.cycles  # and the per-cycle record says so
         proposed, accepted = proposed + stats.lookup_tokens, accepted + sum(stats.accepted)
     assert proposed > 0 and accepted > 0, (proposed, accepted)
 
@@ -198,6 +199,7 @@ def test_first_position_is_scored_alone_only_where_blocks_stop_there(monkeypatch
     strong, _ = make_oracle(target, prompt, block_size=8, confidence_threshold=1e-9)  # always past the cut
     assert greedy(target, prompt, max_new_tokens=20, assistant_model=strong).tolist() == expected.tolist()
     assert len(rows) == len(strong.dflare_stats.proposed) and max(rows) == 7, rows  # one product per block
+    assert strong.dflare_stats.drafted == strong.dflare_stats.proposed  # no lookup: every proposal is the draft's
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
