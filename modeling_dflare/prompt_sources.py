@@ -29,6 +29,7 @@ import ast
 import gzip
 import importlib.util
 import json
+import logging
 import random
 import re
 import sys
@@ -38,6 +39,8 @@ import types
 from pathlib import Path
 
 from .data import Conversation, ReadReport
+
+logger = logging.getLogger(__name__)
 
 #: how many GSM-Symbolic problems ``--data gsm-symbolic`` offers (a fixed, reproducible pool)
 GSM_SYMBOLIC_POOL = 20_000
@@ -149,10 +152,11 @@ def _stub(node: ast.FunctionDef, doc: str, owner: str | None) -> str:
     return f"class {owner}:\n{stub}" if owner else stub
 
 
-def stdlib_functions(root: Path | None = None) -> list[tuple[str, ast.FunctionDef, str | None]]:
+def stdlib_functions(root: Path | None = None, unparsable: list[str] | None = None) -> list[tuple[str, ast.FunctionDef, str | None]]:
     """(path relative to ``root``, definition, class name or None) of every public function and
     method (not nested deeper) in the ``.py`` files under ``root`` (default: this Python's standard
-    library), test folders left out, in path order."""
+    library), test folders left out, in path order. Files this Python cannot parse are left out;
+    their relative paths go into ``unparsable`` when a list is given."""
     root = Path(root or sysconfig.get_paths()["stdlib"])
     found = []
     for path in sorted(root.rglob("*.py")):
@@ -162,6 +166,8 @@ def stdlib_functions(root: Path | None = None) -> list[tuple[str, ast.FunctionDe
         try:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):  # e.g. lib2to3's Python 2 fixtures
+            if unparsable is not None:
+                unparsable.append(relative.as_posix())
             continue
         for node in tree.body:
             members = [(node, None)] if isinstance(node, ast.FunctionDef) else []
@@ -175,8 +181,8 @@ def read_pystubs(root: Path | None = None) -> tuple[list[Conversation], ReadRepo
     """Standard-library functions and methods as "implement this signature and docstring" chats,
     ids ``pystubs/<file>/<qualified name>``; a docstring seen before is kept once."""
     report = ReadReport(f"pystubs (Python {sys.version_info.major}.{sys.version_info.minor} standard library)")
-    seen_ids, seen_docs, conversations = set(), set(), []
-    for relative, node, owner in stdlib_functions(root):
+    seen_ids, seen_docs, conversations, unparsable = set(), set(), [], []
+    for relative, node, owner in stdlib_functions(root, unparsable):
         doc = ast.get_docstring(node)
         if not doc or len(doc) < STUB_MIN_DOC:
             report.skip(f"docstring under {STUB_MIN_DOC} characters")
@@ -194,6 +200,8 @@ def read_pystubs(root: Path | None = None) -> tuple[list[Conversation], ReadRepo
         content = instruction.format(kind="method" if owner else "function", name=node.name, stub=_stub(node, doc, owner))
         conversations.append(Conversation(conversation_id, [{"role": "user", "content": content}]))
         report.kept += 1
+    if unparsable:
+        logger.info("pystubs: %d standard-library file(s) this Python cannot parse were left out (e.g. %s)", len(unparsable), unparsable[0])
     return conversations, report
 
 

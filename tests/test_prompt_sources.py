@@ -97,7 +97,7 @@ def test_pystubs_are_stdlib_signatures_and_docstrings_to_implement():
     assert 0 < len(heldout) < 0.05 * len(conversations)
 
 
-def test_pystubs_keep_public_documented_short_functions_outside_tests(tmp_path):
+def test_pystubs_keep_public_documented_short_functions_outside_tests(tmp_path, caplog):
     doc = "Return the thing, " + "described at length " * 4
     (tmp_path / "pkg").mkdir()
     (tmp_path / "pkg" / "mod.py").write_text(
@@ -111,7 +111,9 @@ def test_pystubs_keep_public_documented_short_functions_outside_tests(tmp_path):
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / "helpers.py").write_text(f'def helper():\n    """{doc}in a test folder"""\n    return 1\n')
     (tmp_path / "broken.py").write_text("print 'python 2'\n")
-    conversations, report = prompt_sources.read_pystubs(tmp_path)
+    with caplog.at_level("INFO", logger="modeling_dflare.prompt_sources"):
+        conversations, report = prompt_sources.read_pystubs(tmp_path)
+    assert "1 standard-library file(s) this Python cannot parse were left out (e.g. broken.py)" in caplog.text
     assert [c.id for c in conversations] == ["pystubs/pkg/mod.py/kept", "pystubs/pkg/mod.py/Box.open"]
     assert "def kept(a: int, b=2) -> int:\n    \"\"\"\n    Return the thing," in conversations[0].messages[0]["content"]
     assert "class Box:\n    def open(self):\n        \"\"\"\n        Return the thing," in conversations[1].messages[0]["content"]
