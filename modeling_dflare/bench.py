@@ -246,12 +246,18 @@ def measure_forward_costs(
     return seconds
 
 
-def forward_costs(target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock) -> dict[str, list[float]]:
+def forward_costs(
+    target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock, keep_packed: bool = False
+) -> dict[str, list[float]]:
     """Target forward costs over 1..``max_length`` new tokens with the stock kernels (what plain
     decoding and prompt lookup run), with the small-row kernels a DFlare draft's generation
     verifies on (:func:`~modeling_dflare.modeling_dflare.small_row_linears`, key ``small_rows``)
-    and with each fixed kernel of :data:`FIXED_KERNELS` (keys ``small_rows_matmul``, ``small_rows_packed``)."""
-    from .modeling_dflare import small_row_linears
+    and with each fixed kernel of :data:`FIXED_KERNELS` (keys ``small_rows_matmul``, ``small_rows_packed``).
+
+    The fixed ``"packed"`` curve packs every weight; unless ``keep_packed`` (a method that runs on
+    them is benchmarked), the copies the timed choice does not use are freed again, so the methods'
+    peak memory is what a user's ``generate`` holds."""
+    from .modeling_dflare import free_unused_packed_weights, small_row_linears
 
     costs = {"stock": measure_forward_costs(target, input_ids, max_length, repeats, clock)}
     with small_row_linears(target):
@@ -259,6 +265,8 @@ def forward_costs(target, input_ids: torch.LongTensor, max_length: int, repeats:
     for kernels in FIXED_KERNELS.values():
         with small_row_linears(target, kernels):
             costs[f"small_rows_{kernels}"] = measure_forward_costs(target, input_ids, max_length, repeats, clock)
+    if not keep_packed:
+        free_unused_packed_weights(target)
     return costs
 
 
@@ -823,7 +831,8 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
             if not chosen:
                 continue
             context = torch.tensor([chosen[0][1]], device=target.device)
-            costs[dataset] = forward_costs(target, context, max_verify, args.cost_repeats, clock)
+            costs[dataset] = forward_costs(target, context, max_verify, args.cost_repeats, clock,
+                                           keep_packed="dflare-hybrid-packed" in methods)
             found, bad = run_dataset(dataset, chosen, target, drafts, methods, settings, args.repeats, clock, tokenizer, bar)
             records += found
             mismatches += bad

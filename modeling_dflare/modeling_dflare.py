@@ -1225,6 +1225,19 @@ def choose_small_row_kernels(
     return chosen
 
 
+def free_unused_packed_weights(model: nn.Module) -> int:
+    """Free the packed weight copies (:func:`packed_weight`) of ``model``'s layers that no ``"auto"``
+    choice timed for it runs packed, e.g. after a fixed ``"packed"`` run packed every layer again.
+    Returns how many copies were freed; a layer that needs one later packs it again."""
+    choices = list(_CHOSEN.get(model, {}).values())
+    freed = 0
+    for module in model.modules():
+        if module in _PACKED and not any("packed" in chosen.get(_signature(module), ()) for chosen in choices):
+            del _PACKED[module]
+            freed += 1
+    return freed
+
+
 def _chosen_kernels(model: nn.Module, modules: list[nn.Linear]) -> dict[tuple, tuple[str, ...]]:
     """:func:`choose_small_row_kernels` for ``model``'s layers, timed once per model and thread count."""
     key = (torch.get_num_threads(), tuple(sorted({_signature(module) for module in modules})))

@@ -724,6 +724,33 @@ def test_auto_small_row_kernels_leave_layers_the_stock_kernel_suits(monkeypatch)
     assert "forward" not in model[0].__dict__
 
 
+def test_packed_copies_the_auto_choice_does_not_use_are_freed(monkeypatch):
+    """After a fixed "packed" run packed every layer (the bench's cost curve), only the layers the
+    timed choice runs packed keep their copy; the others pack again if ever needed."""
+    from torch import nn
+
+    import modeling_dflare.modeling_dflare as modeling
+
+    if not modeling.onednn_linear_available():
+        pytest.fail("this torch build has no oneDNN linear: the packed small-row kernels must be tested")
+    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 8))
+    kernels = lambda last: tuple(["stock"] * (modeling.SMALL_ROWS - 1) + [last])  # noqa: E731
+    monkeypatch.setattr(
+        modeling, "choose_small_row_kernels", lambda modules: {modeling._signature(model[0]): kernels("packed"), modeling._signature(model[1]): kernels("matmul")}
+    )
+    x = torch.randn(1, 3, 24)
+    with modeling.small_row_linears(model):  # the timed choice: packed for the first layer only
+        model(torch.randn(1, modeling.SMALL_ROWS, 24))
+    with modeling.small_row_linears(model, "packed"):
+        expected = model(x)
+    assert model[0] in modeling._PACKED and model[1] in modeling._PACKED
+    assert modeling.free_unused_packed_weights(model) == 1
+    assert model[0] in modeling._PACKED and model[1] not in modeling._PACKED
+    with modeling.small_row_linears(model, "packed"):  # packs again when asked to
+        assert torch.allclose(model(x), expected, atol=1e-6)
+    assert model[1] in modeling._PACKED
+
+
 def test_generate_verifies_on_small_row_kernels_unless_told_not_to(monkeypatch):
     import modeling_dflare.modeling_dflare as modeling
 
