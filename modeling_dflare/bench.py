@@ -81,6 +81,9 @@ METHOD_DRAFT = {
 #: Methods run by our generator (they leave ``draft.dflare_stats``).
 OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-hybrid-packed", "dflare-nocut", "dflash")
 #: Hybrid variants that verify on one fixed small-row kernel instead of the timed choice (``"auto"``).
+#: The longest n-gram dflare-hybrid looks up with a draft whose config has the hybrid off.
+DEFAULT_LOOKUP_NGRAM = 3
+
 FIXED_KERNELS = {"dflare-hybrid-matmul": "matmul", "dflare-hybrid-packed": "packed"}
 #: The shipped drafts, found next to the package whatever the working folder.
 DEFAULT_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflare")
@@ -281,10 +284,11 @@ class Settings:
     block_size: int
     confidence_threshold: float | None
     prompt_lookup_tokens: int
-    lookup_ngram: int = 3
+    #: the longest n-gram dflare-hybrid looks up; None: the draft's own (``prompt_lookup_ngram``)
+    lookup_ngram: int | None = None
 
 
-def generation_config_for(method: str, target, settings: Settings):
+def generation_config_for(method: str, target, settings: Settings, draft=None):
     """Greedy generation config of ``method`` (the DFlare knobs ride on it as extra attributes)."""
     config = copy.deepcopy(target.generation_config)
     config.update(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=settings.max_new_tokens)
@@ -293,7 +297,10 @@ def generation_config_for(method: str, target, settings: Settings):
         config.dflare_block_size = settings.block_size
         config.dflare_confidence_threshold = 0.0 if method == "dflare-nocut" else settings.confidence_threshold
         # "dflare"/"dflash" measure the draft alone, "dflare-hybrid" adds prompt lookup after the cut
-        config.dflare_prompt_lookup_ngram = settings.lookup_ngram if method.startswith("dflare-hybrid") else 0
+        # (None: with the draft's own longest n-gram, or DEFAULT_LOOKUP_NGRAM for a draft without the hybrid)
+        hybrid = method.startswith("dflare-hybrid")
+        draft_lookup_ngram = getattr(getattr(draft, "config", None), "prompt_lookup_ngram", 0) or DEFAULT_LOOKUP_NGRAM
+        config.dflare_prompt_lookup_ngram = (settings.lookup_ngram or draft_lookup_ngram) if hybrid else 0
         # "-noint8": the draft in the dtype it was loaded in, not its int8 CPU copy (int8_draft)
         config.dflare_int8_draft = False if method == "dflare-hybrid-noint8" else None
         # "-matmul" / "-packed": verify on one fixed small-row kernel instead of the timed choice
@@ -329,7 +336,7 @@ def method_context(method: str, target, draft, settings: Settings) -> Iterator[N
 def generate_once(method: str, target, input_ids: torch.LongTensor, drafts: dict, settings: Settings, clock: Clock) -> Run:
     """Run ``method`` once on one prompt [1, n] and measure it."""
     draft = drafts.get(METHOD_DRAFT.get(method))
-    config = generation_config_for(method, target, settings)
+    config = generation_config_for(method, target, settings, draft)
     mask = torch.ones_like(input_ids)
     with method_context(method, target, draft, settings), PeakMemory(input_ids.device) as memory, Probe(target, clock) as probe:
         start = clock()
@@ -667,7 +674,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-size", type=int, default=None, help="draft block size (default: the draft's)")
     parser.add_argument("--confidence-threshold", type=float, default=None, help="DFlare early block stop (default: the draft's)")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10)
-    parser.add_argument("--lookup-ngram", type=int, default=3, help="longest n-gram dflare-hybrid looks up after the cut")
+    parser.add_argument("--lookup-ngram", type=int, default=None,
+                        help=f"longest n-gram dflare-hybrid looks up after the cut (default: the draft's own, or {DEFAULT_LOOKUP_NGRAM})")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per prompt and method; the median counts")
     parser.add_argument("--cost-repeats", type=int, default=5, help="timed forwards per length for the free-draft ceiling")
     parser.add_argument("--device", default="cpu")
@@ -723,6 +731,11 @@ def draft_summary(draft) -> dict:
         "num_hidden_layers": config.num_hidden_layers,
         "block_size": config.block_size,
         "confidence_threshold": config.confidence_threshold,
+        "prompt_lookup": {
+            "ngram": getattr(config, "prompt_lookup_ngram", 0),
+            "min_ngram": getattr(config, "prompt_lookup_min_ngram", None),
+            "confidence": getattr(config, "prompt_lookup_confidence", None),
+        },
         "target_layer_ids": list(config.target_layer_ids),
         "parameters": sum(p.numel() for p in draft.parameters()),
     }

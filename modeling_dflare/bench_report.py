@@ -99,6 +99,17 @@ def render_sources(results: dict) -> list[str]:
     return lines
 
 
+def _hybrid_line(meta: dict) -> list[str]:
+    """The prompt-lookup settings dflare-hybrid ran with, when it ran (older results may lack them)."""
+    if not any(str(m).startswith("dflare-hybrid") for m in meta.get("methods", [])):
+        return []
+    own = (meta.get("draft_configs", {}).get("dflare") or {}).get("prompt_lookup")
+    given = meta["settings"].get("lookup_ngram")
+    longest = f"{given} (--lookup-ngram)" if given else f"{own['ngram']} (the draft's own)" if own and own["ngram"] else "3"
+    rest = f", shortest {own['min_ngram']}, lookup confidence {own['confidence']} (the draft's own)" if own else ""
+    return [f"- dflare-hybrid prompt lookup: longest n-gram {longest}{rest}"]
+
+
 def render_markdown(results: dict) -> str:
     """Full report: setup, results table, forward costs, HumanEval pass@1 and any mismatch."""
     meta = results["meta"]
@@ -123,6 +134,7 @@ def render_markdown(results: dict) -> str:
         f"- Greedy, block size {settings['block_size']}, confidence threshold {threshold}, "
         f"{settings['num_prompts']} prompts per dataset, max {settings['max_new_tokens']} new tokens, "
         f"median of {settings['repeats']} repeat(s), methods interleaved per prompt",
+        *_hybrid_line(meta),
         f"- Command: `{meta['command']}`",
         *(
             ["- Prompts: " + "; ".join(f"{name}: {text}" for name, text in meta["prompt_splits"].items())]

@@ -104,6 +104,8 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
         assert cells["τ"] == f"{row['tau']:.2f}" and cells["Speedup vs plain"] == f"{row['speedup']:.2f}x"
         assert cells["Lossless"] == "yes"
     assert "GREEDY MISMATCH" not in markdown and "Command:" in markdown
+    own = results["meta"]["draft_configs"]["dflare"]["prompt_lookup"]
+    assert f"- dflare-hybrid prompt lookup: longest n-gram {own['ngram'] or 3}" in markdown
     hybrid_lookups = [row["by_source"]["lookup"]["proposed"] for (_, method), row in rows.items() if method == "dflare-hybrid"]
     assert sum(hybrid_lookups) > 0  # the tiny target repeats itself: the hybrid's lookup did propose
     for (dataset, method), row in rows.items():  # the hybrid's proposals by source, as the JSON has them
@@ -165,6 +167,25 @@ def test_bench_fails_on_lossy_verifier(tiny_setup, tmp_path, monkeypatch, capsys
     assert all(m["reason"] == "differs from plain" for m in results["mismatches"])
     assert "GREEDY MISMATCH" in capsys.readouterr().err
     assert "GREEDY MISMATCH" in (out / "bench.md").read_text()
+
+
+def test_hybrid_looks_up_with_the_drafts_own_longest_ngram_unless_told():
+    """``--lookup-ngram`` unset: dflare-hybrid runs with the draft's tuned longest n-gram (a draft with
+    the hybrid off: the default); set: that value; the draft-alone methods never look up."""
+    target = make_target("llama")
+    settings = bench.Settings(max_new_tokens=8, block_size=4, confidence_threshold=None, prompt_lookup_tokens=10)
+
+    def draft(ngram):
+        return DFlareModel(DFlareConfig(hidden_size=target.config.hidden_size, num_attention_heads=2, num_key_value_heads=1,
+                                        head_dim=16, intermediate_size=64, vocab_size=target.config.vocab_size,
+                                        num_hidden_layers=1, num_target_hidden_layers=target.config.num_hidden_layers,
+                                        block_size=4, prompt_lookup_ngram=ngram))
+
+    assert bench.generation_config_for("dflare-hybrid", target, settings, draft(6)).dflare_prompt_lookup_ngram == 6
+    assert bench.generation_config_for("dflare-hybrid", target, settings, draft(0)).dflare_prompt_lookup_ngram == bench.DEFAULT_LOOKUP_NGRAM
+    told = bench.Settings(8, 4, None, 10, lookup_ngram=2)
+    assert bench.generation_config_for("dflare-hybrid-packed", target, told, draft(6)).dflare_prompt_lookup_ngram == 2
+    assert bench.generation_config_for("dflare", target, settings, draft(6)).dflare_prompt_lookup_ngram == 0
 
 
 def test_math_problems_are_reproducible():

@@ -302,7 +302,7 @@ def test_cost_model_gives_way_to_a_lookup_that_is_right():
     """Drafts never right but confident, a looping answer whose lookup continuation always is: the
     hybrid's choice replaces every draft (lookup confidence above the drafts' own), and predicts more
     than the draft alone; ``tuned_settings`` hands all three values to the config."""
-    from modeling_dflare.training.consistency import LookupTable, choose_threshold, tuned_settings
+    from modeling_dflare.training.consistency import LOOKUP_NGRAMS, LookupTable, choose_threshold, tuned_settings
 
     ids = torch.tensor([5, 6, 7, 8] * 12)
     table = LookupTable(ids, 8, max_ngram=3, width=3)
@@ -313,6 +313,10 @@ def test_cost_model_gives_way_to_a_lookup_that_is_right():
     assert hybrid["best"]["prompt_lookup_confidence"] == 0.9  # 0.6 ** 1 < 0.9: no draft is "sure"
     assert hybrid["predicted"] > max(result["predicted_speedup"].values())
     assert tuned_settings(result) == hybrid["best"] and tuned_settings({"best": 0.2}) == {"confidence_threshold": 0.2}
+    assert hybrid["best"]["prompt_lookup_ngram"] in LOOKUP_NGRAMS  # the longest n-gram is chosen too
+    assert {key.rsplit("max n-gram ", 1)[1] for key in hybrid["predicted_speedup"]} == {str(m) for m in LOOKUP_NGRAMS}
+    own = choose_threshold(walks, [0.010, 0.011, 0.012, 0.013], 0.001, thresholds=(0.0,), lookup_confidences=(0.9,), max_ngrams=None)
+    assert own["hybrid"]["best"]["prompt_lookup_ngram"] == 3  # None: only the tables' own
 
 
 def test_monotone_fit_smooths_noisy_forward_times():
@@ -534,19 +538,21 @@ def test_hybrid_walk_replays_generate(looping_target):
     gap = int((middle[1:] / middle[:-1]).argmax())
     some = float(middle[gap : gap + 2].mean())
     lookups = 0
-    # (cut, lookup confidence, shortest n-gram): lookup after every kept draft / none / only long
-    # matches / after a kept first draft, mostly a wrong one (a random draft)
-    for cut, confidence, shortest in ((0.0, 1.0, 1), (0.0, 1.0, 3), (0.0, 0.0, 1), (0.0, some, 1)):
+    # (cut, lookup confidence, shortest n-gram, longest n-gram): lookup after every kept draft / none /
+    # only long matches / after a kept first draft, mostly a wrong one (a random draft) / the longest
+    # n-gram below and above the draft's own 3
+    for cut, confidence, shortest, longest in ((0.0, 1.0, 1, 3), (0.0, 1.0, 3, 3), (0.0, 0.0, 1, 3), (0.0, some, 1, 3),
+                                               (0.0, 1.0, 1, 1), (0.0, some, 2, 5)):
         predicted_tokens = predicted_cycles = generated_tokens = generated_cycles = 0
         for sequence, (runs, conf, budget, table) in zip(sequences, walks):
             tokens, cycles = walk_costs(
-                runs, cut_lengths(conf, cut), budget, [1.0] * block, 0.0, cut_lengths(conf, max(cut, confidence)), table, shortest
+                runs, cut_lengths(conf, cut), budget, [1.0] * block, 0.0, cut_lengths(conf, max(cut, confidence)), table, shortest, longest
             )
             predicted_tokens, predicted_cycles = predicted_tokens + tokens, predicted_cycles + cycles
             settings = GenerationConfig(**config.to_dict())
             settings.max_new_tokens = budget + 1
             settings.dflare_confidence_threshold, settings.dflare_lookup_confidence = cut, confidence
-            settings.dflare_prompt_lookup_min_ngram = shortest
+            settings.dflare_prompt_lookup_min_ngram, settings.dflare_prompt_lookup_ngram = shortest, longest
             prompt = sequence.input_ids[: sequence.response_start][None]
             with torch.no_grad():
                 got = target.generate(prompt, assistant_model=draft, generation_config=settings)
@@ -555,7 +561,7 @@ def test_hybrid_walk_replays_generate(looping_target):
             generated_tokens += sum(stats.accepted) + stats.cycles
             generated_cycles += stats.cycles
             lookups += stats.lookup_tokens
-        assert (predicted_tokens, predicted_cycles) == (generated_tokens, generated_cycles), (cut, confidence, shortest)
+        assert (predicted_tokens, predicted_cycles) == (generated_tokens, generated_cycles), (cut, confidence, shortest, longest)
     assert lookups > 0  # the hybrid really proposed lookups, so the replay was tested on them
 
 

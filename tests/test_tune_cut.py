@@ -81,7 +81,8 @@ def test_tune_cut_chooses_the_hybrid_settings_with_the_cut(trained, tmp_path):
     assert (written.confidence_threshold, written.prompt_lookup_confidence, written.prompt_lookup_min_ngram) == (
         hybrid["best"]["confidence_threshold"], hybrid["best"]["prompt_lookup_confidence"], hybrid["best"]["prompt_lookup_min_ngram"]
     )
-    assert written.prompt_lookup_ngram == 3
+    assert written.prompt_lookup_ngram == hybrid["best"]["prompt_lookup_ngram"]  # the longest n-gram is tuned too
+    assert written.prompt_lookup_min_ngram <= written.prompt_lookup_ngram
     card = (draft / "README.md").read_text()
     assert f"lookup confidence {hybrid['best']['prompt_lookup_confidence']}" in card
 

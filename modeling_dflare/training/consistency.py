@@ -23,7 +23,7 @@ measured forward cost for 1..B tokens and the draft's cost per block, every cand
 predicted speedup over plain decoding, without running ``generate`` once per candidate. For a
 draft with the prompt-lookup hybrid on, the walk also replays the hybrid (:class:`LookupTable`:
 which continuation the context offers after the kept drafts and how much of it the answer
-follows), and the cut, the lookup confidence and the shortest n-gram are chosen together.
+follows), and the cut, the lookup confidence and the shortest and longest n-gram are chosen together.
 """
 
 import copy
@@ -37,6 +37,11 @@ from .features import TargetFeatures
 from .loss import block_loss, training_head
 
 logger = logging.getLogger(__name__)
+
+
+#: The longest n-grams the tuner tries for the hybrid's lookup (a longer one finds fewer matches
+#: but surer ones: on held-out code answers of SmolLM2, 4-6 followed the answer further than 3).
+LOOKUP_NGRAMS = (3, 4, 6)
 
 
 def leading_runs(correct: torch.BoolTensor) -> torch.LongTensor:
@@ -56,23 +61,25 @@ class LookupTable:
 
     ``ids`` is the tokenised conversation and ``first`` its first response token; the block at
     response position ``p`` is anchored at ``first + p`` and has ``width`` draft positions. Calling
-    the table with ``(p, sure, min_ngram)`` gives ``(count, matched)``: the length of the lookup
-    continuation that replaces the drafts after the ``sure`` kept ones (0: no n-gram match, the
-    drafts stand) and how many of its leading tokens the answer goes on with. Memoised, since the
-    tuner's grid walks the same blocks many times.
+    the table with ``(p, sure, min_ngram[, max_ngram])`` gives ``(count, matched)``: the length of the
+    lookup continuation that replaces the drafts after the ``sure`` kept ones (0: no n-gram match,
+    the drafts stand) and how many of its leading tokens the answer goes on with. ``max_ngram``
+    (the longest n-gram looked up) defaults to the one the table was made with. Memoised, since
+    the tuner's grid walks the same blocks many times.
     """
 
     def __init__(self, ids: torch.LongTensor, first: int, max_ngram: int, width: int):
         self.ids, self.first, self.max_ngram, self.width = ids.cpu(), first, max_ngram, width
-        self._memo: dict[tuple[int, int, int], tuple[int, int]] = {}
+        self._memo: dict[tuple[int, int, int, int], tuple[int, int]] = {}
 
-    def __call__(self, position: int, sure: int, min_ngram: int) -> tuple[int, int]:
-        key = (position, sure, min_ngram)
+    def __call__(self, position: int, sure: int, min_ngram: int, max_ngram: int | None = None) -> tuple[int, int]:
+        longest = max_ngram or self.max_ngram
+        key = (position, sure, min_ngram, longest)
         if key not in self._memo:
             from ..modeling_dflare import ngram_continuation
 
             end = self.first + position + 1 + sure  # the anchor and the kept drafts, as if all were right
-            found = ngram_continuation(self.ids[:end], self.max_ngram, self.width - sure, min_ngram)
+            found = ngram_continuation(self.ids[:end], longest, self.width - sure, min_ngram)
             truth = self.ids[end : end + found.numel()]
             matched = int((found[: truth.numel()] == truth).long().cumprod(0).sum())
             self._memo[key] = (found.numel(), matched)
@@ -81,13 +88,14 @@ class LookupTable:
 
 def walk_costs(
     runs: torch.LongTensor, kept: torch.LongTensor, budget: int, verify_s: list[float], draft_s: float,
-    sure: torch.LongTensor | None = None, lookup: LookupTable | None = None, min_ngram: int = 1,
+    sure: torch.LongTensor | None = None, lookup: LookupTable | None = None, min_ngram: int = 1, max_ngram: int | None = None,
 ) -> tuple[int, float]:
     """(tokens, seconds) of generation walking the blocks with ``kept[p]`` drafts proposed at position p.
 
     With ``sure`` and ``lookup`` (the prompt-lookup hybrid): of the kept drafts only the first
-    ``sure[p]`` stay when the lookup finds a continuation of at least ``min_ngram`` tokens' match,
-    which then fills the block, exactly as :class:`~modeling_dflare.DFlareCandidateGenerator` does.
+    ``sure[p]`` stay when the lookup finds a continuation of at least ``min_ngram`` (and at most
+    ``max_ngram``, default the table's) tokens' match, which then fills the block, exactly as
+    :class:`~modeling_dflare.DFlareCandidateGenerator` does.
     """
     runs_, kept_ = runs.tolist(), kept.tolist()
     sure_ = sure.tolist() if sure is not None and lookup is not None else None
@@ -98,7 +106,7 @@ def walk_costs(
         if sure_ is not None:
             keep = min(sure_[position], proposed)
             if keep < lookup.width:
-                count, matched = lookup(position, keep, min_ngram)
+                count, matched = lookup(position, keep, min_ngram, max_ngram)
                 if count:
                     proposed = keep + count
                     accepted = keep + matched if runs_[position] >= keep else runs_[position]
@@ -116,6 +124,7 @@ def choose_threshold(
     plain_s: float | None = None,
     lookup_confidences=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8),
     min_ngrams=(1, 2, 3),
+    max_ngrams=LOOKUP_NGRAMS,
 ) -> dict:
     """Predicted speedup over plain decoding for each confidence cut; ``best`` is the cut to ship.
 
@@ -125,17 +134,18 @@ def choose_threshold(
     ``plain_s`` one plain decoding step (default ``verify_s[0]``).
 
     ``predicted_speedup`` is the draft alone. With lookup tables, ``hybrid`` also walks every
-    (cut, lookup confidence, shortest n-gram) of the grid and its ``best`` triple is what the
-    draft ships with (the hybrid is what ``generate`` runs then), so ``best`` is its cut.
+    (cut, lookup confidence, shortest n-gram, longest n-gram) of the grid (a shortest above the
+    longest left out; ``max_ngrams=None``: only the tables' own longest) and its ``best`` settings
+    are what the draft ships with (the hybrid is what ``generate`` runs then), so ``best`` is its cut.
     """
     plain_step = plain_s or verify_s[0]
 
-    def predict(threshold: float, lookup_confidence: float | None = None, min_ngram: int = 1) -> float:
+    def predict(threshold: float, lookup_confidence: float | None = None, min_ngram: int = 1, max_ngram: int | None = None) -> float:
         tokens = seconds = 0.0
         for runs, confidence, budget, *rest in walks:
             table = rest[0] if rest and lookup_confidence is not None else None
             sure = cut_lengths(confidence, max(threshold, lookup_confidence)) if table is not None else None
-            got, spent = walk_costs(runs, cut_lengths(confidence, threshold), budget, verify_s, draft_s, sure, table, min_ngram)
+            got, spent = walk_costs(runs, cut_lengths(confidence, threshold), budget, verify_s, draft_s, sure, table, min_ngram, max_ngram)
             tokens, seconds = tokens + got, seconds + spent
         return round(tokens * plain_step / seconds, 4) if seconds else 0.0
 
@@ -148,16 +158,20 @@ def choose_threshold(
         "draft_ms": round(1000 * draft_s, 2),
         "plain_ms": round(1000 * plain_step, 2),
     }
-    if any(len(w) > 3 and w[3] is not None for w in walks):
+    tables = [w[3] for w in walks if len(w) > 3 and w[3] is not None]
+    if tables:
+        longest_ngrams = max_ngrams or (tables[0].max_ngram,)
         grid = {
-            (threshold, confidence, n): predict(threshold, confidence, n)
-            for threshold in thresholds for confidence in lookup_confidences for n in min_ngrams
+            (threshold, confidence, n, m): predict(threshold, confidence, n, m)
+            for threshold in thresholds for confidence in lookup_confidences for m in longest_ngrams for n in min_ngrams if n <= m
         }
-        threshold, confidence, n = max(grid, key=grid.get)
+        threshold, confidence, n, m = max(grid, key=grid.get)
         record["hybrid"] = {
-            "predicted_speedup": {f"cut {k[0]}, lookup confidence {k[1]}, min n-gram {k[2]}": v for k, v in grid.items()},
-            "best": {"confidence_threshold": threshold, "prompt_lookup_confidence": confidence, "prompt_lookup_min_ngram": n},
-            "predicted": grid[(threshold, confidence, n)],
+            "predicted_speedup": {f"cut {k[0]}, lookup confidence {k[1]}, min n-gram {k[2]}, max n-gram {k[3]}": v for k, v in grid.items()},
+            "best": {
+                "confidence_threshold": threshold, "prompt_lookup_confidence": confidence, "prompt_lookup_min_ngram": n, "prompt_lookup_ngram": m,
+            },
+            "predicted": grid[(threshold, confidence, n, m)],
             "draft_alone_best": best,
         }
         record["best"] = threshold
@@ -406,7 +420,8 @@ def predicted_by_group(tuning: dict, walks_by_group: dict[str, list], verify_s: 
             predicted = None
         elif "prompt_lookup_confidence" in chosen:
             record = choose_threshold(own, verify_s, draft_s, thresholds=(chosen["confidence_threshold"],), plain_s=plain_s,
-                                      lookup_confidences=(chosen["prompt_lookup_confidence"],), min_ngrams=(chosen["prompt_lookup_min_ngram"],))
+                                      lookup_confidences=(chosen["prompt_lookup_confidence"],), min_ngrams=(chosen["prompt_lookup_min_ngram"],),
+                                      max_ngrams=(chosen["prompt_lookup_ngram"],) if "prompt_lookup_ngram" in chosen else None)
             predicted = record["hybrid"]["predicted"]
         else:
             predicted = choose_threshold(own, verify_s, draft_s, thresholds=(chosen["confidence_threshold"],), plain_s=plain_s)["predicted_speedup"][
@@ -416,6 +431,6 @@ def predicted_by_group(tuning: dict, walks_by_group: dict[str, list], verify_s: 
 
 
 __all__ = [
-    "LookupTable", "choose_threshold", "cut_lengths", "leading_runs", "measure_consistency", "measure_costs", "predicted_by_group", "tune_threshold",
+    "LOOKUP_NGRAMS", "LookupTable", "choose_threshold", "cut_lengths", "leading_runs", "measure_consistency", "measure_costs", "predicted_by_group", "tune_threshold",
     "tuned_settings", "walk", "walk_costs",
 ]

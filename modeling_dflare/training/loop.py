@@ -606,8 +606,9 @@ def card_facts(summary: dict) -> dict:
         )
         if "hybrid" in tuning:
             chosen = tuning["hybrid"]["best"]
+            longest = f"longest n-gram {chosen['prompt_lookup_ngram']}, " if "prompt_lookup_ngram" in chosen else ""
             facts["prompt-lookup hybrid"] = (
-                f"lookup confidence {chosen['prompt_lookup_confidence']}, shortest n-gram {chosen['prompt_lookup_min_ngram']}, "
+                f"lookup confidence {chosen['prompt_lookup_confidence']}, shortest n-gram {chosen['prompt_lookup_min_ngram']}, {longest}"
                 f"chosen with the cut for a predicted {tuning['hybrid']['predicted']}x (draft alone at that cut: "
                 f"{tuning['predicted_speedup'][str(tuning['best'])]}x)"
             )
