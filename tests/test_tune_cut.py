@@ -62,17 +62,22 @@ def test_tune_cut_rewrites_the_cut_and_says_so(trained, tmp_path):
     assert "dflare tune-cut" in card and f"the training run had picked {trained_pick}" in card
 
 
-def test_tune_cut_chooses_the_hybrid_settings_with_the_cut(trained, tmp_path):
-    """A draft shipped with the prompt-lookup hybrid on gets its cut, lookup confidence and shortest
-    n-gram chosen together, all three written to config.json and named in the card."""
+def _hybrid_copy(source, draft):
+    """A copy of the trained draft folder with the prompt-lookup hybrid on (longest n-gram 3)."""
     import shutil
 
-    source, target, tokenizer, heldout = trained
-    draft = tmp_path / "draft"
     shutil.copytree(source, draft)
     config = json.loads((draft / "config.json").read_text())
     config["prompt_lookup_ngram"] = 3
     (draft / "config.json").write_text(json.dumps(config))
+    return draft
+
+
+def test_tune_cut_chooses_the_hybrid_settings_with_the_cut(trained, tmp_path):
+    """A draft shipped with the prompt-lookup hybrid on gets its cut, lookup confidence and shortest
+    n-gram chosen together, all three written to config.json and named in the card."""
+    source, target, tokenizer, heldout = trained
+    draft = _hybrid_copy(source, tmp_path / "draft")
     tuning = tune_cut(draft, str(heldout), target=target, tokenizer=tokenizer, threads=1)
     hybrid = tuning["hybrid"]
     assert hybrid["predicted"] == max(hybrid["predicted_speedup"].values())
@@ -91,14 +96,8 @@ def test_tune_cut_pools_several_heldout_sources_and_predicts_each(trained, tmp_p
     """Comma-separated held-out folders (chat, code, math...) are pooled for the choice; the card and
     the record give each source's own prediction at the chosen settings, which the pooled prediction
     lies between (both are tokens over seconds of the same cost model)."""
-    import shutil
-
     source, target, tokenizer, heldout = trained
-    draft = tmp_path / "draft"
-    shutil.copytree(source, draft)
-    config = json.loads((draft / "config.json").read_text())
-    config["prompt_lookup_ngram"] = 3
-    (draft / "config.json").write_text(json.dumps(config))
+    draft = _hybrid_copy(source, tmp_path / "draft")
     other = tmp_path / "code" / "heldout"
     other.mkdir(parents=True)
     write_jsonl(other / "answers.jsonl", [
