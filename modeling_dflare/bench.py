@@ -80,10 +80,9 @@ METHOD_DRAFT = {
 }
 #: Methods run by our generator (they leave ``draft.dflare_stats``).
 OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-hybrid-packed", "dflare-nocut", "dflash")
-#: Hybrid variants that verify on one fixed small-row kernel instead of the timed choice (``"auto"``).
 #: The longest n-gram dflare-hybrid looks up with a draft whose config has the hybrid off.
 DEFAULT_LOOKUP_NGRAM = 3
-
+#: Hybrid variants that verify on one fixed small-row kernel instead of the timed choice (``"auto"``).
 FIXED_KERNELS = {"dflare-hybrid-matmul": "matmul", "dflare-hybrid-packed": "packed"}
 #: The shipped drafts, found next to the package whatever the working folder.
 DEFAULT_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflare")

@@ -614,7 +614,8 @@ def card_facts(summary: dict) -> dict:
             )
         if tuning.get("by_source"):
             facts["predicted speedup by held-out source"] = ", ".join(
-                f"{_source_label(name)}: {entry['predicted_speedup']}x ({entry['answers']} answers)"
+                f"{_source_label(name)}: " + (f"{entry['predicted_speedup']}x" if entry["predicted_speedup"] is not None else "none walked")
+                + f" ({entry['answers']} answers)"
                 for name, entry in tuning["by_source"].items()
             )
     if consistency:
