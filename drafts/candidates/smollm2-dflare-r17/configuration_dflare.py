@@ -1,1 +1,0 @@
-../../../modeling_dflare/configuration_dflare.py

@@ -1,1 +1,0 @@
-../../../modeling_dflare/modeling_dflare.py
