@@ -101,11 +101,13 @@ def render_sources(results: dict) -> list[str]:
 
 def _hybrid_line(meta: dict) -> list[str]:
     """The prompt-lookup settings dflare-hybrid ran with, when it ran (older results may lack them)."""
+    from .bench import DEFAULT_LOOKUP_NGRAM
+
     if not any(str(m).startswith("dflare-hybrid") for m in meta.get("methods", [])):
         return []
     own = (meta.get("draft_configs", {}).get("dflare") or {}).get("prompt_lookup")
     given = meta["settings"].get("lookup_ngram")
-    longest = f"{given} (--lookup-ngram)" if given else f"{own['ngram']} (the draft's own)" if own and own["ngram"] else "3"
+    longest = f"{given} (--lookup-ngram)" if given else f"{own['ngram']} (the draft's own)" if own and own["ngram"] else str(DEFAULT_LOOKUP_NGRAM)
     rest = f", shortest {own['min_ngram']}, lookup confidence {own['confidence']} (the draft's own)" if own else ""
     return [f"- dflare-hybrid prompt lookup: longest n-gram {longest}{rest}"]
 

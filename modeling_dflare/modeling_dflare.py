@@ -36,7 +36,7 @@ import statistics
 import time
 import warnings
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -1219,23 +1219,25 @@ def choose_small_row_kernels(
             fastest = min(candidates, key=median.__getitem__)
             timed[rows] = fastest if median[fastest] < (1 - MIN_GAIN) * median["stock"] else "stock"
         chosen[signature] = tuple(timed[next((t for t in TIMED_ROWS if t >= rows), TIMED_ROWS[-1])] for rows in range(1, SMALL_ROWS + 1))
-        if "packed" not in chosen[signature]:
-            for module in group:  # timing packed them: free the copies no row count will read
-                _PACKED.pop(module, None)
+    _free_packed(modules, [chosen])  # timing packed them: free the copies no row count will read
     return chosen
+
+
+def _free_packed(modules: Iterable[nn.Module], choices: Iterable[dict]) -> int:
+    """Drop the packed copies of ``modules`` that none of ``choices`` (``{signature: kernels per row
+    count}``) runs packed; returns how many were dropped."""
+    choices = list(choices)
+    unused = [m for m in modules if m in _PACKED and not any("packed" in c.get(_signature(m), ()) for c in choices)]
+    for module in unused:
+        del _PACKED[module]
+    return len(unused)
 
 
 def free_unused_packed_weights(model: nn.Module) -> int:
     """Free the packed weight copies (:func:`packed_weight`) of ``model``'s layers that no ``"auto"``
     choice timed for it runs packed, e.g. after a fixed ``"packed"`` run packed every layer again.
     Returns how many copies were freed; a layer that needs one later packs it again."""
-    choices = list(_CHOSEN.get(model, {}).values())
-    freed = 0
-    for module in model.modules():
-        if module in _PACKED and not any("packed" in chosen.get(_signature(module), ()) for chosen in choices):
-            del _PACKED[module]
-            freed += 1
-    return freed
+    return _free_packed(model.modules(), _CHOSEN.get(model, {}).values())
 
 
 def _chosen_kernels(model: nn.Module, modules: list[nn.Linear]) -> dict[tuple, tuple[str, ...]]:
