@@ -20,6 +20,7 @@ SUBCOMMANDS = {
     "regenerate": ("modeling_dflare.regenerate", "rewrite dataset responses with the target itself"),
     "train": ("modeling_dflare.training", "train a DFlare/DFlash draft for a target"),
     "tune-cut": ("modeling_dflare.training.tune", "re-choose a draft's confidence cut for this machine"),
+    "cache": ("modeling_dflare.training.cache", "compact a hidden-state cache to fp8 and drop files no data uses"),
     "evaluate": ("modeling_dflare.training.evaluate", "a draft's held-out accuracy and acceptance length per answer folder"),
     "bench": ("modeling_dflare.bench", "acceptance length and wall-clock speedup vs alternatives"),
     "push": ("modeling_dflare.hub", "validate and upload a draft folder to the Hub"),

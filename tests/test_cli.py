@@ -47,6 +47,7 @@ def _one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
         (["evaluate", "nowhere", "--heldout", "x"], ["nowhere", "no config.json"]),
         (["regenerate", "--data", "gsm_symbolic", "--output-dir", "out"], ["gsm_symbolic", "'codeio'", "'gsm-symbolic'"]),
         (["push", "nowhere", "--repo-id", "bad//id", "--dry-run", "out"], ["bad//id"]),
+        (["cache", "no/cache"], ["no/cache", "not a folder"]),
     ],
 )
 def test_bad_arguments_fail_in_one_line_and_leave_nothing(tmp_path, argv, needles):

@@ -112,7 +112,7 @@ def test_fill_equals_one_sequence_at_a_time(tmp_path):
     rng = torch.Generator().manual_seed(0)
     sequences = [Sequence(f"s{i}", torch.randint(8, 90, (n,), generator=rng), 3) for i, n in enumerate([9, 17, 17, 30, 12])]
     layers = [0, 1, 3]
-    features = TargetFeatures(target, tmp_path / "cache")
+    features = TargetFeatures(target, tmp_path / "cache", storage="bf16")
     stats = features.fill(sequences, layers, batch_tokens=64)
     assert stats["computed"] == 5 and features.fill(sequences, layers)["computed"] == 0
     alone = TargetFeatures(target)
@@ -181,6 +181,7 @@ def test_multi_epoch_run_reads_the_cache_back(tmp_path, looping_target, monkeypa
     # every training and held-out sequence ran through the target once (in the up-front fill), never again
     assert rows["n"] == summary["train_sequences"] + summary["heldout_sequences"]
     assert len(list((tmp_path / "cache").glob("*.pt"))) == rows["n"]
+    assert all("h_fp8" in torch.load(f, weights_only=True) for f in (tmp_path / "cache").glob("*.pt"))  # the default storage
 
 
 def test_features_only_fills_the_cache_that_a_later_run_trains_from(tmp_path, looping_target, monkeypatch):
@@ -586,3 +587,79 @@ def test_learning_curve_table_and_plot(tmp_path):
     assert table[3].startswith("| r0 | 500 | 0.50 | 0.500 | 2.000 | 1.400 | 1.7 |") and table[2].endswith("| – |")
     with pytest.raises(ValueError, match="expected LABEL=path"):
         load_curves(["r0.json"])
+
+
+def test_fp8_cache_keeps_every_token_and_layer_to_its_own_scale():
+    """fp8 storage: a token 200x larger than the rest (SmolLM2's first token in deep layers) does not
+    flush the others to zero; each (token, layer) slice comes back within e4m3's rounding of its own
+    largest value; the payload is about half of bf16's and has no ``"h"`` for an older reader to misread."""
+    import io
+
+    from modeling_dflare.training.features import decode_hidden, encode_hidden
+
+    hidden = torch.randn(40, 3 * 64, generator=torch.Generator().manual_seed(0))
+    hidden[0] *= 25_000.0 / hidden[0].abs().max()  # the attention-sink token
+    hidden[5, 64:128] *= 1e-3  # a quiet layer slice of an ordinary token
+    payload = encode_hidden(hidden, 3, "fp8")
+    assert "h" not in payload and payload["h_fp8"].dtype == torch.float8_e4m3fn
+    back = decode_hidden(payload)
+    slices, error = hidden.reshape(40, 3, 64), (back - hidden).reshape(40, 3, 64)
+    assert (error.abs().amax(-1) <= slices.abs().amax(-1) / 16).all()  # 3 mantissa bits: half a step is 1/16
+    assert (back.reshape(40, 3, 64)[5, 1] != 0).all()
+    assert torch.equal(decode_hidden(encode_hidden(hidden, 3, "bf16")), hidden.to(torch.bfloat16).float())
+
+    def size(entries: dict) -> int:
+        buffer = io.BytesIO()
+        torch.save(entries, buffer)
+        return buffer.tell()
+
+    hidden = torch.randn(400, 9 * 64)
+    assert size(encode_hidden(hidden, 9, "fp8")) < 0.6 * size(encode_hidden(hidden, 9, "bf16"))
+    with pytest.raises(ValueError, match="'fp4' is not one of"):
+        TargetFeatures(tiny_target("llama"), storage="fp4")
+    # training's "auto": fp8, but bf16 for --distill (its teacher reruns the target from the deepest layer)
+    assert TrainArgs(output_dir="d").storage == "fp8" and TrainArgs(output_dir="d", distill=0.5).storage == "bf16"
+    assert TrainArgs(output_dir="d", distill=0.5, cache_storage="fp8").storage == "fp8"
+
+
+def test_compact_cache_rewrites_to_fp8_and_drops_what_no_data_uses(tmp_path):
+    """``dflare cache``: the kept sequences' files become fp8 and read back close to the target's
+    own features; files of sequences the kept data no longer tokenizes to are deleted; a dry run and
+    a second run change nothing; a training run reads the mixed cache without recomputing."""
+    from modeling_dflare.training.cache import compact_cache, sequence_keys
+    from modeling_dflare.training.data import read_source, tokenize_conversations
+
+    target, tokenizer = tiny_target("llama", seed=0), tiny_tokenizer()
+    records = [
+        {"id": f"c{i}", "messages": [{"role": "user", "content": f"w{i} w{i + 3} w7"}, {"role": "assistant", "content": f"w{i + 1} w{i} w9 w{2 * i}"}]}
+        for i in range(6)
+    ]
+    write_jsonl(tmp_path / "kept.jsonl", records[:4])
+    write_jsonl(tmp_path / "old.jsonl", records[4:])
+    sequences = {}
+    for name in ("kept", "old"):
+        sequences[name], _ = tokenize_conversations(tokenizer, read_source(str(tmp_path / f"{name}.jsonl")), 64)
+    cache, layers = tmp_path / "cache", [0, 1, 3]
+    TargetFeatures(target, cache, storage="bf16").fill(sequences["kept"] + sequences["old"], layers)
+    files = sorted(cache.glob("*.pt"))
+    assert len(files) == 6
+    keep = sequence_keys([str(tmp_path / "kept.jsonl")], tokenizer, 64)
+    assert len(keep) == 4 and keep < {f.stem for f in files}
+    before = {f.name: f.read_bytes() for f in files}
+
+    dry = compact_cache(cache, "fp8", keep, dry_run=True)
+    assert (dry["deleted"], dry["rewritten"]) == (2, 4) and {f.name: f.read_bytes() for f in cache.glob("*.pt")} == before
+    stats = compact_cache(cache, "fp8", keep)
+    assert (stats["deleted"], stats["rewritten"], stats["unreadable"]) == (2, 4, 0)
+    assert {f.stem for f in cache.glob("*.pt")} == keep and stats["bytes_after"] < stats["bytes_before"]
+    assert all("h_fp8" in torch.load(f, weights_only=True) for f in cache.glob("*.pt"))
+    assert compact_cache(cache, "fp8", keep)["rewritten"] == 0
+
+    features, direct = TargetFeatures(target, cache), TargetFeatures(target)
+    for sequence in sequences["kept"]:
+        read, exact = features(sequence, [3, 0]), direct(sequence, [3, 0])  # any subset, any order
+        assert torch.equal(read.predictions, exact.predictions)
+        torch.testing.assert_close(read.hidden, exact.hidden, atol=0.1, rtol=0.07)
+    assert features.loaded == 4 and features.computed == 0
+    with pytest.raises(FileNotFoundError, match="--keep-data 'gone.jsonl' does not exist"):
+        sequence_keys(["gone.jsonl"], tokenizer, 64)

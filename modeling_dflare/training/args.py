@@ -38,6 +38,7 @@ class TrainArgs:
     precision: str = "auto"
     target_precision: str = "auto"
     hidden_cache: str | None = None
+    cache_storage: str = "auto"
     save_every: int = 100
     eval_every: int = 200
     max_train_sequences: int | None = None
@@ -52,6 +53,13 @@ class TrainArgs:
     tune_threshold: bool = False
     features_only: bool = False
     distill: float = 0.0
+
+    @property
+    def storage(self) -> str:
+        """The hidden-cache storage for new files: ``cache_storage``, with "auto" resolved."""
+        if self.cache_storage == "auto":
+            return "bf16" if self.distill > 0 else "fp8"
+        return self.cache_storage
 
     @property
     def work_path(self) -> Path:
@@ -104,6 +112,15 @@ def add_arguments(parser) -> None:
         help="target feature pass (auto: bf16 where the hardware has it natively)",
     )
     parser.add_argument("--hidden-cache", default=None, help="cache target hidden states in this folder (reused by later epochs and runs)")
+    parser.add_argument(
+        "--cache-storage",
+        choices=("auto", "bf16", "fp8"),
+        default=defaults.cache_storage,
+        help="how new --hidden-cache files store hidden states: fp8 with a scale per token and layer (half of bf16's "
+        "disk; held-out acceptance unchanged) or bf16; auto: fp8, but bf16 with --distill, whose teacher rebuilds "
+        "the target's logits from the deepest cached layer (greedy agreement about 0.98 from fp8, 0.995 from bf16). "
+        "`dflare cache` converts an existing cache",
+    )
     parser.add_argument("--init-from", default=None, help="warm-start from a draft folder (--block-size and the cut still apply)")
     parser.add_argument(
         "--grow-layers",

@@ -324,7 +324,7 @@ class _Loop:
         inner = accelerator.unwrap_model(draft)
         self.block_size = inner.config.block_size
         self.layer_ids = list(inner.config.target_layer_ids)
-        self.features = TargetFeatures(target, args.hidden_cache, args.target_precision)
+        self.features = TargetFeatures(target, args.hidden_cache, args.target_precision, args.storage)
         self.embed = target.get_input_embeddings()
         self.head_weight, self.token_to_draft = training_head(inner, target)
         self.teacher = None
