@@ -663,3 +663,6 @@ def test_compact_cache_rewrites_to_fp8_and_drops_what_no_data_uses(tmp_path):
     assert features.loaded == 4 and features.computed == 0
     with pytest.raises(FileNotFoundError, match="--keep-data 'gone.jsonl' does not exist"):
         sequence_keys(["gone.jsonl"], tokenizer, 64)
+    with pytest.raises(ValueError, match="no sequence: that would delete the whole cache"):
+        compact_cache(cache, "fp8", set())
+    assert len(list(cache.glob("*.pt"))) == 4

@@ -6,7 +6,8 @@ for 9 SmolLM2 layers). This command
 * rewrites bf16 files as fp8 (``--storage fp8``: float8 e4m3, one scale per token and layer, about
   half the bytes; see :func:`~modeling_dflare.training.features.encode_hidden`);
 * with ``--keep-data a,b,...``, deletes the files of sequences that none of those answer folders
-  tokenizes to (answers re-cut, data no longer used), after saying how many and how large;
+  tokenizes to (answers re-cut, data no longer used) and says how many and how large (they are
+  features, rebuilt from the answers when a run needs them again; ``--dry-run`` first to see);
 * with ``--dry-run``, only reports what it would do.
 
 Files are rewritten one at a time through a temporary file and an atomic rename: an interrupted run
@@ -48,6 +49,8 @@ def compact_cache(cache_dir: str | Path, storage: str = "fp8", keep: set[str] | 
         raise NotADirectoryError(f"hidden-state cache {str(cache_dir)!r} is not a folder")
     if storage not in STORAGES:
         raise ValueError(f"--storage {storage!r} is not one of {STORAGES}")
+    if keep is not None and not keep:
+        raise ValueError("--keep-data tokenizes to no sequence: that would delete the whole cache (expected answer folders with answers)")
     files = sorted(folder.glob("*.pt"))
     stats = {"files": len(files), "bytes_before": 0, "bytes_after": 0, "deleted": 0, "deleted_bytes": 0,
              "rewritten": 0, "unreadable": 0, "dry_run": dry_run}
