@@ -440,7 +440,9 @@ def test_a_resumed_run_keeps_the_feature_time_of_the_launch_before_it(tmp_path):
     assert first["computed"] == 28 and first["seconds"] > 0 and first["seconds_total"] == first["seconds"]
     resumed = run(10)
     features = resumed["target_features"]
-    assert features["computed"] == 0 and features["seconds_total"] == first["seconds_total"]
+    # this launch computed nothing; its fill only checked the cache (milliseconds, more on a loaded machine)
+    assert features["computed"] == 0 and features["seconds"] < first["seconds"] + 1.0
+    assert features["seconds_total"] == pytest.approx(first["seconds_total"] + features["seconds"], abs=1.5e-3)
     assert resumed["cpu_hours"] * 3600 >= resumed["train_seconds"] + features["seconds_total"] - 0.5
 
 
