@@ -15,14 +15,12 @@ leaves every file readable, and running it again finishes the job. Do not run it
 run of an older version (one that predates fp8) reads the same cache.
 """
 
-import hashlib
 import logging
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from .features import STORAGES, _load_cached, _write, decode_hidden, encode_hidden
+from .features import STORAGES, _load_cached, _write, cache_key, decode_hidden, encode_hidden
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +35,7 @@ def sequence_keys(sources: list[str], tokenizer, max_length: int) -> set[str]:
         if not Path(source).exists():
             raise FileNotFoundError(f"--keep-data {source!r} does not exist (expected an answer folder or a chat file)")
         sequences, _ = tokenize_conversations(tokenizer, read_source(source), max_length)
-        keys.update(hashlib.sha1(s.input_ids.to(torch.int64).numpy().tobytes()).hexdigest() for s in sequences)
+        keys.update(cache_key(s.input_ids) for s in sequences)
     return keys
 
 

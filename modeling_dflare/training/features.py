@@ -71,8 +71,7 @@ class TargetFeatures:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def _path(self, input_ids: torch.LongTensor) -> Path:
-        digest = hashlib.sha1(input_ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
-        return self.cache_dir / f"{digest}.pt"
+        return self.cache_dir / f"{cache_key(input_ids)}.pt"
 
     def _autocast(self):
         from ..regenerate import cpu_autocast
@@ -171,6 +170,11 @@ class TargetFeatures:
         }
         logger.info("target features (%s): %s", self.precision, stats)
         return stats
+
+
+def cache_key(input_ids: torch.LongTensor) -> str:
+    """The cache file name (without ``.pt``) of a sequence: a hash of its token ids."""
+    return hashlib.sha1(input_ids.to(torch.int64).cpu().numpy().tobytes()).hexdigest()
 
 
 def encode_hidden(hidden: torch.Tensor, num_layers: int, storage: str) -> dict:
