@@ -232,7 +232,7 @@ def read_hf_dataset(dataset: Iterable[dict[str, Any]], name: str = "dataset") ->
 
 def read_conversations(source: str | Path | None) -> tuple[list[Conversation], ReadReport]:
     """Dispatch on the source: None or ``"sharegpt"`` -> shipped ShareGPT; ``"gsm-symbolic"`` or
-    ``"codeio"`` or ``"pystubs"`` -> the domain prompts of :mod:`modeling_dflare.prompt_sources`; ``*.jsonl[.gz]``; ``*.json``."""
+    ``"codeio"``, ``"pystubs"`` or ``"pylibs"`` -> the domain prompts of :mod:`modeling_dflare.prompt_sources`; ``*.jsonl[.gz]``; ``*.json``."""
     from .prompt_sources import PROMPT_SOURCES
 
     if source is None or str(source) == "sharegpt":

@@ -16,6 +16,10 @@ its dependencies):
   (``pystubs/<file>/<qualified name>``; PSF licence, nothing to install): named functions with
   their own arguments and docstrings, the shape of a HumanEval problem, where every CodeI/O prompt
   is one ``main_solution`` documented by a task description.
+- ``pylibs``: the same for the pure-Python libraries installed with this project's dependencies
+  (networkx, numpy, mpmath, packaging, jinja2; ``pylibs/<package>/<file>/<qualified name>``,
+  each under its own BSD-style licence): more HumanEval-shaped prompts once the standard library's
+  are all answered.
 
 None overlaps the benchmark: HumanEval's problems and the benchmark's own generated arithmetic
 problems (:mod:`modeling_dflare.bench_datasets`) are never among them, and the instructions are
@@ -177,12 +181,12 @@ def stdlib_functions(root: Path | None = None, unparsable: list[str] | None = No
     return found
 
 
-def read_pystubs(root: Path | None = None) -> tuple[list[Conversation], ReadReport]:
-    """Standard-library functions and methods as "implement this signature and docstring" chats,
-    ids ``pystubs/<file>/<qualified name>``; a docstring seen before is kept once."""
-    report = ReadReport(f"pystubs (Python {sys.version_info.major}.{sys.version_info.minor} standard library)")
-    seen_ids, seen_docs, conversations, unparsable = set(), set(), [], []
-    for relative, node, owner in stdlib_functions(root, unparsable):
+def _stub_chats(prefix: str, functions, report: ReadReport, seen_docs: set[str], conversations: list[Conversation]) -> None:
+    """Append an "implement this signature and docstring" chat for each ``(relative path, definition,
+    class name)`` of ``functions`` that has a docstring of at least :data:`STUB_MIN_DOC` characters not
+    seen before and a short body, id ``<prefix>/<relative path>/<qualified name>``; count the rest."""
+    seen_ids = {c.id for c in conversations}
+    for relative, node, owner in functions:
         doc = ast.get_docstring(node)
         if not doc or len(doc) < STUB_MIN_DOC:
             report.skip(f"docstring under {STUB_MIN_DOC} characters")
@@ -190,7 +194,7 @@ def read_pystubs(root: Path | None = None) -> tuple[list[Conversation], ReadRepo
         if len(node.body) < 2 or node.end_lineno - node.lineno > STUB_MAX_LINES:
             report.skip(f"no body, or over {STUB_MAX_LINES} lines")
             continue
-        conversation_id = f"pystubs/{relative}/{owner + '.' if owner else ''}{node.name}"
+        conversation_id = f"{prefix}/{relative}/{owner + '.' if owner else ''}{node.name}"
         if conversation_id in seen_ids or doc in seen_docs:
             report.skip("repeats an earlier function")
             continue
@@ -200,8 +204,43 @@ def read_pystubs(root: Path | None = None) -> tuple[list[Conversation], ReadRepo
         content = instruction.format(kind="method" if owner else "function", name=node.name, stub=_stub(node, doc, owner))
         conversations.append(Conversation(conversation_id, [{"role": "user", "content": content}]))
         report.kept += 1
+
+
+def read_pystubs(root: Path | None = None) -> tuple[list[Conversation], ReadReport]:
+    """Standard-library functions and methods as "implement this signature and docstring" chats,
+    ids ``pystubs/<file>/<qualified name>``; a docstring seen before is kept once."""
+    report = ReadReport(f"pystubs (Python {sys.version_info.major}.{sys.version_info.minor} standard library)")
+    conversations, unparsable = [], []
+    _stub_chats("pystubs", stdlib_functions(root, unparsable), report, set(), conversations)
     if unparsable:
         logger.info("pystubs: %d standard-library file(s) this Python cannot parse were left out (e.g. %s)", len(unparsable), unparsable[0])
+    return conversations, report
+
+
+#: pure-Python libraries ``pylibs`` reads, all installed with this project's own dependencies (torch
+#: brings networkx, mpmath and jinja2; transformers brings numpy and packaging). A package appended at
+#: the end keeps every earlier id and prompt; sympy (3,400 more, mostly symbolic-algebra methods) is
+#: the obvious next one.
+PYLIBS_PACKAGES = ("networkx", "numpy", "mpmath", "packaging", "jinja2")
+
+
+def read_pylibs(packages: tuple[str, ...] = PYLIBS_PACKAGES) -> tuple[list[Conversation], ReadReport]:
+    """Functions and methods of installed pure-Python libraries (:data:`PYLIBS_PACKAGES`) as
+    "implement this signature and docstring" chats, ids ``pylibs/<package>/<file>/<qualified name>``,
+    the same way :func:`read_pystubs` reads the standard library. Which functions there are depends on
+    the installed versions, so the report names them (the data card records them)."""
+    from importlib.metadata import version
+
+    roots = {}
+    for package in packages:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.origin:
+            raise FileNotFoundError(f"pylibs reads the installed package {package!r}, which is not installed (pip install {package})")
+        roots[package] = Path(spec.origin).parent
+    report = ReadReport("pylibs (" + ", ".join(f"{package} {version(package)}" for package in packages) + ")")
+    conversations, seen_docs = [], set()
+    for package, root in roots.items():
+        _stub_chats(f"pylibs/{package}", stdlib_functions(root), report, seen_docs, conversations)
     return conversations, report
 
 
@@ -235,8 +274,9 @@ def read_codeio() -> tuple[list[Conversation], ReadReport]:
 
 
 #: named prompt sources for ``--data`` beside ``sharegpt``
-PROMPT_SOURCES = {"gsm-symbolic": read_gsm_symbolic, "codeio": read_codeio, "pystubs": read_pystubs}
+PROMPT_SOURCES = {"gsm-symbolic": read_gsm_symbolic, "codeio": read_codeio, "pystubs": read_pystubs, "pylibs": read_pylibs}
 
 __all__ = [
-    "GSM_SYMBOLIC_POOL", "PROMPT_SOURCES", "read_codeio", "read_gsm_symbolic", "read_pystubs", "reasoning_gym_root", "stdlib_functions",
+    "GSM_SYMBOLIC_POOL", "PROMPT_SOURCES", "PYLIBS_PACKAGES", "read_codeio", "read_gsm_symbolic", "read_pylibs", "read_pystubs",
+    "reasoning_gym_root", "stdlib_functions",
 ]  # fmt: skip

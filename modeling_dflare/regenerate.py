@@ -276,7 +276,8 @@ def add_arguments(parser) -> None:
     parser.add_argument(
         "--data", default="sharegpt",
         help="'sharegpt', 'gsm-symbolic' (math word problems), 'codeio' (Python tasks), 'pystubs' (Python standard-library "
-        "signatures and docstrings to implement), a .json array or a .jsonl file",
+        "signatures and docstrings to implement), 'pylibs' (the same from networkx, numpy, mpmath, packaging, jinja2), "
+        "a .json array or a .jsonl file",
     )
     parser.add_argument("--output-dir", required=True, help="folder for the resumable response shards")
     parser.add_argument(

@@ -37,7 +37,8 @@ def test_codeio_tasks_are_unique_function_prompts():
 
 def test_no_benchmark_prompt_is_a_training_prompt():
     """Neither source holds a benchmark prompt: HumanEval's problems and the generated arithmetic set."""
-    code = "\n".join(c.messages[0]["content"] for source in (prompt_sources.read_codeio, prompt_sources.read_pystubs) for c in source()[0])
+    sources = (prompt_sources.read_codeio, prompt_sources.read_pystubs, prompt_sources.read_pylibs)
+    code = "\n".join(c.messages[0]["content"] for source in sources for c in source()[0])
     math, _ = prompt_sources.read_gsm_symbolic(count=2000)
     math_text = "\n".join(c.messages[0]["content"] for c in math)
     humaneval = iter_prompts("humaneval")
@@ -118,3 +119,39 @@ def test_pystubs_keep_public_documented_short_functions_outside_tests(tmp_path, 
     assert "def kept(a: int, b=2) -> int:\n    \"\"\"\n    Return the thing," in conversations[0].messages[0]["content"]
     assert "class Box:\n    def open(self):\n        \"\"\"\n        Return the thing," in conversations[1].messages[0]["content"]
     assert report.skipped == {"docstring under 80 characters": 1, "no body, or over 60 lines": 1, "repeats an earlier function": 1}
+
+
+def test_pylibs_are_installed_library_functions_named_by_package_and_version():
+    conversations, report = prompt_sources.read_pylibs()
+    again, _ = prompt_sources.read_pylibs()
+    assert [(c.id, c.messages) for c in conversations] == [(c.id, c.messages) for c in again]
+    assert report.kept == len(conversations) > 1000 and len({c.id for c in conversations}) == len(conversations)
+    from importlib.metadata import version
+
+    assert report.source == "pylibs (" + ", ".join(f"{p} {version(p)}" for p in prompt_sources.PYLIBS_PACKAGES) + ")"
+    packages = {c.id.split("/")[1] for c in conversations}
+    assert packages == set(prompt_sources.PYLIBS_PACKAGES)
+    assert not any(part in ("test", "tests") for c in conversations for part in c.id.split("/")[2:-1])
+    by_id = {c.id: c.messages[0]["content"] for c in conversations}
+    assert not any(cid.startswith("pystubs/") for cid in by_id)  # the standard library is pystubs' share
+    shortest_path = by_id["pylibs/networkx/algorithms/shortest_paths/generic.py/has_path"]
+    assert "```python\ndef has_path(G, source, target):\n    \"\"\"" in shortest_path
+    # appending a package keeps every earlier id and prompt (the committed answers stay valid)
+    fewer, _ = prompt_sources.read_pylibs(prompt_sources.PYLIBS_PACKAGES[:2])
+    assert [(c.id, c.messages) for c in fewer] == [(c.id, c.messages) for c in conversations[: len(fewer)]]
+    train, heldout = split_conversations(conversations)
+    assert 0 < len(heldout) < 0.05 * len(conversations)
+
+
+def test_pylibs_names_a_package_that_is_not_installed():
+    with pytest.raises(FileNotFoundError, match="'no_such_pkg_xyz', which is not installed"):
+        prompt_sources.read_pylibs(("networkx", "no_such_pkg_xyz"))
+
+
+def test_every_prompt_source_has_a_model_card_line():
+    """A draft trained on a source the card table lacks would publish a card that leaves it out."""
+    from modeling_dflare.training.data import prompt_source_of
+    from modeling_dflare.training.loop import PROMPT_SOURCE_CARDS
+
+    assert set(prompt_sources.PROMPT_SOURCES) | {"sharegpt"} == set(PROMPT_SOURCE_CARDS)
+    assert prompt_source_of("pylibs/numpy/lib/_function_base_impl.py/median") == "pylibs"

@@ -96,7 +96,7 @@ def add_arguments(parser) -> None:
         default=None,
         metavar="SOURCES",
         help="choose the draft vocabulary from the answers of these comma-separated sources (tokenised only, no "
-        "target pass), each prompt source (chat, gsm-symbolic, codeio, pystubs) weighed equally; with --init-from it replaces "
+        "target pass), each prompt source (chat, gsm-symbolic, codeio, pystubs, pylibs) weighed equally; with --init-from it replaces "
         "the parent's vocabulary, which is otherwise kept",
     )
     parser.add_argument(

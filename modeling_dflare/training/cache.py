@@ -20,7 +20,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .features import STORAGES, _load_cached, _write, cache_key, decode_hidden, encode_hidden
+from .features import STORAGES, _load_cached, _write, cache_key, check_storage, decode_hidden, encode_hidden, storage_of
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +45,7 @@ def compact_cache(cache_dir: str | Path, storage: str = "fp8", keep: set[str] | 
     folder = Path(cache_dir)
     if not folder.is_dir():
         raise NotADirectoryError(f"hidden-state cache {str(cache_dir)!r} is not a folder")
-    if storage not in STORAGES:
-        raise ValueError(f"--storage {storage!r} is not one of {STORAGES}")
+    check_storage(storage, "--storage")
     if keep is not None and not keep:
         raise ValueError("--keep-data tokenizes to no sequence: that would delete the whole cache (expected answer folders with answers)")
     files = sorted(folder.glob("*.pt"))
@@ -65,7 +64,7 @@ def compact_cache(cache_dir: str | Path, storage: str = "fp8", keep: set[str] | 
         if cached is None:  # cut short by a crash: training recomputes it, nothing to keep
             stats["unreadable"] += 1
             continue
-        current = "bf16" if "h" in cached else "fp8"
+        current = storage_of(cached)
         if current == storage or dry_run:
             stats["bytes_after"] += size if current == storage else size // 2
             stats["rewritten"] += current != storage

@@ -118,7 +118,7 @@ def read_source(source: str | None) -> list:
 
 
 def prompt_source_of(conversation_id: str, unprefixed: str = "sharegpt") -> str:
-    """The prompt source an answer's id names (``codeio/...``, ``gsm-symbolic/...``, ``pystubs/...``:
+    """The prompt source an answer's id names (``codeio/...``, ``gsm-symbolic/...``, ``pystubs/...``, ``pylibs/...``:
     :mod:`modeling_dflare.prompt_sources`), else ``unprefixed``."""
     from ..prompt_sources import PROMPT_SOURCES
 

@@ -59,9 +59,7 @@ class TargetFeatures:
     ):
         from ..regenerate import resolve_precision
 
-        if storage not in STORAGES:
-            raise ValueError(f"hidden-state cache storage {storage!r} is not one of {STORAGES}")
-        self.storage = storage
+        self.storage = check_storage(storage)
         self.target = target
         self.cache_dir = Path(cache_dir) if cache_dir else None
         self.precision = resolve_precision(precision, str(getattr(target, "device", "cpu")))
@@ -192,9 +190,21 @@ def encode_hidden(hidden: torch.Tensor, num_layers: int, storage: str) -> dict:
     return {"h_fp8": quantized, "scale": scale[..., 0]}
 
 
+def check_storage(storage: str, what: str = "hidden-state cache storage") -> str:
+    """``storage`` if it is one of :data:`STORAGES`, else a ValueError naming it and the choices."""
+    if storage not in STORAGES:
+        raise ValueError(f"{what} {storage!r} is not one of {STORAGES}")
+    return storage
+
+
+def storage_of(cached: dict) -> str:
+    """The storage (one of :data:`STORAGES`) a cache payload was written in."""
+    return "bf16" if "h" in cached else "fp8"
+
+
 def decode_hidden(cached: dict) -> torch.Tensor:
     """``[L, layers * H]`` float32 hidden states of a cache payload written by :func:`encode_hidden`."""
-    if "h" in cached:
+    if storage_of(cached) == "bf16":
         return cached["h"].float()
     quantized, scale = cached["h_fp8"], cached["scale"].float()
     length, num_layers = scale.shape
