@@ -13,27 +13,20 @@ print(draft.dflare_stats.acceptance_length)
 from transformers import AutoConfig, AutoModel
 
 from .configuration_dflare import DFlareConfig, spread_layer_ids
-from .modeling_dflare import (
-    DFlareCandidateGenerator,
-    DFlareForBlockDiffusion,
-    DFlareModel,
-    DFlareStats,
-    check_draft_matches_target,
-    install_generate_hook,
-)
+from .generation_dflare import DFlareCandidateGenerator, DFlareStats, check_draft_matches_target, install_generate_hook
+from .modeling_dflare import DFlareModel
 
 __version__ = "0.1.0"
 
 AutoConfig.register("dflare", DFlareConfig, exist_ok=True)
 AutoModel.register(DFlareConfig, DFlareModel, exist_ok=True)
-# save_pretrained then writes auto_map and copies the two Hub files next to the weights.
+# save_pretrained then writes auto_map and copies the Hub files (the model and the files it imports).
 DFlareConfig.register_for_auto_class()
 DFlareModel.register_for_auto_class("AutoModel")
 
 __all__ = [
     "DFlareCandidateGenerator",
     "DFlareConfig",
-    "DFlareForBlockDiffusion",
     "DFlareModel",
     "DFlareStats",
     "check_draft_matches_target",

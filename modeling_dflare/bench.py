@@ -27,10 +27,10 @@ prompt lookup after the confidence cut, ``dflare-nocut`` the draft with the cut 
 cut's effect and the generator's are two separate numbers against ``dflare-stock``, which has no
 cut), ``dflare-stock`` transformers' own DFlash generator, ``dflare-hybrid-noint8`` the hybrid with
 the draft kept in the dtype it was loaded in (on a CPU, an fp32 draft otherwise runs as its int8
-copy: :func:`~modeling_dflare.modeling_dflare.int8_draft`), ``dflare-hybrid-matmul`` and ``dflare-hybrid-packed``
+copy: :func:`~modeling_dflare.cpu_kernels_dflare.int8_draft`), ``dflare-hybrid-matmul`` and ``dflare-hybrid-packed``
 the hybrid verifying on one fixed small-row kernel (``W @ x.T``, or oneDNN's linear on packed weights)
 instead of the kernels timed fastest on this machine for each layer and row count
-(:func:`~modeling_dflare.modeling_dflare.small_row_linears`). ShareGPT prompts come from the report
+(:func:`~modeling_dflare.cpu_kernels_dflare.small_row_linears`). ShareGPT prompts come from the report
 half of the held-out split, which no training or tuning step reads.
 
 Every output is compared with ``plain``'s token ids; any difference is logged as an error, listed
@@ -253,13 +253,13 @@ def forward_costs(
 ) -> dict[str, list[float]]:
     """Target forward costs over 1..``max_length`` new tokens with the stock kernels (what plain
     decoding and prompt lookup run), with the small-row kernels a DFlare draft's generation
-    verifies on (:func:`~modeling_dflare.modeling_dflare.small_row_linears`, key ``small_rows``)
+    verifies on (:func:`~modeling_dflare.cpu_kernels_dflare.small_row_linears`, key ``small_rows``)
     and with each fixed kernel of :data:`FIXED_KERNELS` (keys ``small_rows_matmul``, ``small_rows_packed``).
 
     The fixed ``"packed"`` curve packs every weight; unless ``keep_packed`` (a method that runs on
     them is benchmarked), the copies the timed choice does not use are freed again, so the methods'
     peak memory is what a user's ``generate`` holds."""
-    from .modeling_dflare import free_unused_packed_weights, small_row_linears
+    from .cpu_kernels_dflare import free_unused_packed_weights, small_row_linears
 
     costs = {"stock": measure_forward_costs(target, input_ids, max_length, repeats, clock)}
     with small_row_linears(target):
@@ -316,7 +316,7 @@ def method_context(method: str, target, draft, settings: Settings) -> Iterator[N
     """What a method changes around its ``generate`` call, restored afterwards."""
     if method == "plain-fast":
         # plain decoding on the kernels a DFlare draft's generation verifies on
-        from .modeling_dflare import small_row_linears
+        from .cpu_kernels_dflare import small_row_linears
 
         with small_row_linears(target):
             yield
@@ -767,7 +767,7 @@ def hardware() -> dict:
 
 def draft_dtype(args) -> torch.dtype:
     """The drafts' dtype: ``--draft-dtype``, where "auto" is the fastest on this machine."""
-    from .modeling_dflare import fast_draft_dtype
+    from .cpu_kernels_dflare import fast_draft_dtype
 
     choice = getattr(args, "draft_dtype", "auto")
     return fast_draft_dtype(args.device) if choice == "auto" else DTYPES[choice]
@@ -797,7 +797,7 @@ def load_models(args):
 
 def run_meta(args, target, drafts, settings: Settings, methods: list[str], prompts: dict) -> dict:
     """Everything needed to reproduce and judge a run: date, command, machine, models, settings."""
-    from .modeling_dflare import draft_head, draft_for_generation
+    from .cpu_kernels_dflare import draft_head, draft_for_generation
 
     def precision_of(draft) -> str:
         return draft_for_generation(draft, draft_head(draft, target.get_output_embeddings().weight)[0])[2]

@@ -40,7 +40,7 @@ def run(args) -> int:
     from transformers import AutoModel, GenerationConfig
 
     from . import DFlareModel  # noqa: F401  (registers the generate() hook)
-    from .modeling_dflare import fast_draft_dtype
+    from .cpu_kernels_dflare import fast_draft_dtype
     from .targets import load_target, load_tokenizer
 
     if args.threads:

@@ -34,7 +34,8 @@ logger = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 CARD_TEMPLATE = PACKAGE_DIR.parent / "hub_cards" / "draft_model_card.md"
 REQUIRED_TAGS = ("dflare", "dflash", "speculative-decoding", "draft-model", "block-diffusion")
-HUB_FILES = ("configuration_dflare.py", "modeling_dflare.py")
+#: The code that travels with a draft: the config, the model and the two files the model imports.
+HUB_FILES = ("configuration_dflare.py", "modeling_dflare.py", "generation_dflare.py", "cpu_kernels_dflare.py")
 EXPECTED_AUTO_MAP = {"AutoConfig": "configuration_dflare.DFlareConfig", "AutoModel": "modeling_dflare.DFlareModel"}
 # Written into a card whose Hub id is not known yet; `dflare push` replaces it with --repo-id.
 REPO_ID_PLACEHOLDER = "{hub_repo_id}"
@@ -257,7 +258,8 @@ def check_model_card(path: Path) -> list[str]:
 
 def _allowed_import(name: str) -> bool:
     root = name.split(".")[0]
-    return root in ("torch", "transformers", "huggingface_hub") or root in sys.stdlib_module_names
+    # packaging is a dependency of transformers itself, so every environment that loads the draft has it
+    return root in ("torch", "transformers", "huggingface_hub", "packaging") or root in sys.stdlib_module_names
 
 
 def check_hub_file(path: Path) -> list[str]:
@@ -659,7 +661,7 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_push_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("draft_dir", type=Path, help="draft folder: config.json, both Hub .py files, model.safetensors, README.md")
+    parser.add_argument("draft_dir", type=Path, help="draft folder: config.json, the Hub .py files, model.safetensors, README.md")
     _common_arguments(parser)
     card = parser.add_argument_group("model card (written into DRAFT_DIR when --base-model is given)")
     card.add_argument("--base-model", default=None, help="target model id; (re)writes README.md before validating")
@@ -667,7 +669,7 @@ def add_push_arguments(parser: argparse.ArgumentParser) -> None:
     card.add_argument("--bench-json", default=None, help="dflare bench JSON for the benchmark table")
     card.add_argument("--license", default="apache-2.0")
     parser.add_argument("--update-code", action="store_true",
-                        help="copy the installed package's configuration_dflare.py / modeling_dflare.py into DRAFT_DIR first")
+                        help="copy the installed package's Hub code files (" + ", ".join(HUB_FILES) + ") into DRAFT_DIR first")
 
 
 def run_push(args: argparse.Namespace) -> int:

@@ -160,7 +160,7 @@ def resolve_precision(precision: str, device: str) -> str:
     if precision not in ("auto", "fp32", "bf16"):
         raise ValueError(f"precision {precision!r}: expected 'auto', 'fp32' or 'bf16'")
     if precision == "auto":
-        from .modeling_dflare import bf16_is_native
+        from .cpu_kernels_dflare import bf16_is_native
 
         return "bf16" if (str(device).startswith("cuda") or bf16_is_native()) else "fp32"
     return precision

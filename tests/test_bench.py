@@ -119,7 +119,7 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
     block = results["meta"]["settings"]["block_size"]
     assert cost_row.endswith("".join(f" {math_costs[f'verify_ms_small_rows_{k}'][i]:.1f} |" for k in ("matmul", "packed") for i in (1, block - 1)))
     # which form each draft ran in (int8 copy, or bf16 where native) and the CPU features behind the timings
-    from modeling_dflare.modeling_dflare import bf16_is_native
+    from modeling_dflare.cpu_kernels_dflare import bf16_is_native
 
     precision = "bfloat16" if bf16_is_native() else "int8"
     assert results["meta"]["draft_precision"] == {"dflare": precision, "dflash": precision}
@@ -197,7 +197,7 @@ def test_math_problems_are_reproducible():
 def test_plain_fast_runs_on_the_small_row_kernels_and_restores_them(monkeypatch):
     """``plain-fast`` is plain decoding on the library's small-row kernels (the timed choice, as a
     DFlare generation verifies), switched for the call only."""
-    import modeling_dflare.modeling_dflare as modeling
+    import modeling_dflare.cpu_kernels_dflare as modeling
 
     entered = []
     monkeypatch.setattr(modeling, "small_row_linears", lambda model, original=modeling.small_row_linears: entered.append(model) or original(model, "packed"))
@@ -249,7 +249,7 @@ def test_humaneval_metric_scores_and_extracts_code():
 def test_drafts_run_in_the_fastest_dtype_unless_told(monkeypatch):
     import argparse
 
-    import modeling_dflare.modeling_dflare as modeling
+    import modeling_dflare.cpu_kernels_dflare as modeling
 
     for native, expected in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(modeling, "bf16_is_native", lambda native=native: native)
@@ -271,7 +271,7 @@ def test_drafts_run_in_the_fastest_dtype_unless_told(monkeypatch):
 def test_bf16_counts_as_native_only_where_the_cpu_has_bf16_instructions(monkeypatch, capabilities, native):
     """bf16 is chosen for CPU drafts, targets and training only on AVX512-BF16 / AMX / ARM BF16: oneDNN's
     own check says yes on plain AVX-512 too, where bf16 autocast ran 3.6x slower than fp32."""
-    import modeling_dflare.modeling_dflare as modeling
+    import modeling_dflare.cpu_kernels_dflare as modeling
 
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True, raising=False)
     monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)

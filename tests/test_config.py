@@ -192,7 +192,7 @@ def test_check_draft_matches_target_direct():
 
 @pytest.fixture
 def fresh_warnings():
-    import modeling_dflare.modeling_dflare as module
+    import modeling_dflare.generation_dflare as module
 
     module._WARNED.clear()
     yield module._WARNED
@@ -203,14 +203,14 @@ def test_soft_mismatch_warns(caplog, fresh_warnings):
     """Same geometry, other family or depth: works, but warns (once) that acceptance will suffer."""
     llama = cached_target("llama")
     draft = make_draft(cached_target("mistral"))  # mistral: 2 layers, llama: 3
-    with caplog.at_level(logging.WARNING, logger="modeling_dflare.modeling_dflare"):
+    with caplog.at_level(logging.WARNING, logger="modeling_dflare.generation_dflare"):
         check_draft_matches_target(draft, llama)
     text = caplog.text
     assert "'mistral'" in text and "'llama'" in text
     assert "2 layers" in text
     prompt = random_prompt(5)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="modeling_dflare.modeling_dflare"):
+    with caplog.at_level(logging.WARNING, logger="modeling_dflare.generation_dflare"):
         for _ in range(3):
             got = greedy(llama, prompt, max_new_tokens=5, assistant_model=draft)
     assert got.tolist() == greedy(llama, prompt, max_new_tokens=5).tolist()
@@ -223,7 +223,7 @@ def test_other_checkpoint_of_the_same_family_warns(caplog, fresh_warnings):
     target.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     draft = make_draft(target)
     assert draft.config.target_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
-    with caplog.at_level(logging.WARNING, logger="modeling_dflare.modeling_dflare"):
+    with caplog.at_level(logging.WARNING, logger="modeling_dflare.generation_dflare"):
         target.config.name_or_path = "/models/smollm2-135m-instruct/"
         check_draft_matches_target(draft, target)
         assert "acceptance may suffer" not in caplog.text
@@ -235,13 +235,13 @@ def test_other_checkpoint_of_the_same_family_warns(caplog, fresh_warnings):
 def test_same_name_other_weights_warns(caplog, fresh_warnings):
     """A quantised copy renamed to its source's Hub id (or the other way round) must not silence the
     warning: the draft's embedding fingerprint tells the weights apart, bf16 rounding does not."""
-    from modeling_dflare.modeling_dflare import target_fingerprint
+    from modeling_dflare.generation_dflare import target_fingerprint
 
     target = make_target("llama")
     target.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
     draft = make_draft(target)
     draft.config.target_fingerprint = target_fingerprint(target)
-    with caplog.at_level(logging.WARNING, logger="modeling_dflare.modeling_dflare"):
+    with caplog.at_level(logging.WARNING, logger="modeling_dflare.generation_dflare"):
         check_draft_matches_target(draft, target)
         check_draft_matches_target(draft, target.to(torch.bfloat16))  # same weights, another dtype
         assert "other weights" not in caplog.text

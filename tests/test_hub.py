@@ -30,6 +30,7 @@ import modeling_dflare  # noqa: F401  (registers the model type; save_pretrained
 from modeling_dflare import DFlareConfig, DFlareModel, cli
 from modeling_dflare.testing import make_target, tiny_tokenizer
 from modeling_dflare.hub import (
+    HUB_FILES,
     REPO_ID_PLACEHOLDER,
     REQUIRED_TAGS,
     check_model_card,
@@ -42,7 +43,7 @@ from modeling_dflare.hub import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "hf_" + "FakeTokenForTests0123456789abcdefgh"
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
-PUBLISHED = {"config.json", "configuration_dflare.py", "modeling_dflare.py", "model.safetensors", "README.md"}
+PUBLISHED = {"config.json", "model.safetensors", "README.md", *HUB_FILES}
 TRAINING = {
     "command": "dflare train --target HuggingFaceTB/SmolLM2-135M-Instruct --fusion layerwise --steps 3000",
     "conversations": 4000,

@@ -19,7 +19,8 @@ from transformers import AutoConfig, AutoModel
 
 from modeling_dflare import DFlareModel
 
-HUB_FILES = {"config.json", "configuration_dflare.py", "modeling_dflare.py", "model.safetensors"}
+CODE_FILES = ("configuration_dflare.py", "modeling_dflare.py", "generation_dflare.py", "cpu_kernels_dflare.py")
+HUB_FILES = {"config.json", "model.safetensors", *CODE_FILES}
 
 # Runs in a fresh interpreter: blocks `modeling_dflare` (installed editable, so PYTHONPATH alone
 # would not hide it), loads target and draft from folders, compares with plain generate.
@@ -124,7 +125,7 @@ def test_saved_folder_holds_only_the_hub_files_and_draft_weights(saved, fusion):
     else:
         assert "fc.weight" in keys and not any("k_proj_target" in k for k in keys)
     # The Hub files import nothing of ours but each other.
-    for name in ("configuration_dflare.py", "modeling_dflare.py"):
+    for name in CODE_FILES:
         source = (folder / name).read_text()
         assert "from modeling_dflare" not in source and "import modeling_dflare" not in source
 

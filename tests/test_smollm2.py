@@ -76,7 +76,7 @@ def test_trained_draft_same_text_and_accepts(smollm2, plain_outputs, path):
 
     from transformers import AutoModel
 
-    from modeling_dflare.modeling_dflare import bf16_is_native
+    from modeling_dflare.cpu_kernels_dflare import bf16_is_native
 
     target, tokenizer = smollm2
     draft = AutoModel.from_pretrained(TRAINED_DRAFT, trust_remote_code=True).eval()
@@ -106,7 +106,7 @@ def test_shipped_drafts_know_the_weights_they_were_trained_against(smollm2, name
     """The shipped drafts were trained against the Q4_1 GGUF dequantised to fp32 although their
     config names the Hub checkpoint: their fingerprint is that of the embedded target, so the Hub
     bf16 original (other weights, same name) gets the mismatch warning."""
-    from modeling_dflare.modeling_dflare import fingerprints_match, target_fingerprint
+    from modeling_dflare.generation_dflare import fingerprints_match, target_fingerprint
 
     target, _ = smollm2
     config = DFlareConfig.from_pretrained(TRAINED_DRAFT.parent / name)

@@ -228,7 +228,7 @@ def test_draft_dtype_comes_from_the_drafts_own_hub_file():
     import types
 
     from modeling_dflare import DFlareConfig, DFlareModel
-    from modeling_dflare.modeling_dflare import fast_draft_dtype
+    from modeling_dflare.cpu_kernels_dflare import fast_draft_dtype
     from modeling_dflare.testing import make_target
 
     app = load_app_module()

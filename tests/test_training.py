@@ -385,7 +385,7 @@ def test_accelerate_launch_two_processes_matches_one_and_resumes(tmp_path):
 
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_bf16_where_the_cpu_runs_it_natively(monkeypatch, native):
-    import modeling_dflare.modeling_dflare as modeling
+    import modeling_dflare.cpu_kernels_dflare as modeling
     from modeling_dflare.training.loop import _precision
 
     monkeypatch.setattr(modeling, "bf16_is_native", lambda: native)

@@ -80,7 +80,7 @@ def test_draft_uses_the_targets_own_head():
     assert target.get_output_embeddings().weight.data_ptr() == target.get_input_embeddings().weight.data_ptr()
     draft = DFlareModel(DFlareConfig.from_target_config(target.config, num_hidden_layers=1, block_size=4))
     assert not any(p.shape[0] == target.config.vocab_size for p in draft.parameters())
-    from modeling_dflare.modeling_dflare import draft_head
+    from modeling_dflare.cpu_kernels_dflare import draft_head
 
     rows, ids = draft_head(draft, target.get_output_embeddings().weight)
     assert ids is None and rows.data_ptr() == target.get_output_embeddings().weight.data_ptr()
@@ -89,7 +89,7 @@ def test_draft_uses_the_targets_own_head():
 def test_bf16_draft_ranks_with_a_bf16_copy_of_the_head_rows():
     """A bf16 draft next to an fp32 target proposes from a cached bf16 copy of its head rows (about
     9x faster on a CPU); the target's own head is untouched and the copy follows it when it changes."""
-    from modeling_dflare.modeling_dflare import draft_head
+    from modeling_dflare.cpu_kernels_dflare import draft_head
 
     target = tiny_target("llama")
     head = target.get_output_embeddings().weight

@@ -76,7 +76,7 @@ class LookupTable:
         longest = max_ngram or self.max_ngram
         key = (position, sure, min_ngram, longest)
         if key not in self._memo:
-            from ..modeling_dflare import ngram_continuation
+            from ..generation_dflare import ngram_continuation
 
             end = self.first + position + 1 + sure  # the anchor and the kept drafts, as if all were right
             found = ngram_continuation(self.ids[:end], longest, self.width - sure, min_ngram)
@@ -304,7 +304,7 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     ``repeats`` rounds each time the plain step, then every verify length (each after a warm-up
     forward); the results are medians over the rounds, the verify times smoothed by :func:`monotone_fit`.
     Verify forwards carry the hidden states the draft reads and run the small-row kernels of
-    :func:`~modeling_dflare.modeling_dflare.small_row_linears`; the plain step runs the stock kernels,
+    :func:`~modeling_dflare.cpu_kernels_dflare.small_row_linears`; the plain step runs the stock kernels,
     as plain ``generate`` does. The draft is timed as ``generate`` runs it on this machine (bf16 where that is
     native, else its int8 copy) with its context K/V cached, as in generation.
     """
@@ -315,7 +315,8 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
     from transformers import DynamicCache
 
     from ..bench import measure_forward_costs
-    from ..modeling_dflare import draft_for_generation, draft_head, fast_draft_dtype, hidden_state_request, small_row_linears
+    from ..generation_dflare import hidden_state_request
+    from ..cpu_kernels_dflare import draft_for_generation, draft_head, fast_draft_dtype, small_row_linears
 
     block = draft.config.block_size
     prompt = sequence.input_ids[: sequence.response_start][None].to(target.device)

@@ -26,7 +26,8 @@ logger = logging.getLogger(__name__)
 def load_draft_and_target(draft_dir: str | Path, heldout_sources: list[str], target=None, tokenizer=None, target_source: str | None = None):
     """(draft, target, tokenizer) for a held-out measurement, after checking that the draft folder
     and every held-out source exist (before the target loads) and that the draft fits the target."""
-    from ..modeling_dflare import DFlareModel, check_draft_matches_target
+    from ..modeling_dflare import DFlareModel
+    from ..generation_dflare import check_draft_matches_target
     from ..targets import load_target, load_tokenizer
 
     folder = Path(draft_dir)

@@ -22,7 +22,8 @@ import torch
 from tqdm.auto import tqdm
 
 from ..anchors import default_gamma, position_weights, sample_anchors
-from ..modeling_dflare import DFlareModel, target_fingerprint
+from ..modeling_dflare import DFlareModel
+from ..generation_dflare import target_fingerprint
 from .args import TrainArgs
 from .checkpoints import latest_checkpoint, save_checkpoint
 from .data import Sequence, count_prompt_sources, load_training_conversations, tokenize_conversations
@@ -46,7 +47,7 @@ def _precision(args: TrainArgs, device_type: str) -> str:
     same loss to 3 decimals), else fp32 ("no"). Master weights and optimizer state stay fp32."""
     if args.precision != "auto":
         return args.precision
-    from ..modeling_dflare import bf16_is_native
+    from ..cpu_kernels_dflare import bf16_is_native
 
     return "bf16" if device_type == "cuda" or bf16_is_native() else "no"
 

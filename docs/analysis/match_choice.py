@@ -1,12 +1,12 @@
-"""Session 20 diagnostic (not part of the package): the hybrid's lookup takes the most recent earlier
+"""Diagnostic (not part of the package; run 2026-11-28): the hybrid's lookup takes the most recent earlier
 occurrence of the longest matching n-gram (2-6). When several occurrences continue differently, how
 many more tokens of the held-out answer (up to 7) would another choice match? Tokens only, no model:
 "vote" takes the most common next token among the occurrences; "first_judge" is a perfect judge of
 the first token (an upper bound for a draft-guided choice that scores each candidate's first token);
 "oracle" the best occurrence.
 
-Run: PYTHONPATH=. python docs/analysis/s20_match_choice.py HELDOUT[,HELDOUT...]
-Session 20 (32 answers each), matched tokens per match, recent / vote / first_judge / oracle:
+Run: PYTHONPATH=. python docs/analysis/match_choice.py HELDOUT[,HELDOUT...]
+Result on 2026-11-28 (32 answers each), matched tokens per match, recent / vote / first_judge / oracle:
 pystubs 4.314 / 4.299 / 4.367 / 4.923; CodeI/O 4.172 / 4.194 / 4.313 / 4.617;
 chat 4.527 / 4.497 / 4.621 / 5.141; math 2.806 / 2.764 / 2.922 / 3.088.
 """

@@ -1,7 +1,8 @@
-"""Session 20 diagnostic (not part of the package): r18's held-out implied and walked acceptance when its
-features are read from bf16 vs fp8 cache files of the same held-out answers (result: s20_fp8_eval.json).
+"""Diagnostic (not part of the package; run 2026-11-28, 2-core AVX-512 Xeon): r18's held-out implied and
+walked acceptance when its features are read from bf16 vs fp8 cache files of the same held-out answers
+(result: fp8_eval_r18_2026-11-28.json).
 
-Run: PYTHONPATH=. python docs/analysis/s20_fp8_eval.py  (copies the held-out files out of runs/hidden-cache)
+Run: PYTHONPATH=. python docs/analysis/fp8_eval.py  (copies the held-out files out of runs/hidden-cache)
 """
 import json, shutil, sys
 from pathlib import Path

@@ -1,11 +1,12 @@
-"""Session 20 check (not part of the package): the Space's own numbers, read in a real browser.
+"""Check (not part of the package; run on r19, 2026-11-28, 2-core AVX-512 Xeon): the Space's own numbers,
+read in a real browser.
 
 Starts space/app.py as a visitor's Space starts (start-up example included), opens it in headless
 Chromium, reads the start-up summary, then runs each example prompt (code, chat, math) REPEATS times
 at the page's default settings (64 new tokens, greedy, the draft's block) and prints each summary's
 speedup, τ and whether the outputs were identical. Run it with nothing else on the CPU:
 
-    HF_HUB_OFFLINE=1 python docs/analysis/s20_space_speedup.py [REPEATS]
+    HF_HUB_OFFLINE=1 python docs/analysis/space_speedup.py [REPEATS]
 """
 import os, re, socket, subprocess, sys, time, urllib.request
 from pathlib import Path

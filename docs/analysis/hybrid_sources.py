@@ -1,6 +1,7 @@
-"""Session 19 diagnostic (not part of the package): hybrid proposals by source on held-out answers' prompts.
+"""Diagnostic (not part of the package; run on r15, 2026-11-28, 2-core AVX-512 Xeon): hybrid proposals by
+source on held-out answers' prompts.
 
-Run: PYTHONPATH=. python docs/analysis/s19_hybrid_sources.py DRAFT[,DRAFT] HELDOUT[,HELDOUT] OUT.json
+Run: PYTHONPATH=. python docs/analysis/hybrid_sources.py DRAFT[,DRAFT] HELDOUT[,HELDOUT] OUT.json
 """
 import copy, json, sys, torch
 from modeling_dflare import DFlareModel

@@ -1,7 +1,7 @@
-"""Session 19 diagnostic (not part of the package): how far a prompt-lookup continuation follows held-out
+"""Diagnostic (not part of the package; run 2026-11-28): how far a prompt-lookup continuation follows held-out
 answers at each position, by longest and shortest n-gram (tokens only, no model).
 
-Run: PYTHONPATH=. python docs/analysis/s19_lookup_ngrams.py HELDOUT[,HELDOUT...]
+Run: PYTHONPATH=. python docs/analysis/lookup_ngrams.py HELDOUT[,HELDOUT...]
 """
 import sys, torch
 from modeling_dflare.modeling_dflare import ngram_continuation

@@ -1,0 +1,1 @@
+../../modeling_dflare/cpu_kernels_dflare.py

@@ -1,0 +1,1 @@
+../../modeling_dflare/generation_dflare.py
