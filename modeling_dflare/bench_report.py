@@ -8,9 +8,16 @@ import math
 from pathlib import Path
 from typing import Any
 
+
+def temperature_label(value: float | None) -> str:
+    """"greedy" for temperature 0 (or a row from before temperatures were recorded), else ``T=0.7``."""
+    return "greedy" if not value else f"T={value:g}"
+
+
 COLUMNS = (
     ("Dataset", "dataset", "{}"),
     ("Method", "method", "{}"),
+    ("Decoding", "temperature", temperature_label),
     ("τ", "tau", "{:.2f}"),
     ("tok/s", "tokens_per_second", "{:.1f}"),
     ("Speedup vs plain", "speedup", "{:.2f}x"),
@@ -25,18 +32,35 @@ COLUMNS = (
 )
 
 
-def _cell(value: Any, template: str) -> str:
+def _cell(value: Any, template) -> str:
+    if callable(template):
+        return template(value)
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return template.format(value)
 
 
+def _group(row: dict) -> tuple[str, float]:
+    """(dataset, temperature) of a result row: rows of one group share a baseline."""
+    return row["dataset"], row.get("temperature") or 0.0
+
+
+def _group_label(dataset: str, temperature: float) -> str:
+    return dataset if not temperature else f"{dataset} ({temperature_label(temperature)})"
+
+
 def render_table(results: dict) -> str:
-    """The per dataset and method table (markdown), with a losslessness column."""
+    """The per dataset and method table (markdown), with a losslessness column (greedy rows: output
+    identical to plain decoding; sampled rows cannot be compared token by token, so theirs says
+    whether repeats under one seed agreed)."""
     header = [title for title, _, _ in COLUMNS] + ["Lossless"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in results["results"]:
         cells = [_cell(row.get(key), template) for _, key, template in COLUMNS]
+        if row.get("temperature"):
+            cells.append("n/a (sampled)" if not row.get("mismatches") else f"**NO ({row['mismatches']} repeats differ)**")
+            lines.append("| " + " | ".join(cells) + " |")
+            continue
         cells.append("yes" if not row.get("mismatches") else f"**NO ({row['mismatches']} differ)**")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -61,26 +85,73 @@ def render_costs(results: dict) -> str:
 
 
 def render_headline(results: dict, method: str | None = None) -> list[str]:
-    """One line per dataset: ``method``'s speed relative to each alternative that ran (2.00x plain = twice as
-    fast as plain) and the free-draft ceiling at its τ."""
+    """One line per dataset and temperature: ``method``'s speed relative to each alternative that ran
+    (2.00x plain = twice as fast as plain; in new tokens per second, which for greedy runs, all making
+    the same tokens, is the ratio of their times) and the free-draft ceiling at its τ."""
     rows = results["results"]
     if method is None:  # the headline method: the hybrid when it ran, else the draft alone
         ran = {r["method"] for r in rows}
         method = next((m for m in ("dflare-hybrid", "dflare") if m in ran), "dflare")
     lines = []
-    for dataset in dict.fromkeys(r["dataset"] for r in rows):
-        by_method = {r["method"]: r for r in rows if r["dataset"] == dataset}
+    for group in dict.fromkeys(_group(r) for r in rows):
+        by_method = {r["method"]: r for r in rows if _group(r) == group}
         ours = by_method.get(method)
-        if ours is None or not ours["seconds"]:
+        if ours is None or not ours["seconds"] or not ours["tokens_per_second"]:
             continue
-        parts = [f"{by_method[other]['seconds'] / ours['seconds']:.2f}x {other}" for other in by_method if other != method and by_method[other]["seconds"]]
+        parts = [
+            f"{ours['tokens_per_second'] / by_method[other]['tokens_per_second']:.2f}x {other}"
+            for other in by_method if other != method and by_method[other]["tokens_per_second"]
+        ]
         ceiling = (
             f"; a free draft at this τ would give {ours['ceiling']:.2f}x plain ({ours['ceiling_fraction']:.0%} reached)"
             if ours.get("ceiling") is not None
             else ""
         )
-        lines.append(f"- {dataset}: {method} (τ {ours['tau']:.2f}) runs at " + ", ".join(parts) + ceiling)
+        lines.append(f"- {_group_label(*group)}: {method} (τ {ours['tau']:.2f}) runs at " + ", ".join(parts) + ceiling)
     return lines
+
+
+def render_categories(results: dict) -> list[str]:
+    """Per dataset with categories (MT-Bench, CHAMP) and temperature, a table: one row per category
+    and one for all of them, each speculative method's τ and speedup vs plain in its cells."""
+    rows = results.get("categories") or []
+    lines = []
+    for group in dict.fromkeys(_group(r) for r in rows):
+        chosen = [r for r in rows if _group(r) == group]
+        methods = [m for m in dict.fromkeys(r["method"] for r in chosen) if m not in ("plain", "plain-fast")]
+        overall = {r["method"]: r for r in results["results"] if _group(r) == group}
+        if not methods:
+            continue
+        lines += ["", f"Per category, {_group_label(*group)} (τ / speedup vs plain):", "",
+                  "| Category | Prompts | " + " | ".join(methods) + " |", "|---" * (2 + len(methods)) + "|"]
+        for category in dict.fromkeys(r["category"] for r in chosen):
+            by_method = {r["method"]: r for r in chosen if r["category"] == category}
+            prompts = next(iter(by_method.values()))["prompts"]
+            cells = [f"{by_method[m]['tau']:.2f} / {by_method[m]['speedup']:.2f}x" if m in by_method else "–" for m in methods]
+            lines.append(f"| {category} | {prompts} | " + " | ".join(cells) + " |")
+        if overall:
+            prompts = next(iter(overall.values()))["prompts"]
+            cells = [f"{overall[m]['tau']:.2f} / {overall[m]['speedup']:.2f}x" if m in overall else "–" for m in methods]
+            lines.append(f"| **overall** | {prompts} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _decoding_line(settings: dict) -> str:
+    """How the run decoded: greedy, and any sampling temperatures (older results: greedy)."""
+    temperatures = settings.get("temperatures") or [0.0]
+    sampled = [t for t in temperatures if t]
+    parts = (["greedy"] if len(sampled) < len(temperatures) else []) + (
+        [f"sampling at temperature {', '.join(f'{t:g}' for t in sampled)} (no top-k/top-p; plain sampling is the baseline, "
+         f"speedups per new token; seed {settings.get('seed', 0)})"] if sampled else [])
+    line = " and ".join(parts)
+    return line[0].upper() + line[1:]
+
+
+def _prompt_counts(settings: dict) -> str:
+    """"8 prompts per dataset", with any dataset given its own count after it."""
+    default = settings["num_prompts"]
+    own = {d: n for d, n in (settings.get("num_prompts_by_dataset") or {}).items() if n != default}
+    return f"{default} prompts per dataset" + (" (" + ", ".join(f"{d} {n}" for d, n in own.items()) + ")" if own else "")
 
 
 def render_sources(results: dict) -> list[str]:
@@ -95,7 +166,7 @@ def render_sources(results: dict) -> list[str]:
             f"{name} proposed {entry['proposed']} tokens, {entry['acceptance']:.0%} accepted" if entry["proposed"] else f"{name} proposed none"
             for name, entry in sources.items()
         ]
-        lines.append(f"- {row['dataset']}: {row['method']}: " + "; ".join(parts))
+        lines.append(f"- {_group_label(*_group(row))}: {row['method']}: " + "; ".join(parts))
     return lines
 
 
@@ -133,8 +204,8 @@ def render_markdown(results: dict) -> str:
         + ", ".join(f"{k} `{v}`" for k, v in meta["drafts"].items())
         + (" (**random, untrained**)" if meta.get("random_drafts") else "")
         + ("; drafts run as " + ", ".join(f"{k} {v}" for k, v in precision.items()) if precision else ""),
-        f"- Greedy, block size {settings['block_size']}, confidence threshold {threshold}, "
-        f"{settings['num_prompts']} prompts per dataset, max {settings['max_new_tokens']} new tokens, "
+        f"- {_decoding_line(settings)}, block size {settings['block_size']}, confidence threshold {threshold}, "
+        f"{_prompt_counts(settings)}, max {settings['max_new_tokens']} new tokens, "
         f"median of {settings['repeats']} repeat(s), methods interleaved per prompt",
         *_hybrid_line(meta),
         f"- Command: `{meta['command']}`",
@@ -147,6 +218,7 @@ def render_markdown(results: dict) -> str:
         render_table(results),
         "",
         *render_headline(results),
+        *render_categories(results),
         *(["", "Where the proposals came from (a cycle's drafts come first, the lookup's continuation after them):", *sources]
           if (sources := render_sources(results)) else []),
         "",
@@ -164,7 +236,8 @@ def render_markdown(results: dict) -> str:
     if results.get("mismatches"):
         lines += ["", f"**GREEDY MISMATCH: {len(results['mismatches'])} output(s) differ from plain decoding.**", ""]
         for m in results["mismatches"]:
-            lines.append(f"- {m['dataset']} `{m['prompt_id']}` {m['method']}: {m['reason']} at new token {m['first_difference']}")
+            decoding = f" ({temperature_label(m['temperature'])})" if m.get("temperature") else ""
+            lines.append(f"- {m['dataset']}{decoding} `{m['prompt_id']}` {m['method']}: {m['reason']} at new token {m['first_difference']}")
     return "\n".join(lines) + "\n"
 
 
@@ -181,16 +254,16 @@ def plot_speedup(results: dict, path: str | Path) -> Path:
     """Grouped bars: speedup over plain decoding per dataset and method."""
     plt = _pyplot()
     rows = results["results"]
-    datasets = list(dict.fromkeys(r["dataset"] for r in rows))
+    groups = list(dict.fromkeys(_group(r) for r in rows))
     methods = list(dict.fromkeys(r["method"] for r in rows))
     width = 0.8 / max(len(methods), 1)
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(datasets) * len(methods) / 3), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) * len(methods) / 3), 4))
     for i, method in enumerate(methods):
-        values = [next((r["speedup"] for r in rows if r["dataset"] == d and r["method"] == method), 0.0) for d in datasets]
-        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(datasets))]
+        values = [next((r["speedup"] for r in rows if _group(r) == g and r["method"] == method), 0.0) for g in groups]
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(groups))]
         ax.bar(xs, values, width, label=method)
     ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    ax.set_xticks(range(len(datasets)), datasets)
+    ax.set_xticks(range(len(groups)), [_group_label(*g) for g in groups])
     ax.set_ylabel("speedup vs plain generate")
     ax.set_title(f"dflare bench ({results['meta']['device']}, {results['meta']['dtype']})")
     ax.legend(fontsize="small")
@@ -204,16 +277,16 @@ def plot_acceptance(results: dict, path: str | Path) -> Path:
     """Per dataset: histogram of accepted drafts per cycle (top) and per-position acceptance (bottom)."""
     plt = _pyplot()
     rows = [r for r in results["results"] if r.get("histogram")]
-    datasets = list(dict.fromkeys(r["dataset"] for r in results["results"]))
-    fig, axes = plt.subplots(2, max(len(datasets), 1), figsize=(4.5 * max(len(datasets), 1), 6), squeeze=False)
-    for column, dataset in enumerate(datasets):
+    groups = list(dict.fromkeys(_group(r) for r in results["results"]))
+    fig, axes = plt.subplots(2, max(len(groups), 1), figsize=(4.5 * max(len(groups), 1), 6), squeeze=False)
+    for column, group in enumerate(groups):
         top, bottom = axes[0][column], axes[1][column]
-        for row in (r for r in rows if r["dataset"] == dataset):
+        for row in (r for r in rows if _group(r) == group):
             total = sum(row["histogram"]) or 1
             top.plot(range(len(row["histogram"])), [c / total for c in row["histogram"]], marker="o", label=f"{row['method']} τ={row['tau']:.2f}")
             curve = row["position_acceptance"]
             bottom.plot([k + 1 for k, v in enumerate(curve) if v is not None], [v for v in curve if v is not None], marker=".", label=row["method"])
-        top.set_title(dataset)
+        top.set_title(_group_label(*group))
         top.set_xlabel("drafts accepted per cycle")
         top.set_ylabel("fraction of cycles")
         bottom.set_xlabel("block position")
@@ -226,4 +299,7 @@ def plot_acceptance(results: dict, path: str | Path) -> Path:
     return Path(path)
 
 
-__all__ = ["plot_acceptance", "plot_speedup", "render_costs", "render_markdown", "render_sources", "render_table"]
+__all__ = [
+    "plot_acceptance", "plot_speedup", "render_categories", "render_costs", "render_markdown", "render_sources", "render_table",
+    "temperature_label",
+]  # fmt: skip

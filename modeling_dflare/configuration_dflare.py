@@ -12,6 +12,32 @@ from transformers import PreTrainedConfig
 FUSION_MODES = ("layerwise", "shared")
 DEFAULT_NUM_TARGET_LAYERS = {"layerwise": 9, "shared": 5}
 
+#: Inclusive ``(lowest, highest)`` value of every size field, checked before anything is built from
+#: them: a zero, a negative or an absurd size in a foreign or corrupted config.json then fails with
+#: the field and value named, instead of a ZeroDivisionError or an attempt to allocate terabytes.
+#: The highest values are far above any published model's (Llama 3.1 405B: hidden 16384,
+#: intermediate 53248, 126 layers, 128 heads; Gemma 3: vocabulary 262144, head_dim 256).
+SIZE_RANGES = {
+    "vocab_size": (1, 1 << 22),
+    "hidden_size": (1, 1 << 16),
+    "intermediate_size": (1, 1 << 18),
+    "num_hidden_layers": (1, 256),
+    "num_attention_heads": (1, 1024),
+    "num_key_value_heads": (1, 1024),
+    "head_dim": (1, 1024),
+    "num_target_hidden_layers": (1, 4096),
+    "block_size": (2, 1024),
+    "max_position_embeddings": (1, 1 << 30),
+}
+
+
+def size_problem(name: str, value) -> str | None:
+    """Why ``value`` cannot be the size field ``name`` (a key of :data:`SIZE_RANGES`), or None."""
+    low, high = SIZE_RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        return f"{name}={value!r}: expected an integer in [{low}, {high}]"
+    return None
+
 
 def spread_layer_ids(num_target_hidden_layers: int, count: int) -> list[int]:
     """``count`` target layer ids spread evenly from the second layer to the second-to-last one.
@@ -118,6 +144,10 @@ class DFlareConfig(PreTrainedConfig):
     eos_token_id: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        try:  # before the defaults below are built from the sizes (a list of num_hidden_layers entries)
+            self.validate_sizes()
+        except ValueError as cause:
+            raise DFlareConfigError(validator="validate_sizes", cause=cause) from cause
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         if self.target_layer_ids is None:
@@ -131,6 +161,14 @@ class DFlareConfig(PreTrainedConfig):
     def num_target_layers(self) -> int:
         """How many target layers feed the context (T)."""
         return len(self.target_layer_ids)
+
+    def validate_sizes(self):
+        """Every size field must be an integer in its :data:`SIZE_RANGES` range (checked first: the
+        other validators divide by head counts and compare ids with the vocabulary)."""
+        for name in SIZE_RANGES:
+            problem = size_problem(name, getattr(self, name))
+            if problem:
+                raise ValueError(f"DFlareConfig.{problem}")
 
     def validate_fusion(self):
         """`fusion` must name a known fusion mode and `fusion_init_logit` must be finite."""
@@ -260,12 +298,21 @@ class DFlareConfigError(StrictDataclassClassValidationError, ValueError):
     promise) and transformers' usual ``StrictDataclassClassValidationError``, so either ``except``
     catches it; the message names the field, the value and what was expected."""
 
+    def __init__(self, validator: str, cause: Exception):
+        super().__init__(validator=validator, cause=cause)
+        self.validator = validator
+        # the cause's own line (field, value, expected) is the message, so a command-line tool that
+        # prints an error's first line shows it rather than the validator's name
+        self.args = (f"{cause} (DFlareConfig.{validator})",)
+
 
 _strict_validate = DFlareConfig.validate
 
 
 def _validate(self) -> None:
-    for validator in type(self).__class_validators__:
+    validators = type(self).__class_validators__
+    # the sizes first: the other validators divide by them and compare ids with them
+    for validator in sorted(validators, key=lambda validator: validator.__name__ != "validate_sizes"):
         try:
             validator(self)
         except ValueError as cause:
@@ -287,4 +334,4 @@ def _first_token_id(*candidates, default: int) -> int:
     return default
 
 
-__all__ = ["DFlareConfig", "DFlareConfigError", "spread_layer_ids"]
+__all__ = ["SIZE_RANGES", "DFlareConfig", "DFlareConfigError", "size_problem", "spread_layer_ids"]

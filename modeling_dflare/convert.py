@@ -21,6 +21,12 @@ converter does not know raises :class:`ConversionError` instead of being dropped
 feature this package's draft does not implement (sliding-window or causal draft layers, DFlash 2's
 convolutions and candidate selector, embedding or logit scaling), since a silently different model
 would generate losslessly but accept far less.
+
+A source folder is foreign input: every size of its config is range-checked before anything is
+built from it, and the shard names of a ``*.index.json`` must name files inside the folder (an
+absolute or ``..`` name is refused), so a crafted checkpoint gets a one-line error and reads or
+allocates nothing else. ``.bin`` weights load with ``torch.load(weights_only=True)``, safe from
+torch 2.6 on (the floor ``setup.cfg`` requires).
 """
 
 import argparse
@@ -29,7 +35,7 @@ import json
 import logging
 import os
 import re
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import torch
 
@@ -85,11 +91,42 @@ class ConversionReport:
 def read_checkpoint(src: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """``(config dict, state dict)`` of a folder with ``config.json`` and safetensors or ``pytorch_model.bin`` weights."""
     src = Path(src)
-    config_path = src / "config.json"
+    return read_config(src), read_state_dict(src)
+
+
+def read_config(src: str | Path) -> dict:
+    """The ``config.json`` of checkpoint folder ``src`` as a dict (a missing or unparsable one is a :class:`ConversionError`)."""
+    config_path = Path(src) / "config.json"
     if not config_path.is_file():
         raise ConversionError(f"{src}: no config.json; expected a checkpoint folder with config.json and weights")
-    config = json.loads(config_path.read_text())
-    return config, read_state_dict(src)
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, ValueError) as error:
+        raise ConversionError(f"{config_path} is not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{config_path} holds a {type(config).__name__}, expected a JSON object")
+    return config
+
+
+def index_shards(src: Path, index: Path) -> list[Path]:
+    """The shard files a ``*.index.json`` names, each confined to ``src``: an absolute name, a
+    ``..`` part or a non-string name is a :class:`ConversionError` (a crafted index would otherwise
+    read any safetensors file on the machine)."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ConversionError(f"{index} is not a safetensors index (no weight_map of tensor -> file: {error!r})") from None
+    shards = []
+    for name in names:
+        posix, windows = PurePosixPath(str(name)), PureWindowsPath(str(name))
+        if (
+            not isinstance(name, str) or not name or posix.is_absolute() or windows.is_absolute() or windows.drive
+            or ".." in posix.parts or ".." in windows.parts
+        ):
+            raise ConversionError(f"{index} names shard {name!r}, outside the checkpoint folder: expected a file name inside {src}")
+        shards.append(src / name)
+    return shards
 
 
 def read_state_dict(src: Path) -> dict[str, torch.Tensor]:
@@ -97,10 +134,11 @@ def read_state_dict(src: Path) -> dict[str, torch.Tensor]:
 
     index = src / "model.safetensors.index.json"
     if index.is_file():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            state.update(load_file(str(src / shard)))
+        for shard in index_shards(src, index):
+            if not shard.is_file():
+                raise ConversionError(f"{index} names shard {shard.name!r}, which is not in {src}")
+            state.update(load_file(str(shard)))
         return state
     files = sorted(src.glob("*.safetensors"))
     if files:
@@ -223,8 +261,54 @@ def _target_layer_ids(config: dict, override: list[int] | None) -> list[int]:
     return [int(i) for i in ids]
 
 
+#: the source config's size fields and the DFlareConfig field whose range each must be in
+_SOURCE_SIZES = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_hidden_layers": "num_hidden_layers",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "num_target_layers": "num_target_hidden_layers",
+    "block_size": "block_size",
+    "max_position_embeddings": "max_position_embeddings",
+}
+_REQUIRED_SIZES = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def check_source_sizes(config: dict) -> None:
+    """Every size of a source config in range (:data:`~modeling_dflare.configuration_dflare.SIZE_RANGES`)
+    before anything is computed or allocated from it; the first one that is not raises a
+    :class:`ConversionError` naming the field and the value."""
+    from .configuration_dflare import SIZE_RANGES, size_problem
+
+    for name, field in _SOURCE_SIZES.items():
+        value = _draft_field(config, name) if name == "block_size" else config.get(name)
+        if value is None:
+            if name in _REQUIRED_SIZES:
+                raise ConversionError(f"the source config has no {name}: expected a Qwen3-style config.json")
+            continue
+        if size_problem(field, value):
+            low, high = SIZE_RANGES[field]
+            raise ConversionError(f"the source config's {name}={value!r}: expected an integer in [{low}, {high}]")
+
+
 def build_dflare_config(config: dict, fusion: str, *, target_layer_ids: list[int] | None = None, target: str | None = None):
-    """A :class:`DFlareConfig` with the geometry and DFlash fields of a Qwen3-style source config."""
+    """A :class:`DFlareConfig` with the geometry and DFlash fields of a Qwen3-style source config.
+
+    Sizes are range-checked first (:func:`check_source_sizes`); whatever else the config gets wrong
+    is the :class:`DFlareConfig` validators' one-line message, as a :class:`ConversionError`."""
+    check_source_sizes(config)
+    try:
+        return _build_dflare_config(config, fusion, target_layer_ids, target)
+    except ConversionError:
+        raise
+    except (TypeError, ValueError) as error:  # DFlareConfigError (a ValueError) says field, value and expected
+        raise ConversionError(f"the source config does not make a valid DFlare config: {str(error).strip().splitlines()[0]}") from error
+
+
+def _build_dflare_config(config: dict, fusion: str, target_layer_ids: list[int] | None, target: str | None):
     from .configuration_dflare import DFlareConfig
 
     ids = _target_layer_ids(config, target_layer_ids)
@@ -243,8 +327,8 @@ def build_dflare_config(config: dict, fusion: str, *, target_layer_ids: list[int
         intermediate_size=int(config["intermediate_size"]),
         num_hidden_layers=num_layers,
         num_attention_heads=heads,
-        num_key_value_heads=int(config.get("num_key_value_heads") or heads),
-        head_dim=int(config.get("head_dim") or int(config["hidden_size"]) // heads),
+        num_key_value_heads=int(heads if config.get("num_key_value_heads") is None else config["num_key_value_heads"]),
+        head_dim=int(int(config["hidden_size"]) // heads if config.get("head_dim") is None else config["head_dim"]),
         hidden_act=config.get("hidden_act", "silu"),
         max_position_embeddings=int(config.get("max_position_embeddings", 8192)),
         rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
@@ -361,7 +445,9 @@ def convert(
     """Convert a ``zlab-dflash`` or ``angelslim-dflare`` checkpoint folder into a DFlare draft folder ``out``."""
     if source_format not in FORMATS:
         raise ConversionError(f"--from {source_format!r}: expected one of {FORMATS}")
-    config_dict, state = read_checkpoint(src)
+    config_dict = read_config(src)
+    check_source_sizes(config_dict)  # before any weight is read or anything is built from a size
+    state = read_state_dict(Path(src))
     _check_source_format(source_format, config_dict, state.keys())
     _check_supported_features(config_dict)
     fusion = "shared" if source_format == "zlab-dflash" else "layerwise"

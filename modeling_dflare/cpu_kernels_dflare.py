@@ -185,7 +185,8 @@ def int8_head(draft: "DFlareModel", rows: torch.Tensor) -> nn.Module:
     cached = draft.__dict__["_dflare_int8"]
     key = (rows.data_ptr(), _version(rows), tuple(rows.shape), rows.device)
     if cached["head"] is None or cached["head"][0] != key:
-        linear = nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+        # built on the meta device: no initialisation, so generate() leaves torch's global RNG alone
+        linear = nn.Linear(rows.shape[1], rows.shape[0], bias=False, device="meta")
         linear.weight = nn.Parameter(rows.detach().float(), requires_grad=False)
         cached["head"] = (key, _quantize_dynamic(nn.Sequential(linear))[0])
     return cached["head"][1]

@@ -21,6 +21,8 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
+import uuid
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -337,10 +339,23 @@ def chat_template_ids(tokenizer, messages: list[dict[str, str]], add_generation_
 
 def write_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> None:
     """Write records atomically (temporary file, then rename)."""
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file of this process's own in the same folder
+    and an atomic rename: a reader (or a crash) meets the old file or the new one, never a torn one,
+    and two processes rewriting the same file never share a temporary file. The text is written as
+    given (no newline translation); the file keeps its permissions (a new one gets 0644)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.chmod(tmp, path.stat().st_mode & 0o7777 if path.exists() else 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path

@@ -239,6 +239,21 @@ def ngram_continuation(sequence: torch.LongTensor, max_ngram: int, count: int, m
     return sequence[:0]
 
 
+#: How drafts are proposed under sampling (``generation_config.dflare_sampling_proposal``, else the
+#: draft config's ``sampling_proposal``): "argmax" proposes the draft's most likely token as a
+#: one-hot distribution (accepted with probability p(x)); "sample" draws it from the draft's own
+#: processed distribution q and hands q to rejection sampling (accepted with 1 - TV(p, q)).
+SAMPLING_PROPOSALS = ("argmax", "sample")
+
+
+def sampling_proposal(generation_config, config) -> str:
+    """The proposal mode of this ``generate`` call; a clear error for an unknown one."""
+    value = _override(generation_config, "dflare_sampling_proposal", getattr(config, "sampling_proposal", None) or "argmax")
+    if value not in SAMPLING_PROPOSALS:
+        raise ValueError(f"dflare_sampling_proposal={value!r}: expected one of {SAMPLING_PROPOSALS}")
+    return value
+
+
 def _override(generation_config, key: str, default):
     """``generation_config.<key>`` where it is set (not None), else ``default``."""
     value = getattr(generation_config, key, None)
@@ -273,6 +288,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         self.mask_token_id = config.mask_token_id
         self.max_length = generation_config.max_length
         self.do_sample = bool(generation_config.do_sample)
+        self.sample_proposal = self.do_sample and sampling_proposal(generation_config, config) == "sample"
         self.logits_processor = logits_processor if logits_processor else None
         self.input_embeddings = target_model.get_input_embeddings()
         head = target_model.get_output_embeddings().weight
@@ -289,6 +305,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         self.stats = DFlareStats(draft_precision=precision)
         assistant_model.dflare_stats = self.stats
         self._last_proposed = self._last_drafted = 0
+        self._proposal_scores: torch.Tensor | None = None  # [1, k, vocab] draft scores the drafts were sampled from
         self._prompt_unpadded: bool | None = None
         self.blocks = self.first_stops = 0  # drafted blocks and those the cut stopped at the first position
 
@@ -340,7 +357,9 @@ class DFlareCandidateGenerator(CandidateGenerator):
         return out.last_hidden_state[:, 1:]
 
     def _propose(self, input_ids: torch.LongTensor, hidden: torch.Tensor) -> torch.LongTensor:
-        """Candidate ids [1, k] from the draft hidden states [1, k, hidden]."""
+        """Candidate ids [1, k] from the draft hidden states [1, k, hidden]. With the sampled proposal,
+        the processed draft scores of the drafted positions are left in ``_proposal_scores``."""
+        self._proposal_scores = None
         if not self.int8:  # the int8 head takes the fp32 states as they are
             hidden = hidden.to(self.head_weight.device, self.head_weight.dtype)
         budget = hidden.shape[1]
@@ -364,7 +383,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
             logits = logits[:, :keep]
         else:
             logits = self._logits(hidden)
-        if self.logits_processor is None:
+        if self.logits_processor is None and not self.sample_proposal:
             ids = logits.argmax(-1)
             ids = ids if self.head_ids is None else self.head_ids[ids]
             return self._lookup(input_ids, ids, budget, sure)
@@ -375,10 +394,18 @@ class DFlareCandidateGenerator(CandidateGenerator):
             full.copy_(logits.float())
         else:
             full[..., self.head_ids] = logits.float()
-        sequence = input_ids
+        sequence, proposal = input_ids, []
         for i in range(full.shape[1]):
-            scores = self.logits_processor(sequence, full[:, i])
-            sequence = torch.cat([sequence, scores.argmax(-1, keepdim=True).to(sequence.device)], dim=-1)
+            scores = full[:, i] if self.logits_processor is None else self.logits_processor(sequence, full[:, i])
+            if self.sample_proposal:
+                # drawn from the draft's own processed distribution, which rejection sampling is then told
+                token = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1)
+                proposal.append(scores.float())
+            else:
+                token = scores.argmax(-1, keepdim=True)
+            sequence = torch.cat([sequence, token.to(sequence.device)], dim=-1)
+        if proposal:
+            self._proposal_scores = torch.stack(proposal, dim=1)
         return self._lookup(input_ids, sequence[:, input_ids.shape[1] :], budget, sure)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -441,6 +468,11 @@ class DFlareCandidateGenerator(CandidateGenerator):
             # One-hot proposal: q(x) = 1 for the proposed token, so acceptance is p(x) and the residual is p without x.
             logits = torch.full((1, candidates.shape[1], self.vocab_size), float("-inf"), device=input_ids.device)
             logits.scatter_(-1, candidates[..., None], 0.0)
+            if self._proposal_scores is not None:
+                # Sampled drafts: q is the distribution each was drawn from, so a draft is accepted with
+                # min(1, p/q) and the residual is (p - q)+. Prompt-lookup tokens after them stay one-hot.
+                sampled = min(self._last_drafted, candidates.shape[1])
+                logits[:, :sampled] = self._proposal_scores[:, :sampled].to(logits.device)
         return torch.cat([input_ids, candidates], dim=-1), logits
 
     def update_candidate_strategy(self, input_ids, scores, num_matches: int):

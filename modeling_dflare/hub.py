@@ -79,10 +79,12 @@ def load_bench_rows(path: str | Path) -> tuple[list[dict], str]:
         if method is None:
             skipped += 1
             continue
-        mismatches = row.get("mismatches")
+        # sampled rows are not compared with plain decoding token by token: no lossless cell for them
+        mismatches = None if row.get("temperature") else row.get("mismatches")
         rows.append({
             "method": method,
-            "dataset": _first(row, "dataset", "task") or "–",
+            # a sampled row (``dflare bench --temperatures``) names its temperature beside the dataset
+            "dataset": (_first(row, "dataset", "task") or "–") + (f" (T={row['temperature']:g})" if row.get("temperature") else ""),
             "acceptance_length": _number(_first(row, "tau", "acceptance_length", "mean_acceptance_length"), 2),
             "tokens_per_s": _number(_first(row, "tokens_per_second", "tokens_per_s", "throughput"), 1),
             "speedup": _number(_first(row, "speedup", "speedup_vs_plain"), 2, "x"),
@@ -111,8 +113,11 @@ def _bench_context(meta: dict | None) -> str:
         parts.append(f"{settings['num_prompts']} prompts per dataset")
     if settings.get("max_new_tokens"):
         parts.append(f"{settings['max_new_tokens']} new tokens")
+    sampled = [t for t in settings.get("temperatures") or [] if t]
     if settings.get("greedy"):
         parts.append("greedy decoding")
+    elif sampled:
+        parts.append(("greedy decoding and " if 0 in settings["temperatures"] else "") + "sampling at temperature " + ", ".join(f"{t:g}" for t in sampled))
     return ", ".join(parts) + "."
 
 
@@ -219,9 +224,10 @@ def write_model_card(draft_dir, *, base_model: str, datasets: list[str], trainin
     """
     card = render_model_card(draft_dir, base_model=base_model, datasets=datasets, training=training,
                              bench_json=bench_json, license=license, repo_id=repo_id, prompt_sources=prompt_sources)
-    path = Path(draft_dir) / "README.md"
-    card.save(path)
-    return path
+    from .data import write_text_atomic
+
+    # through a temporary file and a rename: a rewrite (dflare tune-cut) never leaves a torn card
+    return write_text_atomic(Path(draft_dir) / "README.md", str(card))
 
 
 def check_model_card(path: Path) -> list[str]:

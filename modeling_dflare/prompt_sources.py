@@ -21,8 +21,9 @@ its dependencies):
   each under its own BSD-style licence): more HumanEval-shaped prompts once the standard library's
   are all answered.
 
-None overlaps the benchmark: HumanEval's problems and the benchmark's own generated arithmetic
-problems (:mod:`modeling_dflare.bench_datasets`) are never among them, and the instructions are
+None overlaps the benchmark: the standard sets' questions (MT-Bench, HumanEval, CHAMP) and the
+benchmark's own generated arithmetic problems (:mod:`modeling_dflare.bench_datasets`) are never
+among them (tests/test_prompt_sources.py compares their word 8-grams), and the instructions are
 worded differently from the benchmark's. The answers are the target's own (``dflare regenerate
 --data gsm-symbolic``), so only the questions come from these sources.
 """

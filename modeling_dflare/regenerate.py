@@ -18,7 +18,7 @@ number at the moment it is written, never one another process holds.
 
 ``dflare regenerate --pack`` folds the finished shards into one compressed ``part-NNNNN.jsonl.gz``
 (what a project commits: a few MB for thousands of answers). Packed parts count as answered, so a
-later run, in another session or on another machine, continues where the committed data stops.
+later run, on this machine or another, continues where the committed data stops.
 """
 
 import contextlib
@@ -27,6 +27,9 @@ import gzip
 import json
 import logging
 import os
+import re
+import uuid
+import zlib
 from pathlib import Path
 
 import torch
@@ -113,13 +116,31 @@ def answer_files(out_dir: Path) -> list[Path]:
     return sorted(out_dir.glob("part-*.jsonl.gz")) + sorted(out_dir.glob("shard-*.jsonl"))
 
 
+class AnswerFileError(ValueError):
+    """A line of an answer file (packed part or shard) that is no JSON record: the file and line are named."""
+
+
 def _iter_records(out_dir: Path):
     for path in answer_files(out_dir):
         opener = gzip.open if path.suffix == ".gz" else open
         with opener(path, "rt", encoding="utf-8") as handle:
-            for line in handle:
-                if line.strip():
-                    yield json.loads(line)
+            number = 0
+            try:
+                for number, line in enumerate(handle, start=1):
+                    if not line.strip():
+                        continue
+                    try:
+                        record = json.loads(line)
+                    except ValueError as error:
+                        raise AnswerFileError(
+                            f"{path}, line {number}: not a JSON record ({error}); the file is torn or was edited: "
+                            "restore it, or move it out of the folder and regenerate its answers"
+                        ) from None
+                    if not isinstance(record, dict) or "id" not in record or "messages" not in record:
+                        raise AnswerFileError(f"{path}, line {number}: a record without 'id' and 'messages'")
+                    yield record
+            except (EOFError, OSError, UnicodeDecodeError, zlib.error) as error:  # a compressed part cut short
+                raise AnswerFileError(f"{path}, line {number + 1}: unreadable ({error}); restore the file") from None
 
 
 def done_ids(out_dir: Path) -> set[str]:
@@ -132,24 +153,54 @@ def read_regenerated(out_dir: str | Path) -> list[Conversation]:
     return [Conversation(record["id"], record["messages"]) for record in _iter_records(Path(out_dir))]
 
 
+_PART = re.compile(r"part-(\d+)\.jsonl\.gz")
+
+
 def pack_shards(out_dir: str | Path) -> Path | None:
     """Fold the loose shards into one new ``part-NNNNN.jsonl.gz``; returns it (None: nothing to pack).
 
-    The part is written under a temporary name and renamed before any shard is removed, so an
-    interruption leaves either the shards or the part, never neither.
+    The part is numbered after the highest existing one (not by their count: a gap in the numbers
+    would otherwise make the new part overwrite the last one) and claimed by exclusive creation, so
+    it never replaces an existing part, whoever else packs the folder at the same time. It is
+    written under a temporary name of this process's own and renamed onto the claim before any
+    shard is removed, so an interruption leaves either the shards or the part, never neither.
+    Every shard is read (and checked to be JSON records) before anything is written.
     """
     out_dir = Path(out_dir)
     shards = sorted(out_dir.glob("shard-*.jsonl"))
     if not shards:
         return None
-    part = out_dir / f"part-{len(list(out_dir.glob('part-*.jsonl.gz'))):05d}.jsonl.gz"
-    tmp = part.with_name(part.name + ".tmp")
-    # mtime=0: the same answers always give the same bytes, so git sees no spurious change.
-    with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as gz:
-        for shard in shards:
-            gz.write(shard.read_bytes())
-    os.chmod(tmp, 0o644)
-    tmp.replace(part)
+    contents = []
+    for shard in shards:
+        data = shard.read_bytes()
+        for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as error:
+                    raise AnswerFileError(f"{shard}, line {number}: not a JSON record ({error}); nothing was packed") from None
+        contents.append(data if data.endswith(b"\n") or not data else data + b"\n")
+    tmp = out_dir / f".part-{os.getpid()}-{uuid.uuid4().hex[:12]}.jsonl.gz.tmp"
+    try:
+        # mtime=0: the same answers always give the same bytes, so git sees no spurious change.
+        with open(tmp, "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", compresslevel=9, mtime=0) as gz:
+            for data in contents:
+                gz.write(data)
+        os.chmod(tmp, 0o644)
+        numbers = [int(m.group(1)) for p in out_dir.glob("part-*.jsonl.gz") if (m := _PART.fullmatch(p.name))]
+        number = max(numbers, default=-1) + 1
+        while True:
+            part = out_dir / f"part-{number:05d}.jsonl.gz"
+            try:
+                os.close(os.open(part, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            except FileExistsError:
+                number += 1
+                continue
+            break
+        tmp.replace(part)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     for shard in shards:
         shard.unlink()
     return part

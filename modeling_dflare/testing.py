@@ -278,8 +278,10 @@ class OracleDraft(DFlareModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out.past_key_values)
 
 
-def make_oracle(target, prompt, fusion="layerwise", block_size=4, corruption=0.0, seed=0, extra_tokens=64, attention_mask=None, position_offset=0, **kwargs):
-    """An :class:`OracleDraft` primed with the target's greedy continuation of ``prompt``."""
+def make_oracle(
+    target, prompt, fusion="layerwise", block_size=4, corruption=0.0, seed=0, extra_tokens=64, attention_mask=None, position_offset=0, cls=None, **kwargs
+):
+    """An :class:`OracleDraft` (or subclass ``cls``) primed with the target's greedy continuation of ``prompt``."""
     config = target.generation_config
     saved = config.eos_token_id
     config.eos_token_id = None
@@ -287,7 +289,7 @@ def make_oracle(target, prompt, fusion="layerwise", block_size=4, corruption=0.0
         reference = greedy(target, prompt, attention_mask=attention_mask, max_new_tokens=extra_tokens, min_new_tokens=extra_tokens)
     finally:
         config.eos_token_id = saved
-    draft = make_draft(target, fusion=fusion, block_size=block_size, cls=OracleDraft, **kwargs)
+    draft = make_draft(target, fusion=fusion, block_size=block_size, cls=cls or OracleDraft, **kwargs)
     return draft.prime(target, reference, corruption, seed, attention_mask, position_offset), reference
 
 

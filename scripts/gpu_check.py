@@ -408,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--curve-deadline", type=float, default=None, metavar="SECONDS",
-        help="start no new curve point after this many seconds from the start (keeps a lent machine's time for the training section)",
+        help="start no new curve point after this many seconds from the start (keeps a time-limited machine's time for the training section)",
     )
     args = parser.parse_args(argv)
     device = torch.device(args.device)

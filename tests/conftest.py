@@ -1,9 +1,9 @@
 """Shared fixtures. The helpers themselves (tiny targets of every architecture, tokenizers, random and
 oracle drafts, counters) live in :mod:`modeling_dflare.testing`, their one home; this file re-exports
-them for the tests and adds the session fixtures and the strict-skip policy.
+them for the tests and adds the fixtures shared by the whole test run and the strict-skip policy.
 
 Tiny means vocab ~100, hidden 32, 2 to 4 layers: every test here must run on 2 busy CPU cores.
-The real SmolLM2 target is loaded once per session, only by tests that ask for ``smollm2``.
+The real SmolLM2 target is loaded once per test run, only by tests that ask for ``smollm2``.
 """
 
 import functools

@@ -1,5 +1,6 @@
-"""`dflare bench` end to end on a tiny random target, and its refusal of a lossy verifier."""
+"""`dflare bench` end to end on a tiny random target (greedy and sampled), and its refusal of a lossy verifier."""
 
+import dataclasses
 import json
 import struct
 
@@ -38,6 +39,7 @@ def bench_argv(root, out, *extra):
         "--max-new-tokens", "12",
         "--max-prompt-tokens", "400",
         "--cost-repeats", "1",
+        "--temperatures", "0",
         "--output-dir", str(out),
         *extra,
     ]  # fmt: skip
@@ -188,6 +190,110 @@ def test_hybrid_looks_up_with_the_drafts_own_longest_ngram_unless_told():
     assert bench.generation_config_for("dflare", target, settings, draft(6)).dflare_prompt_lookup_ngram == 0
 
 
+def test_bench_samples_at_each_temperature_and_reports_mtbench_per_category(tiny_setup, tmp_path):
+    """``--temperatures 0 0.7 1.0`` on the real MT-Bench and CHAMP prompts: a row per dataset, method
+    and temperature; sampled repeats agree under their seed; a per-category table for MT-Bench."""
+    out = tmp_path / "out"
+    methods = ["plain", "dflare", "dflare-hybrid", "dflare-stock", "prompt-lookup"]
+    argv = bench_argv(tiny_setup, out, "--datasets", "mtbench", "champ", "--num-prompts", "2", "mtbench=8", "--repeats", "2",
+                      "--temperatures", "0", "0.7", "1.0", "--methods", *methods, "--no-plots")
+    assert cli.main(argv) == 0
+    results = json.loads((out / "bench.json").read_text())
+    assert results["ok"] and results["mismatches"] == []  # greedy: identical to plain; sampled: repeats identical
+    settings = results["meta"]["settings"]
+    assert settings["temperatures"] == [0.0, 0.7, 1.0] and settings["greedy"] is False
+    assert settings["num_prompts_by_dataset"] == {"mtbench": 8, "champ": 2}
+    rows = {(r["dataset"], r["method"], r["temperature"]): r for r in results["results"]}
+    assert set(rows) == {(d, m, t) for d in ("mtbench", "champ") for m in methods for t in (0.0, 0.7, 1.0)}
+    for (dataset, method, temperature), row in rows.items():
+        assert row["prompts"] == (8 if dataset == "mtbench" else 2) and row["new_tokens"] > 0
+        assert row["tau"] >= 1.0 and row["speedup"] > 0 and row["mismatches"] == 0
+        if method == "plain":
+            assert row["speedup"] == pytest.approx(1.0)
+        elif temperature > 0:  # sampled: per new token, as the texts (and lengths) differ
+            plain = rows[(dataset, "plain", temperature)]
+            assert row["speedup"] == pytest.approx(row["tokens_per_second"] / plain["tokens_per_second"])
+    # sampling really sampled: plain's texts at 0.7 are not all the greedy ones
+    texts = {}
+    for prompt in results["per_prompt"]:
+        texts.setdefault(prompt["temperature"], []).append(prompt["plain_text"])
+    assert texts[0.7] != texts[0.0] and texts[1.0] != texts[0.0]
+    # the categories: MT-Bench's 8 prompts are one per category, taken in turn
+    categories = [r for r in results["categories"] if r["dataset"] == "mtbench" and r["method"] == "dflare" and r["temperature"] == 0.7]
+    assert [r["category"] for r in categories] == ["writing", "roleplay", "reasoning", "math", "coding", "extraction", "stem", "humanities"]
+    assert all(r["prompts"] == 1 for r in categories)
+    assert sum(r["new_tokens"] for r in categories) == rows[("mtbench", "dflare", 0.7)]["new_tokens"]
+    markdown = (out / "bench.md").read_text()
+    lines = markdown.splitlines()
+    assert "Greedy and sampling at temperature 0.7, 1 (no top-k/top-p" in markdown
+    for temperature, label in ((0.0, "mtbench"), (0.7, "mtbench (T=0.7)"), (1.0, "mtbench (T=1)")):
+        start = lines.index(f"Per category, {label} (τ / speedup vs plain):")
+        table = lines[start + 2 : start + 13]
+        assert table[0] == "| Category | Prompts | " + " | ".join(methods[1:]) + " |"
+        assert [line.split("|")[1].strip() for line in table[2:]] == [r["category"] for r in categories] + ["**overall**"]
+        for category_row in (r for r in results["categories"] if r["dataset"] == "mtbench" and r["temperature"] == temperature and r["method"] == "dflare"):
+            line = next(l for l in table if l.startswith(f"| {category_row['category']} |"))
+            assert line.split("|")[3].strip() == f"{category_row['tau']:.2f} / {category_row['speedup']:.2f}x"
+        overall = rows[("mtbench", "dflare", temperature)]
+        assert table[-1].split("|")[3].strip() == f"{overall['tau']:.2f} / {overall['speedup']:.2f}x"
+    assert "Per category, champ (T=0.7) (τ / speedup vs plain):" in markdown  # CHAMP has categories too
+    assert any(l.startswith("| mtbench | dflare | T=0.7 |") and l.endswith("| n/a (sampled) |") for l in lines)
+    assert any(l.startswith("| mtbench | dflare | greedy |") and l.endswith("| yes |") for l in lines)
+
+
+def test_sampled_runs_are_plain_temperature_sampling_and_reproducible(tiny_setup):
+    """A sampled ``plain`` run draws its first token exactly as softmax(logits / T) with torch's
+    generator seeded (no top-k, top-p or other warper, whatever generate's defaults); the same seed
+    gives the same tokens, for ``plain`` and for the draft."""
+    from modeling_dflare.targets import load_target
+
+    target = load_target(str(tiny_setup / "target"))
+    draft = DFlareModel.from_pretrained(str(tiny_setup / "dflare")).eval()
+    target.generation_config.top_k, target.generation_config.top_p = 5, 0.5  # what the model's own config might carry
+    clock = bench.Clock(target.device)
+    input_ids = torch.tensor([[2, 5, 9, 14, 20, 7, 3]])
+    one = bench.Settings(max_new_tokens=1, block_size=4, confidence_threshold=None, prompt_lookup_tokens=10, temperature=0.7)
+    for seed in range(12):
+        got = bench.generate_once("plain", target, input_ids, {}, one, clock, seed).tokens
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            logits = target(input_ids).logits[0, -1].float()
+        assert got == torch.multinomial(torch.softmax(logits / 0.7, dim=-1), 1).tolist(), seed
+    config = bench.generation_config_for("plain", target, one)
+    assert (config.do_sample, config.temperature, config.top_k, config.top_p) == (True, 0.7, 0, 1.0)
+    longer = dataclasses.replace(one, max_new_tokens=24, temperature=1.0)
+    for method, drafts in (("plain", {}), ("dflare", {"dflare": draft})):
+        # the draft's first generate builds its cached int8 head, drawing from torch's random state
+        # (the bench warms every method up first, so no timed run is such a first one)
+        bench.generate_once(method, target, input_ids, drafts, longer, clock, 0)
+        first, again, other = (bench.generate_once(method, target, input_ids, drafts, longer, clock, seed).tokens for seed in (7, 7, 8))
+        assert first == again and first != other, method
+    greedy_config = bench.generation_config_for("plain", target, dataclasses.replace(one, temperature=0.0))
+    assert greedy_config.do_sample is False
+    assert bench.sample_seed(0, "mtbench", "mtbench/81", 0.7) == bench.sample_seed(0, "mtbench", "mtbench/81", 0.7)
+    assert len({bench.sample_seed(0, "mtbench", "mtbench/81", 0.7), bench.sample_seed(1, "mtbench", "mtbench/81", 0.7),
+                bench.sample_seed(0, "mtbench", "mtbench/81", 1.0), bench.sample_seed(0, "mtbench", "mtbench/82", 0.7)}) == 4
+
+
+def test_bench_defaults_lead_with_the_standard_sets_and_counts_per_dataset():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args([])
+    assert args.datasets == ["mtbench", "humaneval", "champ", "sharegpt"] and args.temperatures == [0.0, 0.7, 1.0]
+    assert bench.prompt_counts(args) == {"mtbench": 8, "humaneval": 8, "champ": 8, "sharegpt": 8}
+    args = parser.parse_args(["--num-prompts", "4", "mtbench=80"])
+    assert bench.prompt_counts(args) == {"mtbench": 80, "humaneval": 4, "champ": 4, "sharegpt": 4}
+    args = parser.parse_args(["--num-prompts", "mtbench=80", "--datasets", "mtbench", "math"])
+    assert bench.prompt_counts(args) == {"mtbench": 80, "math": 8}
+    for bad in (["mtbnch=3"], ["0"], ["many"]):
+        with pytest.raises(ValueError, match="--num-prompts"):
+            bench.prompt_counts(parser.parse_args(["--num-prompts", *bad]))
+    with pytest.raises(ValueError, match="--temperatures"):
+        bench.validate_arguments(parser.parse_args(["--temperatures", "-0.5"]))
+
+
 def test_math_problems_are_reproducible():
     first, again, other = math_problem(7), math_problem(7), math_problem(8)
     assert first == again and first.messages != other.messages
@@ -222,7 +328,7 @@ def test_bench_smollm2_lossless(smollm2):
     bench.add_arguments(parser)
     args = parser.parse_args(
         ["--random-drafts", "--datasets", "math", "--num-prompts", "1", "--max-new-tokens", "12", "--cost-repeats", "1", "--repeats", "1",
-         "--methods", "plain", "plain-fast", "dflare", "dflare-stock", "prompt-lookup"]
+         "--methods", "plain", "plain-fast", "dflare", "dflare-stock", "prompt-lookup", "--temperatures", "0"]
     )  # fmt: skip
     methods = [bench.BASELINE] + [m for m in args.methods if m != bench.BASELINE]
     drafts = bench.load_drafts(args, target, methods, target.device, target.dtype)

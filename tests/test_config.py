@@ -253,3 +253,45 @@ def test_same_name_other_weights_warns(caplog, fresh_warnings):
     assert "trained against other weights of 'HuggingFaceTB/SmolLM2-135M-Instruct'" in caplog.text
     prompt = random_prompt(5)
     assert greedy(target, prompt, max_new_tokens=5, assistant_model=draft).tolist() == greedy(target, prompt, max_new_tokens=5).tolist()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("num_key_value_heads", 0),
+        ("num_attention_heads", 0),
+        ("head_dim", 0),
+        ("hidden_size", -8),
+        ("intermediate_size", 0),
+        ("vocab_size", 10**12),
+        ("num_hidden_layers", 10**12),
+        ("num_target_hidden_layers", 0),
+        ("block_size", 10**9),
+        ("max_position_embeddings", 0),
+    ],
+)
+def test_sizes_out_of_range_name_field_and_value_before_anything_is_built(tmp_path, field, value):
+    """A size out of range (zero heads, a negative width, a trillion layers) in a config.json is a
+    ValueError naming the field and value when the config loads, before any division by it and before
+    any list or tensor is built from it (no ZeroDivisionError, no MemoryError); its message is one line."""
+    import json
+
+    DFlareConfig(vocab_size=100, mask_token_id=3, num_target_hidden_layers=8).save_pretrained(tmp_path)
+    data = json.loads((tmp_path / "config.json").read_text())
+    data[field] = value
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError) as info:
+        DFlareConfig.from_pretrained(tmp_path)
+    assert isinstance(info.value, DFlareConfigError)
+    message = str(info.value)
+    assert f"{field}={value}" in message and "expected an integer in [" in message, message
+    assert "\n" not in message
+    with pytest.raises(ValueError, match=f"{field}={value}"):
+        DFlareModel.from_pretrained(tmp_path)
+
+
+def test_a_size_assigned_later_is_checked_before_the_validators_that_divide_by_it():
+    config = DFlareConfig()
+    config.num_key_value_heads = 0  # assignment only type-checks
+    with pytest.raises(ValueError, match=r"num_key_value_heads=0: expected an integer in \[1, "):
+        config.validate()

@@ -254,6 +254,68 @@ def test_unsupported_source_features_raise(tmp_path, change, message):
         convert(tmp_path / "src", tmp_path / "out", "zlab-dflash")
 
 
+@pytest.mark.parametrize("name", ["../outside.safetensors", "ABSOLUTE", "sub/../../outside.safetensors"])
+def test_index_shard_names_outside_the_source_folder_are_refused(tmp_path, name, capsys):
+    """A foreign ``model.safetensors.index.json`` naming a file outside its folder (``..`` or an
+    absolute path) is refused in one line, naming the shard; the outside file is never read."""
+    src = tmp_path / "src"
+    state = write_checkpoint(src, qwen3_draft_config("DFlashDraftModel", 2, [1, 2]), zlab_tensors(2, 2))
+    (src / "model.safetensors").rename(tmp_path / "outside.safetensors")  # a complete checkpoint, but outside
+    name = str(tmp_path / "outside.safetensors") if name == "ABSOLUTE" else name
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": dict.fromkeys(state, name)}))
+    with pytest.raises(ConversionError, match="outside the checkpoint folder") as error:
+        convert(src, tmp_path / "out", "zlab-dflash")
+    assert repr(name) in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit, match="outside the checkpoint folder"):
+        cli.main(["convert", "--from", "zlab-dflash", str(src), str(tmp_path / "out2")])
+    assert not (tmp_path / "out2").exists()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_key_value_heads", 0), ("num_attention_heads", 0), ("hidden_size", -32), ("vocab_size", 10**12),
+     ("num_hidden_layers", "2"), ("intermediate_size", 2**40), ("head_dim", 0), ("block_size", 1)],
+)
+def test_source_config_sizes_out_of_range_are_refused_before_any_weight_is_read(tmp_path, monkeypatch, field, value):
+    """Every size of a foreign config.json is range-checked first: a zero head count is a one-line
+    ConversionError naming the field and value (not a ZeroDivisionError, nor a silent fallback to
+    another count), and no weight file is read before it."""
+    import modeling_dflare.convert as convert_module
+
+    config = qwen3_draft_config("DFlashDraftModel", 2, [1, 2])
+    if field == "num_attention_heads":
+        del config["head_dim"]  # the head size would be hidden_size // num_attention_heads
+    config[field] = value
+    write_checkpoint(tmp_path / "src", config, zlab_tensors(2, 2))
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("weights were read before the config's sizes were checked")
+
+    monkeypatch.setattr(convert_module, "read_state_dict", no_weights)
+    with pytest.raises(ConversionError) as error:
+        convert(tmp_path / "src", tmp_path / "out", "zlab-dflash")
+    message = str(error.value)
+    assert f"{field}={value!r}" in message and "expected an integer in [" in message and "\n" not in message, message
+    assert not (tmp_path / "out").exists()
+
+
+def test_declared_torch_floor_has_a_safe_weights_only_load():
+    """``.bin`` sources load with ``torch.load(weights_only=True)``, which torch before 2.6 lets a crafted
+    file bypass: the declared range must start at 2.6 (its upper bound stays what was tested)."""
+    import configparser
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    setup = configparser.ConfigParser()
+    setup.read(Path(__file__).resolve().parent.parent / "setup.cfg")
+    lines = [line.strip() for line in setup["options"]["install_requires"].splitlines()]
+    torch_requirement = next(Requirement(line) for line in lines if line.startswith("torch"))
+    assert "2.5.1" not in torch_requirement.specifier and "2.4.0" not in torch_requirement.specifier
+    assert "2.6.0" in torch_requirement.specifier and torch.__version__.split("+")[0] in torch_requirement.specifier
+
+
 def _shared_draft(tmp_path, target):
     torch.manual_seed(3)
     config = DFlareConfig.from_target_config(target.config, num_hidden_layers=2, fusion="shared", block_size=4, mask_token_id=5)

@@ -222,7 +222,7 @@ def test_dflare_sampling_follows_the_target_distribution(case):
 def test_fuzz_ran_enough_cases():
     """Runs after the property test (file order): report and check how many cases really ran."""
     if RAN["cases"] == 0:
-        pytest.skip("the property test did not run in this session")
+        pytest.skip("the property test did not run in this test run")
     print(
         f"\nfuzz ({SEED_NOTE}): {RAN['cases']} greedy cases ran, {RAN['accepted_cases']} with accepted drafts "
         f"(fewer target forwards than new tokens); {RAN['sampling_cases']} sampling cases, "

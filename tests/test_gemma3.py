@@ -5,7 +5,7 @@ sliding-window layers between full-attention ones, extra norms around attention 
 vocabulary tied to the embeddings. With a random draft (every block rejected at once) and with an
 oracle draft that knows the target's greedy continuation but is corrupted at random positions (blocks
 accepted in part), DFlare's greedy text must equal plain greedy text token for token, on both
-generation paths. Slow: the GGUF is dequantised once per session.
+generation paths. Slow: the GGUF is dequantised once per test run.
 """
 
 import pytest

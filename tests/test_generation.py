@@ -434,6 +434,14 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
     # hidden states are the target's own on its greedy path, so drafted pairs are often accepted.
     primed, _ = make_oracle(target, prompt, block_size=4)
     runs.append(("real _propose, primed draft", dict(assistant_model=primed), 8))
+    # Sampled proposals: drafts drawn from the draft's own processed distribution q, handed to
+    # rejection sampling as q (accepted with min(1, p/q), residual (p - q)+).
+    sampled = sampled_proposal_config(target)
+    runs.append(("sampled proposal, primed draft", dict(assistant_model=primed, generation_config=sampled), 9))
+    runs.append(("sampled proposal, random draft", dict(assistant_model=random_draft, generation_config=sampled), 10))
+    if setting == "t1":
+        runs.append(("sampled proposal, reduced vocab + cut", dict(assistant_model=reduced, generation_config=sampled), 11))
+        runs.append(("sampled proposal, hybrid", dict(assistant_model=hybrid, generation_config=sampled), 12))
     for name, kwargs, seed in runs:
         samples, accepted, lookups = sample_continuations(target, prompt, n, seed, NEW_TOKENS, **settings, **kwargs)
         pvalue = chi_square_pvalue(samples, probs)
@@ -441,11 +449,59 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
         if name == "oracle draft":
             # The oracle's proposals were verified and often accepted (else this would test little).
             assert accepted > n / 2, accepted
-        if name == "real _propose, primed draft":
+        if name in ("real _propose, primed draft", "sampled proposal, primed draft"):
             assert accepted > n / 4, accepted  # drafted tokens were really accepted, so (t2, t3) tests them
         if name == "prompt-lookup hybrid":
             # with 8 tokens, lookups match and some proposals survive: the hybrid path really ran
             assert lookups > n / 4 and accepted > 0, (lookups, accepted)
+
+
+def sampled_proposal_config(target) -> GenerationConfig:
+    config = GenerationConfig(**target.generation_config.to_dict())
+    config.dflare_sampling_proposal = "sample"
+    return config
+
+
+class WrongQGenerator(DFlareCandidateGenerator):
+    """WRONG on purpose: samples its drafts from the draft's q but tells rejection sampling that q
+    was uniform, so a draft is accepted with min(1, V * p(x)): the bug of reporting another
+    distribution than the one the token was drawn from. (Reporting them as one-hot would be exact:
+    the one-hot rule holds for any proposal drawn independently of the verifier.)"""
+
+    def get_candidates(self, input_ids, *args, **kwargs):
+        candidates, logits = super().get_candidates(input_ids, *args, **kwargs)
+        return candidates, (torch.zeros_like(logits) if logits is not None else None)
+
+
+class WrongQDraft(DFlareModel):
+    candidate_generator_class = WrongQGenerator
+
+
+def test_sampled_proposal_is_accepted_more_often_and_its_q_matters(sampling_target):
+    """A draft that knows the target's distribution gets more drafts accepted when it samples from
+    that distribution than when it proposes its argmax (1 - TV(p, q) against p(argmax)); and telling
+    rejection sampling another q than the one a draft was drawn from is caught by the same test."""
+    settings = SAMPLING_SETTINGS["t1"]
+    prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
+    probs = exact_joint(sampling_target, prompt, warpers_for(settings), NEW_TOKENS)
+    primed, _ = make_oracle(sampling_target, prompt, block_size=4)
+    sampled = sampled_proposal_config(sampling_target)
+    _, argmax_accepted, _ = sample_continuations(sampling_target, prompt, 300, 13, NEW_TOKENS, assistant_model=primed, **settings)
+    _, sample_accepted, _ = sample_continuations(
+        sampling_target, prompt, 300, 13, NEW_TOKENS, assistant_model=primed, generation_config=sampled, **settings
+    )
+    assert sample_accepted > argmax_accepted, (sample_accepted, argmax_accepted)
+    wrong = make_draft(sampling_target, block_size=4, cls=WrongQDraft)
+    samples, _, _ = sample_continuations(sampling_target, prompt, 600, 14, NEW_TOKENS, assistant_model=wrong, generation_config=sampled, **settings)
+    assert chi_square_pvalue(samples, probs) < 1e-6
+
+
+def test_unknown_sampling_proposal_is_a_clear_error(sampling_target):
+    draft = make_draft(sampling_target, block_size=4)
+    config = sampled_proposal_config(sampling_target)
+    config.dflare_sampling_proposal = "nucleus"
+    with pytest.raises(ValueError, match="dflare_sampling_proposal='nucleus'"):
+        sampling_target.generate(random_prompt(4, vocab=SAMPLING_VOCAB), do_sample=True, max_new_tokens=4, assistant_model=draft, generation_config=config)
 
 
 def test_chi_square_rejects_a_biased_verifier(sampling_target):

@@ -31,7 +31,7 @@ def test_gpu_check_cpu_mode(tmp_path):
 
 
 def test_gpu_check_keeps_what_it_measured_when_a_section_fails(tmp_path, monkeypatch):
-    """A lent GPU machine gives one try: a section that breaks is reported, the others still run
+    """A rented GPU machine may give one try: a section that breaks is reported, the others still run
     and the JSON / markdown are written."""
     import importlib.util
 

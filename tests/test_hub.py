@@ -559,3 +559,17 @@ def test_shipped_draft_is_publishable(name, tmp_path):
 
         export_zlab_dflash(folder, tmp_path / "zlab", drop_draft_vocab=True)
         assert (tmp_path / "zlab" / "model.safetensors").is_file()
+
+
+def test_card_rows_name_a_sampled_rows_temperature_and_claim_no_losslessness_for_it(tmp_path):
+    """``dflare bench --temperatures``: a sampled row's dataset cell names its temperature, and it has
+    no lossless cell (sampled texts are not compared with plain decoding token by token)."""
+    rows = [
+        {"dataset": "mtbench", "method": "dflare", "temperature": 0.0, "tau": 2.5, "speedup": 1.6, "mismatches": 0},
+        {"dataset": "mtbench", "method": "dflare", "temperature": 0.7, "tau": 2.1, "speedup": 1.3, "mismatches": 0},
+    ]
+    meta = {"settings": {"num_prompts": 8, "max_new_tokens": 128, "greedy": False, "temperatures": [0.0, 0.7]}}
+    (tmp_path / "bench.json").write_text(json.dumps({"meta": meta, "results": rows}))
+    cells, context = load_bench_rows(tmp_path / "bench.json")
+    assert [(c["dataset"], c["lossless"]) for c in cells] == [("mtbench", "yes"), ("mtbench (T=0.7)", "–")]
+    assert "greedy decoding and sampling at temperature 0.7" in context

@@ -1,13 +1,27 @@
 """The math and code prompt sources (reasoning-gym's GSM-Symbolic and CodeI/O), read from the real
 installed package: reproducible ids and text, held-out splits by id, no benchmark prompt among them."""
 
+import collections
 import importlib.util
+import re
+from pathlib import Path
 
 import pytest
 
 from modeling_dflare import prompt_sources
-from modeling_dflare.bench_datasets import iter_prompts
-from modeling_dflare.data import read_conversations, split_conversations
+from modeling_dflare.bench_datasets import CHAMP_INSTRUCTION, HUMANEVAL_INSTRUCTION, iter_prompts
+from modeling_dflare.data import read_conversations, read_jsonl, read_sharegpt, split_conversations
+
+#: the answers regenerated from the training sources (and their held-out splits) in the repository
+DATASETS_DIR = Path(__file__).resolve().parent.parent / "datasets"
+#: standard-set questions and training texts are compared as lowercase runs of letters and digits ...
+WORD = re.compile(r"[a-z0-9]+")
+#: ... by the word 8-grams they share
+OVERLAP_NGRAM = 8
+#: a question copied into a training prompt shares all of its 8-grams; the most any standard question
+#: shares today is a stock phrase of a short problem ("positive integer solutions to the equation
+#: x^2+y^2+z^2 ...": 3 of 8), and a few percent for the rest
+MAX_SHARED = 0.5
 
 
 def test_gsm_symbolic_is_reproducible_and_varied():
@@ -52,6 +66,82 @@ def test_no_benchmark_prompt_is_a_training_prompt():
         assert problem_text not in math_text
     # and the benchmark's instructions are not the training prompts' wording
     assert "Complete this Python function" not in code and "End with a line 'Answer:" not in math_text
+
+
+def standard_set_questions() -> list[tuple[str, str]]:
+    """(id, question) of every prompt of the benchmark's standard sets: MT-Bench's first turns,
+    HumanEval's problems and CHAMP's, each without the instruction the benchmark wraps it in."""
+    return (
+        [(p.id, p.messages[-1]["content"]) for p in iter_prompts("mtbench")]
+        + [(p.id, p.meta["problem"]["prompt"]) for p in iter_prompts("humaneval")]
+        + [(p.id, p.meta["problem"]) for p in iter_prompts("champ")]
+    )
+
+
+def training_and_tuning_texts():
+    """(source, text) of every message a training or tuning prompt can hold: each prompt source as
+    ``dflare regenerate`` reads it; all of ShareGPT, every turn (its held-out tune half steers tuning,
+    and later turns' prompts carry the earlier replies); and the prompts (all but the answer) of the
+    regenerated answers under datasets/, training and held-out."""
+    for name, reader in prompt_sources.PROMPT_SOURCES.items():
+        for conversation in reader()[0]:
+            for message in conversation.messages:
+                yield name, message["content"]
+    for conversation in read_sharegpt()[0]:
+        for message in conversation.messages:
+            yield "sharegpt", message["content"]
+    files = [path for pattern in ("*/train*/*.jsonl.gz", "*/train*/*.jsonl", "*/heldout/*.jsonl.gz", "*/heldout/*.jsonl")
+             for path in sorted(DATASETS_DIR.glob(pattern))]
+    assert files, f"no regenerated answers under {DATASETS_DIR}"
+    for path in files:
+        for conversation in read_jsonl(path)[0]:
+            messages = conversation.messages
+            prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+            for message in prompt:
+                yield f"{path.parent.parent.name}/{path.parent.name}", message["content"]
+
+
+def test_no_training_or_tuning_prompt_overlaps_the_standard_sets():
+    """No training or tuning text holds a standard-set question (MT-Bench, HumanEval, CHAMP) or
+    much of one: at most :data:`MAX_SHARED` of a question's word 8-grams appear in any of them, a
+    question under 8 words appears in none, and neither benchmark instruction is any prompt's wording."""
+    questions = standard_set_questions()
+    assert len(questions) == 80 + 164 + 270
+    own, short, holders = [], {}, {}
+    for index, (_, text) in enumerate(questions):
+        words = WORD.findall(text.lower())
+        grams = set(zip(*(words[k:] for k in range(OVERLAP_NGRAM))))
+        own.append(grams)
+        if not grams:
+            short[index] = f" {' '.join(words)} "
+        for gram in grams:
+            holders.setdefault(gram, []).append(index)
+    instructions = [HUMANEVAL_INSTRUCTION.split("\n")[0], CHAMP_INSTRUCTION.split("\n")[0]]
+    shared = [set() for _ in questions]
+    where = [collections.Counter() for _ in questions]
+    sources, worded = collections.Counter(), []
+    for source, text in training_and_tuning_texts():
+        sources[source] += 1
+        words = WORD.findall(text.lower())
+        for gram in holders.keys() & set(zip(*(words[k:] for k in range(OVERLAP_NGRAM)))):
+            for index in holders[gram]:
+                shared[index].add(gram)
+                where[index][source] += 1
+        joined = f" {' '.join(words)} "
+        for index, question in short.items():
+            if question in joined:
+                shared[index].add(question)
+                where[index][source] += 1
+        worded += [(source, instruction) for instruction in instructions if instruction in text]
+    assert set(prompt_sources.PROMPT_SOURCES) | {"sharegpt"} <= set(sources)  # every source was read
+    assert not worded, worded[:5]
+    assert not [questions[index][0] for index in short if shared[index]], "a short question appears in a training text"
+    fractions = sorted(
+        ((len(shared[i]) / len(own[i]), questions[i][0], dict(where[i])) for i in range(len(questions)) if own[i]), reverse=True
+    )
+    assert fractions[0][0] <= MAX_SHARED, fractions[:5]
+    total = sum(len(grams) for grams in own)
+    assert sum(len(shared[i]) for i in range(len(questions)) if own[i]) / total < 0.02  # the sets as a whole: next to nothing
 
 
 def test_named_sources_read_through_read_conversations_and_split_by_id():

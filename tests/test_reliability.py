@@ -1,4 +1,4 @@
-"""Reliability (issue 8): generation edge cases, memory, bad draft folders. Each case ends in output
+"""Reliability: generation edge cases, memory, bad draft folders. Each case ends in output
 equal to plain ``generate`` or in a clear error; never a silent wrong answer or a hang."""
 
 import gc

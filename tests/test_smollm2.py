@@ -1,6 +1,6 @@
 """The real embedded target (SmolLM2-135M-Instruct): DFlare greedy text equals plain greedy text.
 
-Slow (about a minute on 2 CPU cores): the target is loaded once per session by the ``smollm2``
+Slow (about a minute on 2 CPU cores): the target is loaded once per test run by the ``smollm2``
 fixture. A randomly initialised draft is used, plus the shipped trained draft when
 ``drafts/smollm2-dflare`` exists.
 """

@@ -509,3 +509,121 @@ def test_grown_draft_starts_as_the_draft_it_grew_from_and_trains(tmp_path, fusio
     trained = DFlareModel.from_pretrained(train(args, target=target, tokenizer=tiny_tokenizer()), dtype=torch.float32)
     assert trained.config.num_hidden_layers == 3
     assert trained.layers[2].self_attn.o_proj.weight.abs().sum() > 0  # the identity opened up
+
+
+def _tiny_args(tmp_path, **overrides) -> TrainArgs:
+    """A two-step run on a tiny dataset (written once into ``tmp_path / "data"``)."""
+    data, heldout = tmp_path / "data" / "train.jsonl", tmp_path / "data" / "heldout.jsonl"
+    if not data.exists():
+        _tiny_dataset(tmp_path / "data")
+        _tiny_dataset(tmp_path / "data", 4, "heldout", start=100)
+    fields = dict(output_dir=str(tmp_path / "draft"), data=str(data), heldout=str(heldout), num_hidden_layers=1, block_size=4,
+                  num_anchors=4, max_steps=2, batch_size=1, save_every=100, eval_every=1000, lr=1e-3, draft_vocab_size=32,
+                  consistency_prompts=0)
+    return TrainArgs(**{**fields, **overrides})
+
+
+@pytest.mark.parametrize("content", ["notes", "target-folder"])
+def test_an_output_dir_holding_other_files_is_refused_at_the_start_and_left_alone(tmp_path, content):
+    """``--output-dir`` pointing at a folder of someone else's files (notes, a target model folder) is
+    refused before anything runs, in one line saying how to proceed; every file stays, and no work
+    folder is made."""
+    from modeling_dflare.training import TrainingInputError
+
+    out = tmp_path / "draft"
+    out.mkdir()
+    if content == "notes":
+        (out / "notes.txt").write_text("a week of notes")
+    else:
+        tiny_target("llama").save_pretrained(out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(TrainingInputError) as info:
+        train(_tiny_args(tmp_path), target=tiny_target("llama"), tokenizer=tiny_tokenizer())
+    message = str(info.value)
+    assert f"--output-dir {str(out)!r} exists" in message and "choose a new folder" in message and "\n" not in message
+    assert ("notes.txt" in message) if content == "notes" else ("model_type 'dflare'" in message)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert not (tmp_path / "draft-work").exists()
+
+
+def test_a_draft_an_earlier_run_wrote_is_replaced_and_nothing_beside_it_is_touched(tmp_path):
+    """A second run into the same --output-dir replaces the earlier draft (all of whose files dflare
+    train wrote) through a temporary folder of its own: a user's ``draft.tmp`` folder beside it (the
+    name the old code cleared) keeps its files, and no temporary folder is left behind."""
+    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
+    beside = tmp_path / "draft.tmp"
+    beside.mkdir()
+    (beside / "mine.txt").write_text("not a draft")
+    first = train(_tiny_args(tmp_path), target=target, tokenizer=tokenizer)
+    assert json.loads((first / "training_summary.json").read_text())["steps"] == 2
+    second = train(_tiny_args(tmp_path, max_steps=3), target=target, tokenizer=tokenizer)  # resumes, one step more
+    assert second == first and json.loads((second / "training_summary.json").read_text())["steps"] == 3
+    assert DFlareModel.from_pretrained(second).config.model_type == "dflare"
+    assert (beside / "mine.txt").read_text() == "not a draft"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "draft", "draft-work", "draft.tmp"]
+
+
+def test_a_file_added_to_the_output_dir_during_training_is_kept(tmp_path):
+    """Were files of someone else added to the output folder while the run trained, the finished
+    draft goes to a new sibling folder and the output folder is not touched; an earlier draft that
+    was replaced loses only the files dflare train writes."""
+    from modeling_dflare.training.loop import _install_output
+
+    def finished_draft(name: str) -> Path:
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps({"model_type": "dflare"}))
+        (folder / "training_summary.json").write_text("{}")
+        (folder / "model.safetensors").write_bytes(name.encode())
+        return folder
+
+    out = finished_draft("draft")
+    (out / "bench.json").write_text("the user's results")  # arrived during the run
+    placed = _install_output(finished_draft(".new"), out)
+    assert placed != out and placed.parent == tmp_path and (placed / "model.safetensors").read_bytes() == b".new"
+    assert (out / "bench.json").read_text() == "the user's results" and (out / "model.safetensors").read_bytes() == b"draft"
+    (out / "bench.json").unlink()
+    assert _install_output(finished_draft(".newer"), out) == out and (out / "model.safetensors").read_bytes() == b".newer"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_features_only_keeps_a_hidden_cache_placed_in_its_work_folder(tmp_path):
+    """``--features-only`` removes the work folder it made only when it holds nothing but the run's
+    own log: a --hidden-cache inside it was just filled and stays, with every file."""
+    work = tmp_path / "draft-work"
+    args = _tiny_args(tmp_path, hidden_cache=str(work / "cache"), features_only=True)
+    assert train(args, target=tiny_target("llama"), tokenizer=tiny_tokenizer()) is None
+    files = list((work / "cache").glob("*.pt"))
+    assert len(files) == 28 and all(f.stat().st_size > 0 for f in files)
+    assert (work / "cache" / "manifest.json").is_file()
+    # with the cache elsewhere, the work folder (a log and no checkpoint) is removed
+    assert train(_tiny_args(tmp_path, hidden_cache=str(tmp_path / "cache"), features_only=True, work_dir=str(tmp_path / "w2")),
+                 target=tiny_target("llama"), tokenizer=tiny_tokenizer()) is None
+    assert not (tmp_path / "w2").exists() and len(list((tmp_path / "cache").glob("*.pt"))) == 28
+
+
+def test_a_second_run_with_the_same_work_folder_is_refused_while_the_first_runs(tmp_path):
+    """Two trainings with the same --output-dir share a work folder: the second one (here: another
+    process holding the first one's lock) is refused at its start and the first one's checkpoint stays."""
+    pytest.importorskip("fcntl")
+    from modeling_dflare.training import TrainingInputError
+
+    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
+    train(_tiny_args(tmp_path, save_every=2), target=target, tokenizer=tokenizer)
+    checkpoints = tmp_path / "draft-work" / "checkpoints"
+    kept = {p.name: p.read_bytes() for p in (checkpoints / "step-2").iterdir()}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDONLY); fcntl.flock(fd, fcntl.LOCK_EX); "
+         "print('held', flush=True); sys.stdin.read()", str(checkpoints)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(TrainingInputError, match="another dflare train is running with the work folder"):
+            train(_tiny_args(tmp_path, max_steps=4, save_every=1), target=target, tokenizer=tokenizer)
+    finally:
+        holder.communicate("")
+    assert {p.name: p.read_bytes() for p in (checkpoints / "step-2").iterdir()} == kept
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-2"]
+    assert json.loads((train(_tiny_args(tmp_path, max_steps=3), target=target, tokenizer=tokenizer) / "training_summary.json")
+                      .read_text())["steps"] == 3  # once it is released, the run resumes there

@@ -69,7 +69,10 @@ class TrainArgs:
 def add_arguments(parser) -> None:
     """The ``dflare train`` flags."""
     defaults = TrainArgs(output_dir="")
-    parser.add_argument("--output-dir", required=True, help="final Hub-ready draft folder")
+    parser.add_argument(
+        "--output-dir", required=True,
+        help="final Hub-ready draft folder: a new or empty folder, or a draft an earlier dflare train wrote (replaced at the end)",
+    )
     parser.add_argument("--target", default=None, help="target folder or .gguf file (default: embedded SmolLM2)")
     parser.add_argument(
         "--data",

@@ -69,7 +69,7 @@ def evaluate_draft(
     folder = Path(draft_dir)
     block = draft.config.block_size
     weights = position_weights(block, default_gamma(block))
-    features = TargetFeatures(target, hidden_cache)
+    features = TargetFeatures(target, hidden_cache, tokenizer=tokenizer, max_length=max_length)
     layer_ids = list(draft.config.target_layer_ids)
     embed = target.get_input_embeddings()
     head_weight, token_to_draft = training_head(draft, target)

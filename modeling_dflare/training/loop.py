@@ -7,15 +7,18 @@ the sequences, per-step anchor seeds), which is what makes a resumed run continu
 the killed one stopped.
 """
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -35,6 +38,16 @@ logger = logging.getLogger(__name__)
 
 #: Held-out sequences evaluated at each ``eval_every`` and at the end.
 HELDOUT_SEQUENCES = 64
+
+#: What ``dflare train`` writes into its output folder, besides the code files ``save_pretrained``
+#: copies from this package and sharded weights: a folder holding nothing else (and a config of
+#: model_type dflare and a training summary) is a draft an earlier run wrote, which a new run may
+#: replace. Anything else in an existing --output-dir is refused at the start of the run.
+OUTPUT_FILES = frozenset({
+    "config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+    "training_summary.json", "README.md",
+})
+_WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 class TrainingInputError(ValueError):
@@ -84,6 +97,8 @@ def validate_args(args: TrainArgs) -> None:
         raise TrainingInputError(f"--distill {args.distill}: expected a weight from 0 (greedy labels only) to 1 (the target's distribution only)")
     if args.features_only and not args.hidden_cache:
         raise TrainingInputError("--features-only: expected --hidden-cache FOLDER too (the features are written there)")
+    if not args.features_only:  # --features-only writes no draft
+        check_output_dir(args.output_dir)
     if args.block_size < 2:
         raise TrainingInputError(f"--block-size {args.block_size}: expected at least 2 (the anchor and one drafted token)")
     if args.num_anchors is not None and args.num_anchors < 1:
@@ -91,6 +106,55 @@ def validate_args(args: TrainArgs) -> None:
     if args.batch_size < 1 or args.epochs <= 0 or args.lr <= 0:
         raise TrainingInputError(
             f"--batch-size {args.batch_size}, --epochs {args.epochs}, --lr {args.lr}: expected positive values"
+        )
+
+
+def _package_code_files() -> set[str]:
+    """The names of this package's top-level modules: the code files ``save_pretrained`` copies."""
+    return {p.name for p in Path(__file__).resolve().parent.parent.glob("*.py")}
+
+
+def _written_by_train(path: Path, code_files: set[str]) -> bool:
+    """Whether ``path`` (an entry of an output folder) is a file ``dflare train`` writes there."""
+    if not path.is_file() or path.is_symlink():
+        return False
+    return path.name in OUTPUT_FILES or path.name in code_files or bool(_WEIGHT_SHARD.fullmatch(path.name))
+
+
+def replaceable_problem(out: Path) -> str | None:
+    """Why the existing path ``out`` is not a folder a training run may replace with its draft
+    (None: it is empty, or a draft an earlier ``dflare train`` wrote and nothing else)."""
+    if out.is_symlink() or not out.is_dir():
+        return "is not a folder"
+    entries = list(out.iterdir())
+    if not entries:
+        return None
+    try:
+        model_type = json.loads((out / "config.json").read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        model_type = None
+    code_files = _package_code_files()
+    foreign = sorted(p.name for p in entries if not _written_by_train(p, code_files))
+    shown = ", ".join(foreign[:5]) + (" ..." if len(foreign) > 5 else "")
+    if model_type != "dflare" or not (out / "training_summary.json").is_file():
+        return (f"holds no draft written by dflare train (no config.json of model_type 'dflare' with a training_summary.json)"
+                + (f" but {shown}" if foreign else ""))
+    if foreign:
+        return f"holds files dflare train did not write ({shown})"
+    return None
+
+
+def check_output_dir(output_dir: str) -> None:
+    """Refuse, before anything runs, an existing ``--output-dir`` whose content the finished run
+    would replace: only an empty folder or a draft an earlier run wrote is replaced."""
+    out = Path(output_dir)
+    if not (out.exists() or out.is_symlink()):
+        return
+    problem = replaceable_problem(out)
+    if problem:
+        raise TrainingInputError(
+            f"--output-dir {output_dir!r} exists and {problem}: the finished draft would replace it; "
+            "choose a new folder, or empty this one first"
         )
 
 
@@ -129,7 +193,47 @@ def anchors_for(sequence: Sequence, args: TrainArgs, block_size: int, generator:
 
 def train(args: TrainArgs, target=None, tokenizer=None) -> Path | None:
     """Run (or resume) a training run; returns the final Hub-ready draft folder (None with
-    ``features_only``, which stops once the target features are cached)."""
+    ``features_only``, which stops once the target features are cached).
+
+    The run holds its work folder alone while it runs: a second run with the same work folder (the
+    same --output-dir) is refused instead of overwriting the first one's checkpoints."""
+    with contextlib.ExitStack() as held:
+        return _train(args, target, tokenizer, held)
+
+
+def _work_lock(checkpoint_dir: Path):
+    """An exclusive advisory lock on the checkpoints folder, held until the returned context exits;
+    a TrainingInputError when another process holds it. Only the main process of a launch takes it
+    (the others share the folder with it); without ``fcntl`` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return contextlib.nullcontext()
+    if os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0":
+        return contextlib.nullcontext()
+    handle = os.open(checkpoint_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(handle)
+        raise TrainingInputError(
+            f"another dflare train is running with the work folder {checkpoint_dir.parent} (its checkpoints would be "
+            "overwritten): wait for it to finish, or give this run another --output-dir or --work-dir"
+        ) from None
+    return contextlib.closing(_Descriptor(handle))
+
+
+class _Descriptor:
+    """A file descriptor for :func:`contextlib.closing` (closing it releases its lock)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _train(args: TrainArgs, target, tokenizer, held: contextlib.ExitStack) -> Path | None:
     from accelerate import Accelerator
     from transformers import get_cosine_schedule_with_warmup
 
@@ -145,6 +249,7 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path | None:
     try:
         checkpoint_dir = work / "checkpoints"
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        held.enter_context(_work_lock(checkpoint_dir))
         _log_to_file(work / "train.log")
         # One scheduler step per optimizer step: total_steps already counts steps of accum x processes
         # sequences (accelerate's default would step it once per process, ending the schedule early).
@@ -188,7 +293,7 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path | None:
         step = state["step"]
         logger.info("resumed from %s at step %d of %d", resumed, step, total_steps)
 
-    loop = _Loop(args, accelerator, draft, target, sequences, weights, accum)
+    loop = _Loop(args, accelerator, draft, target, sequences, weights, accum, tokenizer)
     if loop.teacher is not None:  # before the feature pass: a target it cannot rebuild fails in seconds
         loop.check_teacher()
     feature_stats = {}
@@ -308,24 +413,45 @@ def _fmt(values) -> str:
 
 
 def _remove_empty_work(work: Path) -> None:
-    """Remove the work folder a failed start created, unless it holds anything but an empty log."""
-    logging.getLogger("modeling_dflare").handlers[:] = [
-        h for h in logging.getLogger("modeling_dflare").handlers
-        if not (isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == work.resolve())
-    ]
-    shutil.rmtree(work, ignore_errors=True)
+    """Remove the work folder this run created (a failed start, or ``--features-only``) when it holds
+    nothing but the run's own log and its empty checkpoints folder. Anything else in it (a
+    ``--hidden-cache`` placed inside, a file someone put there) keeps the folder and all it holds:
+    entries are removed one by one, never as a tree."""
+    root = logging.getLogger("modeling_dflare")
+    for handler in [h for h in root.handlers if isinstance(h, logging.FileHandler) and Path(h.baseFilename).parent == work.resolve()]:
+        handler.close()
+        root.removeHandler(handler)
+    if not work.is_dir() or work.is_symlink():
+        return
+    log, checkpoints = work / "train.log", work / "checkpoints"
+    for entry in work.iterdir():
+        own = (entry == log and entry.is_file() and not entry.is_symlink()) or (
+            entry == checkpoints and entry.is_dir() and not entry.is_symlink() and not any(checkpoints.iterdir())
+        )
+        if not own:
+            logger.info("kept the work folder %s: it holds %s", work, entry.name)
+            return
+    try:
+        log.unlink(missing_ok=True)
+        if checkpoints.is_dir():
+            checkpoints.rmdir()
+        work.rmdir()
+    except OSError as error:  # something arrived meanwhile: it stays
+        logger.info("kept the work folder %s (%s)", work, error)
 
 
 class _Loop:
     """One optimizer step = ``accum`` sequences; the data stream is a deterministic function of the step."""
 
-    def __init__(self, args, accelerator, draft, target, sequences, weights, accum):
+    def __init__(self, args, accelerator, draft, target, sequences, weights, accum, tokenizer=None):
         self.args, self.accelerator, self.draft, self.target = args, accelerator, draft, target
         self.sequences, self.weights, self.accum = sequences, weights, accum
         inner = accelerator.unwrap_model(draft)
         self.block_size = inner.config.block_size
         self.layer_ids = list(inner.config.target_layer_ids)
-        self.features = TargetFeatures(target, args.hidden_cache, args.target_precision, args.storage)
+        self.features = TargetFeatures(
+            target, args.hidden_cache, args.target_precision, args.storage, tokenizer=tokenizer, max_length=args.max_length
+        )
         self.embed = target.get_input_embeddings()
         self.head_weight, self.token_to_draft = training_head(inner, target)
         self.teacher = None
@@ -527,10 +653,25 @@ def _finish(
     inner = accelerator.unwrap_model(draft)
     inner.config.target_name_or_path = inner.config.target_name_or_path or getattr(target.config, "name_or_path", None)
     inner.config.target_fingerprint = target_fingerprint(target)  # the weights trained against, whatever their name
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    inner.to(torch.bfloat16).save_pretrained(tmp)
-    inner.to(torch.float32)
+    # a new folder of this process's own beside the output: nothing that exists is cleared to make room
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        inner.to(torch.bfloat16).save_pretrained(tmp)
+        inner.to(torch.float32)
+        out = _save_output(args, accelerator, inner, tmp, out, counts, total_steps, final_eval, history, train_seconds,
+                           feature_stats, consistency, tuning, curve)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # this run's own unfinished folder
+        raise
+    logger.info("draft saved to %s (held-out: %s; consistency: %s)", out, final_eval, consistency)
+    return out
+
+
+def _save_output(
+    args, accelerator, inner, tmp, out, counts, total_steps, final_eval, history, train_seconds, feature_stats, consistency, tuning,
+    curve,
+) -> Path:
+    """Complete the draft in ``tmp`` (summary, card) and move it to ``out``; returns where it is."""
     for file in tmp.iterdir():  # save_pretrained writes model.safetensors 0600: make the folder uniformly readable
         os.chmod(file, 0o644)
     threads = torch.get_num_threads() if not torch.cuda.is_available() else 1
@@ -559,10 +700,36 @@ def _finish(
     }
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2))
     _write_card(tmp, inner, summary)
-    if out.exists():
-        shutil.rmtree(out)
+    return _install_output(tmp, out)
+
+
+def _install_output(tmp: Path, out: Path) -> Path:
+    """Move the finished draft folder ``tmp`` to ``out``; returns where it ended up.
+
+    ``out`` is replaced only if it is still empty or an earlier run's draft (it was checked at the
+    start, but hours passed): the old draft is renamed aside, the new one renamed in, and the old
+    one's files, all written by dflare train, are removed one by one. If ``out`` meanwhile got files
+    of someone else, nothing of it is touched and the new draft goes to a fresh sibling folder."""
+    if not (out.exists() or out.is_symlink()):
+        os.replace(tmp, out)
+        return out
+    problem = replaceable_problem(out)
+    if problem:
+        kept = out.with_name(f"{out.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        os.replace(tmp, kept)
+        logger.error("--output-dir %s %s now, so it was left as it is: the new draft is in %s", out, problem, kept)
+        return kept
+    old = out.with_name(f".{out.name}.{os.getpid()}.{uuid.uuid4().hex[:12]}.old")
+    os.replace(out, old)
     os.replace(tmp, out)
-    logger.info("draft saved to %s (held-out: %s; consistency: %s)", out, final_eval, consistency)
+    code_files = _package_code_files()
+    for entry in old.iterdir():
+        if _written_by_train(entry, code_files):
+            entry.unlink()
+    try:
+        old.rmdir()
+    except OSError:  # a file arrived while the folders were swapped: it stays, with the old draft
+        logger.warning("the previous draft of %s was kept in %s: it holds files dflare train did not write", out, old)
     return out
 
 

@@ -10,7 +10,8 @@ confidence and the shortest n-gram chosen together (the walk replays the hybrid 
 
 The chosen values are written into the draft's ``config.json`` (nothing else in it changes); when the
 folder has a ``training_summary.json``, the new tuning replaces its ``threshold_tuning`` (the
-previous one is kept under ``previous``) and the model card is rewritten to say so.
+previous one is kept under ``previous``) and the model card is rewritten to say so. Each file is
+rewritten through a temporary file and a rename, so an interruption never leaves a torn config.
 """
 
 import datetime
@@ -55,7 +56,8 @@ def tune_cut(
         groups += [source] * len(answers)
     block = draft.config.block_size
     weights = position_weights(block, default_gamma(block))
-    tuning = tune_threshold(draft, target, TargetFeatures(target, hidden_cache), sequences, weights, threads,
+    features = TargetFeatures(target, hidden_cache, tokenizer=tokenizer, max_length=max_length)
+    tuning = tune_threshold(draft, target, features, sequences, weights, threads,
                             groups=groups if len(sources) > 1 else None)
     tuning.update(tool="dflare tune-cut", heldout=str(heldout), date=datetime.date.today().isoformat())
     previous = draft.config.confidence_threshold
@@ -71,13 +73,14 @@ def tune_cut(
 
 def _write_back(folder: Path, draft, tuning: dict, previous_cut: float) -> None:
     """The chosen values into config.json (only those keys), the summary and the model card."""
+    from ..data import write_text_atomic
     from .consistency import tuned_settings
 
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text())
     chosen = tuned_settings(tuning)
     config.update(chosen)
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(config_path, json.dumps(config, indent=2, sort_keys=True) + "\n")
     summary_path = folder / "training_summary.json"
     if not summary_path.is_file():
         return
@@ -85,7 +88,7 @@ def _write_back(folder: Path, draft, tuning: dict, previous_cut: float) -> None:
     old = summary.get("threshold_tuning") or {}
     tuning["previous"] = {"best": old.get("best", previous_cut), "threads": old.get("threads"), "tool": old.get("tool", "dflare train --tune-threshold")}
     summary["threshold_tuning"] = tuning
-    summary_path.write_text(json.dumps(summary, indent=2))
+    write_text_atomic(summary_path, json.dumps(summary, indent=2))
     from .loop import _write_card
 
     for key, value in chosen.items():
