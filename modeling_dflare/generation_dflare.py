@@ -239,16 +239,18 @@ def ngram_continuation(sequence: torch.LongTensor, max_ngram: int, count: int, m
     return sequence[:0]
 
 
-#: How drafts are proposed under sampling (``generation_config.dflare_sampling_proposal``, else the
-#: draft config's ``sampling_proposal``): "argmax" proposes the draft's most likely token as a
-#: one-hot distribution (accepted with probability p(x)); "sample" draws it from the draft's own
-#: processed distribution q and hands q to rejection sampling (accepted with 1 - TV(p, q)).
-SAMPLING_PROPOSALS = ("argmax", "sample")
+#: How drafts are proposed under sampling (``generation_config.dflare_sampling_proposal``):
+#: "sample" (default) draws each draft from the draft's own processed distribution q and hands q
+#: to rejection sampling, which accepts it with probability 1 - TV(p, q); "argmax" proposes the
+#: draft's most likely token as a one-hot distribution, accepted with probability p(x). Both are
+#: exact. With the shipped SmolLM2 draft "sample" accepted more at temperature 0.7 and 1.0
+#: (docs/results.md).
+SAMPLING_PROPOSALS = ("sample", "argmax")
 
 
-def sampling_proposal(generation_config, config) -> str:
+def sampling_proposal(generation_config) -> str:
     """The proposal mode of this ``generate`` call; a clear error for an unknown one."""
-    value = _override(generation_config, "dflare_sampling_proposal", getattr(config, "sampling_proposal", None) or "argmax")
+    value = _override(generation_config, "dflare_sampling_proposal", SAMPLING_PROPOSALS[0])
     if value not in SAMPLING_PROPOSALS:
         raise ValueError(f"dflare_sampling_proposal={value!r}: expected one of {SAMPLING_PROPOSALS}")
     return value
@@ -265,10 +267,13 @@ class DFlareCandidateGenerator(CandidateGenerator):
 
     The target is asked only for the hidden states of ``config.target_layer_ids``. Context K/V of
     accepted positions are computed once and cached; the block's own K/V are dropped right after
-    each draft pass. Greedy: candidates are the draft's argmax. Sampling: the argmax proposal is
-    returned with one-hot logits, so transformers' rejection sampling stays exactly lossless (a
-    block-diffusion draft's positions are independent marginals: sampling them independently
-    would give incoherent blocks). Statistics of the last call are in ``draft.dflare_stats``.
+    each draft pass. Greedy: candidates are the draft's argmax. Sampling (see
+    :data:`SAMPLING_PROPOSALS`): each draft is drawn from the draft's processed distribution and
+    that distribution is returned as the candidate logits, or the argmax is returned with one-hot
+    logits; transformers' rejection sampling is exact for either. The block's positions are
+    marginals that do not see one another's samples, so later positions of a sampled block are
+    accepted less often than the first; the first dominates the acceptance length.
+    Statistics of the last call are in ``draft.dflare_stats``.
     """
 
     requires_model_outputs = True
@@ -288,7 +293,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
         self.mask_token_id = config.mask_token_id
         self.max_length = generation_config.max_length
         self.do_sample = bool(generation_config.do_sample)
-        self.sample_proposal = self.do_sample and sampling_proposal(generation_config, config) == "sample"
+        self.sample_proposal = self.do_sample and sampling_proposal(generation_config) == "sample"
         self.logits_processor = logits_processor if logits_processor else None
         self.input_embeddings = target_model.get_input_embeddings()
         head = target_model.get_output_embeddings().weight

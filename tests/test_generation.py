@@ -434,14 +434,14 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
     # hidden states are the target's own on its greedy path, so drafted pairs are often accepted.
     primed, _ = make_oracle(target, prompt, block_size=4)
     runs.append(("real _propose, primed draft", dict(assistant_model=primed), 8))
-    # Sampled proposals: drafts drawn from the draft's own processed distribution q, handed to
-    # rejection sampling as q (accepted with min(1, p/q), residual (p - q)+).
-    sampled = sampled_proposal_config(target)
-    runs.append(("sampled proposal, primed draft", dict(assistant_model=primed, generation_config=sampled), 9))
-    runs.append(("sampled proposal, random draft", dict(assistant_model=random_draft, generation_config=sampled), 10))
+    # The runs above use the default sampled proposal (drafts drawn from the draft's own processed
+    # distribution q, handed to rejection sampling as q); the argmax proposal (one-hot q) as well:
+    argmax = proposal_config(target, "argmax")
+    runs.append(("argmax proposal, primed draft", dict(assistant_model=primed, generation_config=argmax), 9))
+    runs.append(("argmax proposal, random draft", dict(assistant_model=random_draft, generation_config=argmax), 10))
     if setting == "t1":
-        runs.append(("sampled proposal, reduced vocab + cut", dict(assistant_model=reduced, generation_config=sampled), 11))
-        runs.append(("sampled proposal, hybrid", dict(assistant_model=hybrid, generation_config=sampled), 12))
+        runs.append(("argmax proposal, reduced vocab + cut", dict(assistant_model=reduced, generation_config=argmax), 11))
+        runs.append(("argmax proposal, hybrid", dict(assistant_model=hybrid, generation_config=argmax), 12))
     for name, kwargs, seed in runs:
         samples, accepted, lookups = sample_continuations(target, prompt, n, seed, NEW_TOKENS, **settings, **kwargs)
         pvalue = chi_square_pvalue(samples, probs)
@@ -449,16 +449,16 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
         if name == "oracle draft":
             # The oracle's proposals were verified and often accepted (else this would test little).
             assert accepted > n / 2, accepted
-        if name in ("real _propose, primed draft", "sampled proposal, primed draft"):
+        if name in ("real _propose, primed draft", "argmax proposal, primed draft"):
             assert accepted > n / 4, accepted  # drafted tokens were really accepted, so (t2, t3) tests them
         if name == "prompt-lookup hybrid":
             # with 8 tokens, lookups match and some proposals survive: the hybrid path really ran
             assert lookups > n / 4 and accepted > 0, (lookups, accepted)
 
 
-def sampled_proposal_config(target) -> GenerationConfig:
+def proposal_config(target, proposal: str) -> GenerationConfig:
     config = GenerationConfig(**target.generation_config.to_dict())
-    config.dflare_sampling_proposal = "sample"
+    config.dflare_sampling_proposal = proposal
     return config
 
 
@@ -485,8 +485,10 @@ def test_sampled_proposal_is_accepted_more_often_and_its_q_matters(sampling_targ
     prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
     probs = exact_joint(sampling_target, prompt, warpers_for(settings), NEW_TOKENS)
     primed, _ = make_oracle(sampling_target, prompt, block_size=4)
-    sampled = sampled_proposal_config(sampling_target)
-    _, argmax_accepted, _ = sample_continuations(sampling_target, prompt, 300, 13, NEW_TOKENS, assistant_model=primed, **settings)
+    sampled, argmax = proposal_config(sampling_target, "sample"), proposal_config(sampling_target, "argmax")
+    _, argmax_accepted, _ = sample_continuations(
+        sampling_target, prompt, 300, 13, NEW_TOKENS, assistant_model=primed, generation_config=argmax, **settings
+    )
     _, sample_accepted, _ = sample_continuations(
         sampling_target, prompt, 300, 13, NEW_TOKENS, assistant_model=primed, generation_config=sampled, **settings
     )
@@ -498,8 +500,7 @@ def test_sampled_proposal_is_accepted_more_often_and_its_q_matters(sampling_targ
 
 def test_unknown_sampling_proposal_is_a_clear_error(sampling_target):
     draft = make_draft(sampling_target, block_size=4)
-    config = sampled_proposal_config(sampling_target)
-    config.dflare_sampling_proposal = "nucleus"
+    config = proposal_config(sampling_target, "nucleus")
     with pytest.raises(ValueError, match="dflare_sampling_proposal='nucleus'"):
         sampling_target.generate(random_prompt(4, vocab=SAMPLING_VOCAB), do_sample=True, max_new_tokens=4, assistant_model=draft, generation_config=config)
 

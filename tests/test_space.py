@@ -1,24 +1,30 @@
 """The Gradio Space (``space/app.py``): page logic, its API through gradio_client, and a real browser.
 
-The server tests start ``space/app.py`` once per module in a subprocess on a free 127.0.0.1 port,
-with the real SmolLM2 target and whatever draft the repo ships (a random one until it exists: the
-outputs must be identical either way). The browser test drives Debian's headless Chromium
-(``make browser``) with Playwright; no browser is downloaded. Set ``UPDATE_SPACE_SCREENSHOT=1`` to
-copy its screenshot to ``space/screenshot.png`` (not done by default, so ``make test`` leaves the
-tree clean).
+The server tests start ``space/app.py`` once per module in a subprocess on a free 127.0.0.1 port
+(:func:`launch_space`, also used by ``test_space_load.py``), with the real SmolLM2 target and whatever
+draft the repo ships (a random one until it exists: the outputs must be identical either way). The
+page-logic tests drive the endpoint with a scripted stand-in target (:class:`FakeTarget`): one
+comparison at a time, each showing its own numbers, and a closed request stopping its thread. The
+browser test drives Debian's headless Chromium (``make browser``) with Playwright; no browser is
+downloaded. Set ``UPDATE_SPACE_SCREENSHOT=1`` to copy its screenshot to ``space/screenshot.png``
+(not done by default, so ``make test`` leaves the tree clean).
 """
 
+import contextlib
 import importlib.util
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
+import types
 import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "space" / "app.py"
@@ -27,6 +33,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 PROMPT = "Write a Python function that reverses a string."
 NEW_TOKENS = 24
 STARTUP_TIMEOUT_S = 240
+SERVER_PAIRS = 2  # timed pairs per comparison in the server tests (the app's default is 3)
 
 
 def load_app_module():
@@ -41,9 +48,187 @@ def load_app_module():
 # ----------------------------------------------------------------------------------------------
 
 
-def test_app_imports_without_loading_models():
+# A scripted target: the tokens it "generates" depend on the prompt only, so a comparison that
+# showed another request's text or acceptance would be caught. It records how many generate calls
+# ran at once and whether the app's stopping criterion ended one early.
+
+
+class FakeTokenizer:
+    eos_token_id = pad_token_id = 0
+    chat_template = None
+
+    def __call__(self, text, return_tensors="pt"):
+        return {"input_ids": torch.tensor([[ord(c) for c in text]])}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return " ".join(f"t{int(i)}" for i in ids)
+
+
+def fake_tokens(prompt: str, count: int) -> list[int]:
+    seed = sum(ord(c) for c in prompt)
+    return [(seed + n) % 50 + 10 for n in range(count)]
+
+
+def fake_accepted(prompt: str) -> int:
+    """Drafts the stand-in accepts per cycle for this prompt: 0, 1 or 2 (so tau 1, 2 or 3)."""
+    return sum(ord(c) for c in prompt) % 3
+
+
+class FakeTarget:
+    device = torch.device("cpu")
+    config = types.SimpleNamespace(max_position_embeddings=2048)
+
+    def __init__(self, step_s: float = 0.01) -> None:
+        self.step_s = step_s
+        self.lock = threading.Lock()
+        self.active = self.peak = self.calls = self.stopped = 0
+
+    def generate(self, input_ids, attention_mask, generation_config, assistant_model, streamer, stopping_criteria):
+        with self.lock:
+            self.active += 1
+            self.calls += 1
+            self.peak = max(self.peak, self.active)
+        try:
+            prompt = "".join(chr(int(i)) for i in input_ids[0])
+            budget = generation_config.max_new_tokens
+            tokens = fake_tokens(prompt, budget)
+            per_cycle = 1 if assistant_model is None else 1 + fake_accepted(prompt)
+            streamer.put(input_ids)
+            ids, accepted, n = input_ids, [], 0
+            while n < budget:
+                time.sleep(self.step_s)  # one "target forward"
+                new = torch.tensor([tokens[n : n + per_cycle]])
+                n += new.shape[1]
+                ids = torch.cat([ids, new], dim=1)
+                streamer.put(new)
+                accepted.append(new.shape[1] - 1)
+                if bool(stopping_criteria(ids, None).all()):
+                    self.stopped += 1
+                    break
+            if assistant_model is not None:  # as the DFlare generator does: a new record per call
+                assistant_model.dflare_stats = types.SimpleNamespace(accepted=accepted[1:])
+            return ids
+        finally:
+            with self.lock:
+                self.active -= 1
+
+
+def fake_models(app, step_s: float = 0.01):
+    draft = types.SimpleNamespace(config=types.SimpleNamespace(block_size=4))
+    return app.Models(target=FakeTarget(step_s), tokenizer=FakeTokenizer(), draft=draft, target_name="fake", draft_name="fake")
+
+
+def final_stats(app, models, prompt, max_new_tokens=12, pairs=3):
+    *_, last = app.make_compare(models, pairs)(prompt, max_new_tokens, 4, 0.0)
+    return last
+
+
+def generation_threads(app) -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith(app.WORKER_PREFIX)]
+
+
+def test_import_and_page_load_no_model_and_share_one_endpoint(monkeypatch):
+    """Importing the app and building its page load no model; the Run button and the prompt's Enter
+    key trigger the same listener: one function, one concurrency group of one, the /compare API."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", refuse)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
     app = load_app_module()
-    assert callable(app.build_demo) and callable(app.load_models)
+    demo = app.build_demo(fake_models(app))
+    ids = {block.elem_id: block._id for block in demo.blocks.values() if getattr(block, "elem_id", None)}
+    generating = [fn for fn in demo.fns.values() if fn.name == "compare"]
+    assert len(generating) == 1
+    fn = generating[0]
+    assert set(fn.targets) == {(ids["run"], "click"), (ids["prompt"], "submit")}
+    assert fn.concurrency_limit == 1 and fn.concurrency_id == "generation" and fn.api_name == "compare"
+    triggered = {target for other in demo.fns.values() for target in other.targets}
+    assert (ids["run"], "click") in triggered and sum(t[0] == ids["prompt"] for t in triggered) == 1
+
+
+def test_busy_check_refuses_with_a_clear_message():
+    app = load_app_module()
+    demo = app.build_demo(fake_models(app), queue_size=2)
+    (fn,) = [fn for fn in demo.fns.values() if fn.name == "compare"]
+    demo._queue = [object()]  # one comparison waiting: there is room
+    assert all(v["is_valid"] for v in fn.validator("hi", 8, 4, 0.0))
+    demo._queue = [object(), object()]  # the line is full
+    verdicts = fn.validator("hi", 8, 4, 0.0)
+    assert verdicts[0]["is_valid"] is False and all(v["is_valid"] for v in verdicts[1:])
+    assert "The Space is busy" in verdicts[0]["message"] and "2 more are waiting" in verdicts[0]["message"]
+    assert "try again" in verdicts[0]["message"]
+
+
+def test_concurrent_requests_run_one_at_a_time_and_show_their_own_numbers():
+    """Four requests at once, two prompts with different outputs and acceptance: the generate calls
+    never overlap, and every final result carries its own prompt, text, tau and timed pairs."""
+    app = load_app_module()
+    models = fake_models(app)
+    prompts = ["alpha beta", "gamma delta!", "alpha beta", "gamma delta!"]
+    assert len({fake_accepted(p) for p in prompts}) == 2
+    results = [None] * len(prompts)
+
+    def visit(i):
+        results[i] = final_stats(app, models, prompts[i])
+
+    threads = [threading.Thread(target=visit, args=(i,)) for i in range(len(prompts))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert models.target.peak == 1 and models.target.calls == len(prompts) * (1 + 3) * 2  # the live pair + 3 timed
+    assert len({r[4]["run"] for r in results}) == len(prompts)  # every request has its own run id
+    for prompt, (summary, dflare_html, plain_html, _plot, stats) in zip(prompts, results):
+        text = FakeTokenizer().decode(fake_tokens(prompt, 12))
+        assert stats["prompt"] == prompt and stats["dflare_text"] == stats["plain_text"] == text
+        assert stats["identical"] is True and stats["tau"] == pytest.approx(1 + fake_accepted(prompt))
+        assert stats["timed_pairs"] == 3 and len(stats["speedup_per_pair"]) == 3
+        assert stats["timing_order"] == ["plain, DFlare", "DFlare, plain", "plain, DFlare"]  # the live pair ran DFlare first
+        assert len(stats["dflare_seconds"]) == len(stats["plain_seconds"]) == 3
+        assert "median of 3 timed DFlare/plain pairs" in summary and "median of 3 timed runs" in dflare_html
+        assert "Identical" in summary and "median of 3 timed runs" in plain_html
+    assert models.lock.acquire(blocking=False)
+    assert not generation_threads(app)
+
+
+def test_closing_a_request_stops_its_generation_and_frees_the_lock():
+    """A visitor who cancels or leaves closes the endpoint's generator: the running generate stops at
+    its next check, its thread is joined before the lock is released, the next request runs."""
+    app = load_app_module()
+    models = fake_models(app, step_s=0.02)
+    budget = 200  # about 4 s of fake forwards per run, uncancelled
+    updates = app.make_compare(models, 3)("stop me please", budget, 4, 0.0)
+    for update in updates:
+        if update[4].get("state", "").startswith("DFlare") and "tok bonus" in update[1]:
+            break
+    assert generation_threads(app) and models.target.active == 1
+    start = time.perf_counter()
+    updates.close()  # what Gradio does when a request is cancelled or its page closed
+    closed_s = time.perf_counter() - start
+    assert not generation_threads(app) and models.target.active == 0
+    assert models.target.stopped == 1 and closed_s < 1.0, closed_s
+    assert app.WORKERS.alive == 0 and app.WORKERS.started == app.WORKERS.finished
+    assert models.lock.acquire(blocking=False)
+    models.lock.release()
+    stats = final_stats(app, models, "next visitor", max_new_tokens=6, pairs=1)[4]
+    assert stats["prompt"] == "next visitor" and stats["dflare_tokens"] == 6 and stats["timed_pairs"] == 1
+
+
+def test_timing_takes_the_median_of_pairs():
+    app = load_app_module()
+
+    def run(tokens, seconds):
+        return app.Run(chunks=[[1] * tokens], seconds=seconds, done=True)
+
+    timing = app.Timing(pairs=[(run(10, 1.0), run(10, 2.0)), (run(10, 1.0), run(10, 1.0)), (run(10, 0.5), run(10, 2.0))])
+    assert timing.speedups == [2.0, 1.0, 4.0] and timing.speedup == 2.0
+    assert timing.dflare_tokens_per_second == 10.0 and timing.plain_tokens_per_second == 5.0
+    summary = app.render_summary(*timing.pairs[0], 1.5, None, timing=timing, planned=5)
+    assert "2.00×" in summary and "median of 3 timed DFlare/plain pairs" in summary
+    assert "range 1.00–4.00×" in summary and "timing pair 4 of 5" in summary
 
 
 def test_dflare_kinds_follow_the_cycles():
@@ -122,24 +307,33 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def space_url(tmp_path_factory):
+@contextlib.contextmanager
+def launch_space(folder: Path, **env_overrides):
+    """Run ``space/app.py`` as the Space runs it (real target, shipped draft); yields (url, process, log path)."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("space") / "app.log"
+    log_path = folder / "app.log"
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_SERVER_NAME="127.0.0.1", GRADIO_SERVER_PORT=str(port),
-               GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false", DFLARE_STARTUP_TOKENS="4")
+               GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false", DFLARE_STARTUP_TOKENS="4",
+               DFLARE_TIMED_PAIRS=str(SERVER_PAIRS))
+    env.update(env_overrides)
     with open(log_path, "w") as log:
         process = subprocess.Popen([sys.executable, str(APP)], cwd=APP.parent, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
         _wait_until_up(url, process, log_path)
-        yield url
+        yield url, process, log_path
     finally:
         process.terminate()
         try:
             process.wait(timeout=20)
         except subprocess.TimeoutExpired:
             process.kill()
+
+
+@pytest.fixture(scope="module")
+def space_url(tmp_path_factory):
+    with launch_space(tmp_path_factory.mktemp("space")) as (url, _process, _log):
+        yield url
 
 
 def _wait_until_up(url: str, process: subprocess.Popen, log_path: Path) -> None:
@@ -164,10 +358,15 @@ def test_gradio_client_compare(space_url):
     assert not stats.get("error"), stats
     assert stats["dflare_text"] == stats["plain_text"] and stats["dflare_text"].strip()
     assert stats["identical"] is True and stats["sampled"] is False
+    assert stats["prompt"] == PROMPT and stats["run"] >= 1
     assert 0 < stats["dflare_tokens"] == stats["plain_tokens"] <= NEW_TOKENS
     assert stats["tau"] >= 1.0 and stats["speedup"] > 0 and stats["plain_tokens_per_s"] > 0
+    assert stats["timed_pairs"] == SERVER_PAIRS == len(stats["dflare_seconds"]) == len(stats["plain_seconds"])
+    assert stats["timing_order"] == ["plain, DFlare", "DFlare, plain"]
+    assert stats["speedup"] == pytest.approx(sum(stats["speedup_per_pair"]) / SERVER_PAIRS, abs=2e-3)  # median of two
     assert sum(stats["histogram"]) == len(stats["accepted_per_forward"]) == stats["target_forwards"] - 1
     assert "Speedup" in summary and "Identical" in summary and "tok/s" in summary
+    assert f"median of {SERVER_PAIRS} timed DFlare/plain pairs" in summary
     assert 'class="tok bonus"' in dflare_html and "tokens/s" in plain_html
 
     summary, *_, stats = client.predict("   ", NEW_TOKENS, 8, 0.0, api_name="/compare")
