@@ -1,11 +1,14 @@
 """``dflare demo``: the embedded SmolLM2 target with the shipped DFlare draft, against plain decoding.
 
 For each prompt it runs plain greedy ``generate`` and ``generate(assistant_model=draft)`` in the
-same process, one after the other, checks that the texts are identical, and prints the text, the
-acceptance length and the wall-clock speedup measured in that run.
+same process, checks that the texts are identical, and prints the text, the acceptance length and
+the wall-clock speedup measured in that run. The speedup is the median over ``--repeats`` timed
+pairs per prompt, run interleaved (plain first in one pair, DFlare first in the next) after a
+warm-up, so a slow spell of a shared machine lands on both sides alike.
 """
 
 import logging
+import statistics
 import time
 from pathlib import Path
 
@@ -14,6 +17,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 SHIPPED_DRAFT = Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflare"
+#: Timed pairs per prompt: with 5 interleaved pairs two runs of `make demo` on one 2-core machine
+#: agree far better than with one timed run per prompt, which swung by a quarter between runs.
+DEFAULT_REPEATS = 5
 DEMO_PROMPTS = [
     "Write a Python function that checks whether a string is a palindrome.",
     "What are three tips for staying productive when working from home?",
@@ -28,12 +34,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=None, help="override the draft's block size")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
+                        help="timed plain/DFlare pairs per prompt, interleaved; the speedup shown is their median")
 
 
 def _timed(fn):
     start = time.perf_counter()
     result = fn()
     return result, time.perf_counter() - start
+
+
+def timed_pairs(plain_fn, dflare_fn, repeats: int) -> tuple[list[float], list[float], tuple, bool]:
+    """Time ``repeats`` plain/DFlare pairs, alternating which side runs first. Returns (plain
+    seconds, DFlare seconds, (plain output, DFlare output, DFlare stats) of the last pair, whether
+    the two outputs were identical in every pair). ``dflare_fn`` returns (output, stats)."""
+    plain_s, dflare_s, last, identical = [], [], None, True
+    for repeat in range(repeats):
+        order = ("plain", "dflare") if repeat % 2 == 0 else ("dflare", "plain")
+        results = {side: _timed(plain_fn if side == "plain" else dflare_fn) for side in order}
+        plain_s.append(results["plain"][1])
+        dflare_s.append(results["dflare"][1])
+        last = (results["plain"][0], results["dflare"][0][0], results["dflare"][0][1])
+        identical &= torch.equal(last[0], last[1])
+    return plain_s, dflare_s, last, identical
 
 
 def run(args) -> int:
@@ -43,6 +66,8 @@ def run(args) -> int:
     from .cpu_kernels_dflare import fast_draft_dtype
     from .targets import load_target, load_tokenizer
 
+    if args.repeats < 1:
+        raise SystemExit(f"dflare demo: --repeats {args.repeats}: expected at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     draft_dir = Path(args.draft)
@@ -61,6 +86,10 @@ def run(args) -> int:
         with torch.inference_mode():
             return target.generate(ids, generation_config=config, **kwargs)
 
+    def speculative(ids):
+        out = generate(ids, assistant_model=draft)
+        return out, draft.dflare_stats
+
     prompts = args.prompt or DEMO_PROMPTS
     encoded = [
         tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
@@ -71,14 +100,12 @@ def run(args) -> int:
     totals = {"plain": 0.0, "dflare": 0.0, "tokens": 0, "accepted": 0, "cycles": 0}
     identical = True
     for prompt, ids in zip(prompts, encoded):
-        plain, plain_s = _timed(lambda: generate(ids))
-        ours, ours_s = _timed(lambda: generate(ids, assistant_model=draft))
-        stats = draft.dflare_stats
-        same = torch.equal(plain, ours)
+        plain_s, dflare_s, (plain, ours, stats), same = timed_pairs(lambda: generate(ids), lambda: speculative(ids), args.repeats)
         identical &= same
         new = plain.shape[1] - ids.shape[1]
-        totals["plain"] += plain_s
-        totals["dflare"] += ours_s
+        ratios = [p / d for p, d in zip(plain_s, dflare_s)]
+        totals["plain"] += statistics.median(plain_s)
+        totals["dflare"] += statistics.median(dflare_s)
         totals["tokens"] += new
         totals["accepted"] += sum(stats.accepted)
         totals["cycles"] += stats.cycles
@@ -87,9 +114,9 @@ def run(args) -> int:
         print(tokenizer.decode(ours[0, ids.shape[1]:], skip_special_tokens=True))
         print("-" * 80)
         print(
-            f"{new} tokens | plain {new / plain_s:.1f} tok/s | DFlare {new / ours_s:.1f} tok/s | "
-            f"speedup {plain_s / ours_s:.2f}x | acceptance length {stats.acceptance_length:.2f} | "
-            f"identical to plain: {'yes' if same else 'NO'}"
+            f"{new} tokens | plain {new / statistics.median(plain_s):.1f} tok/s | DFlare {new / statistics.median(dflare_s):.1f} tok/s | "
+            f"speedup {statistics.median(ratios):.2f}x (median of {len(ratios)} timed pairs, {min(ratios):.2f}-{max(ratios):.2f}) | "
+            f"acceptance length {stats.acceptance_length:.2f} | identical to plain: {'yes' if same else 'NO'}"
         )
     tau = (totals["accepted"] + totals["cycles"]) / max(1, totals["cycles"])
     print("\n" + "=" * 80)
@@ -98,5 +125,8 @@ def run(args) -> int:
         f"DFlare {totals['tokens'] / totals['dflare']:.1f} tok/s | speedup {totals['plain'] / totals['dflare']:.2f}x | "
         f"acceptance length {tau:.2f} | outputs identical: {'yes' if identical else 'NO'}"
     )
-    print(f"(draft ran as {draft.dflare_stats.draft_precision}; {torch.get_num_threads()} threads)")
+    print(
+        f"(timing: median of {args.repeats} interleaved plain/DFlare pairs per prompt after a warm-up; "
+        f"draft ran as {draft.dflare_stats.draft_precision}; {torch.get_num_threads()} threads)"
+    )
     return 0 if identical else 1
