@@ -1,9 +1,10 @@
 """The ``dflare`` command: one subcommand per task, each implemented in its own module.
 
 This module sits outside the ``modeling_dflare`` package on purpose: importing the package loads
-torch and transformers (seconds), and ``dflare --help`` should not wait for them. Every module
-listed in :data:`SUBCOMMANDS` provides ``add_arguments(parser)`` and ``run(args) -> int`` and is
-imported only when its subcommand runs.
+torch and transformers (seconds), and ``dflare --help`` should not wait for them. Each entry of
+:data:`SUBCOMMANDS` names its module and the module's two functions, ``add_arguments(parser)`` and
+``run(args) -> int``; the module is imported only when its subcommand runs. ``python -m dflare_cli``
+runs the same command (``accelerate launch -m dflare_cli train ...`` spreads training over processes).
 
 Errors a user can fix (a missing file, a bad value) print one line naming the problem; ``--debug``
 shows the full traceback instead.
@@ -14,18 +15,33 @@ import importlib
 import logging
 import os
 import sys
+from typing import NamedTuple
+
+
+class Subcommand(NamedTuple):
+    """Where a subcommand lives: its module, its help line and the names of its two functions there."""
+
+    module: str
+    help: str
+    add_arguments: str = "add_arguments"
+    run: str = "run"
+
 
 SUBCOMMANDS = {
-    "demo": ("modeling_dflare.demo", "SmolLM2 + the shipped draft: text, acceptance length, speedup"),
-    "regenerate": ("modeling_dflare.regenerate", "rewrite dataset responses with the target itself"),
-    "train": ("modeling_dflare.training", "train a DFlare/DFlash draft for a target"),
-    "tune-cut": ("modeling_dflare.training.tune", "re-choose a draft's confidence cut for this machine"),
-    "cache": ("modeling_dflare.training.cache", "compact a hidden-state cache to fp8 and drop files no data uses"),
-    "evaluate": ("modeling_dflare.training.evaluate", "a draft's held-out accuracy and acceptance length per answer folder"),
-    "bench": ("modeling_dflare.bench", "acceptance length and wall-clock speedup vs alternatives"),
-    "push": ("modeling_dflare.hub", "validate and upload a draft folder to the Hub"),
-    "push-space": ("modeling_dflare.hub", "validate and upload the Space folder to the Hub"),
-    "convert": ("modeling_dflare.convert", "convert z-lab DFlash / AngelSlim DFlare checkpoints"),
+    "demo": Subcommand("modeling_dflare.demo", "SmolLM2 + the shipped draft: text, acceptance length, speedup"),
+    "regenerate": Subcommand("modeling_dflare.regenerate", "rewrite dataset responses with the target itself"),
+    "train": Subcommand("modeling_dflare.training", "train a DFlare/DFlash draft for a target"),
+    "tune-cut": Subcommand("modeling_dflare.training.tune", "re-choose a draft's confidence cut for this machine"),
+    "cache": Subcommand("modeling_dflare.training.cache", "compact a hidden-state cache to fp8 and drop files no data uses"),
+    "evaluate": Subcommand("modeling_dflare.training.evaluate", "a draft's held-out accuracy and acceptance length per answer folder"),
+    "bench": Subcommand("modeling_dflare.bench", "acceptance length and wall-clock speedup vs alternatives"),
+    "push": Subcommand("modeling_dflare.hub", "validate and upload a draft folder to the Hub", "add_push_arguments", "run_push"),
+    "push-space": Subcommand(
+        "modeling_dflare.hub", "validate and upload the Space folder to the Hub", "add_push_space_arguments", "run_push_space"
+    ),
+    "convert": Subcommand("modeling_dflare.convert", "convert z-lab DFlash / AngelSlim DFlare checkpoints"),
+    "export-target": Subcommand("modeling_dflare.export_target", "save a .gguf target as a folder that loads in seconds"),
+    "check-lossless": Subcommand("modeling_dflare.lossless", "thousands of random greedy and sampling cases: output is the target's"),
 }
 
 #: Exceptions that mean "the input is wrong", reported in one line (anything else is a bug: full traceback).
@@ -37,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module, help_text) in SUBCOMMANDS.items():
-        sub.add_parser(name, help=help_text, add_help=False)
+    for name, command in SUBCOMMANDS.items():
+        sub.add_parser(name, help=command.help, add_help=False)
     return parser
 
 
@@ -51,15 +67,13 @@ def main(argv: list[str] | None = None) -> int:
         rest.remove("--debug")
         known.debug = True
     logging.basicConfig(level=logging.DEBUG if known.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    module_name, help_text = SUBCOMMANDS[known.command]
-    module = importlib.import_module(module_name)
-    sub = argparse.ArgumentParser(prog=f"dflare {known.command}", description=help_text)
-    add_arguments = getattr(module, f"add_{known.command.replace('-', '_')}_arguments", None) or module.add_arguments
-    run = getattr(module, f"run_{known.command.replace('-', '_')}", None) or module.run
-    add_arguments(sub)
+    command = SUBCOMMANDS[known.command]
+    module = importlib.import_module(command.module)
+    sub = argparse.ArgumentParser(prog=f"dflare {known.command}", description=command.help)
+    getattr(module, command.add_arguments)(sub)
     args = sub.parse_args(rest)
     try:
-        return int(run(args) or 0)
+        return int(getattr(module, command.run)(args) or 0)
     except USER_ERRORS as error:
         if known.debug:
             raise

@@ -64,7 +64,6 @@ import logging
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from collections.abc import Iterator
@@ -76,6 +75,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bench_datasets import DATASET_NOTES, DATASETS, DEFAULT_DATASETS, BenchPrompt, iter_prompts
+from .bench_report import DEFAULT_LOOKUP_NGRAM
+from .timing import measure_forward_costs
 
 logger = logging.getLogger(__name__)
 
@@ -91,8 +92,6 @@ METHOD_DRAFT = {
 }
 #: Methods run by our generator (they leave ``draft.dflare_stats``).
 OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-hybrid-packed", "dflare-nocut", "dflash")
-#: The longest n-gram dflare-hybrid looks up with a draft whose config has the hybrid off.
-DEFAULT_LOOKUP_NGRAM = 3
 #: Hybrid variants that verify on one fixed small-row kernel instead of the timed choice (``"auto"``).
 FIXED_KERNELS = {"dflare-hybrid-matmul": "matmul", "dflare-hybrid-packed": "packed"}
 #: The shipped drafts, found next to the package whatever the working folder.
@@ -231,36 +230,6 @@ def peak_rss() -> int:
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-@torch.no_grad()
-def measure_forward_costs(
-    target, input_ids: torch.LongTensor, max_length: int, repeats: int, clock, cache=None, **forward_kwargs
-) -> list[float]:
-    """Median seconds of a cached target forward over 1..``max_length`` new tokens after ``input_ids``.
-
-    ``forward_kwargs`` ride on every timed forward (e.g. the ``output_hidden_states`` request a
-    DFlare generation makes), so the timing covers what generation asks of the target. ``cache``:
-    a cache already holding ``input_ids`` (it is left as it was given); without one the prompt is
-    run first.
-    """
-    from transformers import DynamicCache
-
-    if cache is None:
-        cache = DynamicCache(config=target.config)
-        target(input_ids, past_key_values=cache, use_cache=True, **forward_kwargs)
-    # Rounds over all lengths rather than all repeats of one length in a row: a slow spell of a
-    # shared machine then lands on every length alike instead of bending the cost-per-token slope.
-    times: list[list[float]] = [[] for _ in range(max_length)]
-    for _ in range(repeats + 1):  # the first round is a warm-up
-        for length in range(1, max_length + 1):
-            new = input_ids[:, -1:].repeat(1, length)
-            start = clock()
-            target(new, past_key_values=cache, use_cache=True, **forward_kwargs)
-            times[length - 1].append(clock() - start)
-            cache.crop(-length)
-    seconds = [statistics.median(per_length[1:]) for per_length in times]
-    return seconds
 
 
 def forward_costs(
@@ -754,7 +723,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", default=DEFAULT_DRAFT, help="DFlare (layer-wise) draft folder")
     parser.add_argument("--dflash-draft", default=DEFAULT_DFLASH_DRAFT, help="DFlash (shared-fusion) draft folder")
     parser.add_argument("--random-drafts", action="store_true", help="untrained random drafts (development only)")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS), help="methods to run (plain always runs)")
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
+                        help="methods to run (plain always runs, and plain-fast beside any speculative method; default: every "
+                        "method whose draft fits the target, a default draft that does not fit dropped with a logged line)")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DEFAULT_DATASETS),
                         help="prompt sets (default: the standard sets mtbench, humaneval, champ, then the sharegpt report split)")
     parser.add_argument("--num-prompts", nargs="+", default=[str(DEFAULT_NUM_PROMPTS)], metavar="N|DATASET=N",
@@ -788,6 +759,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="after the run, torch.profiler tables of one generate per METHOD (default: plain dflare) on the first prompt",
     )
     parser.add_argument("--render", metavar="BENCH_JSON", default=None, help="only re-render markdown and plots from a bench.json")
+    from .chat_templates import add_prompt_format_arguments
+
+    add_prompt_format_arguments(parser)
 
 
 def prompt_counts(args) -> dict[str, int]:
@@ -901,21 +875,25 @@ def draft_dtype(args) -> torch.dtype:
 
 
 def load_models(args):
-    """(target, tokenizer, drafts, methods) as the arguments ask."""
+    """(target, tokenizer, drafts, methods) as the arguments ask.
+
+    Before the target loads: the methods are planned for it (:func:`~modeling_dflare.bench_plan.plan_methods`:
+    only drafts that fit it, ``plain-fast`` beside any speculative method) and its chat template is
+    checked (:func:`~modeling_dflare.target_info.check_prompt_format`)."""
+    from .bench_plan import plan_methods
+    from .chat_templates import resolve_prompt_format
+    from .target_info import check_prompt_format, target_info
     from .targets import load_target, load_tokenizer
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    methods = [BASELINE] + [m for m in args.methods if m != BASELINE]
-    if not args.random_drafts:  # a missing draft fails in a second, before the target loads
-        paths = {"dflare": args.draft, "dflash": args.dflash_draft}
-        for name in {METHOD_DRAFT[m] for m in methods if m in METHOD_DRAFT}:
-            if not Path(paths[name], "config.json").is_file():
-                raise FileNotFoundError(
-                    f"no draft at {paths[name]!r} (expected a folder with config.json and weights): pass "
-                    "--draft/--dflash-draft, or --random-drafts for a development run with untrained drafts"
-                )
+    info = target_info(args.target)  # a missing target path fails here, in a second
+    drafts_given = {"dflare": (args.draft, args.draft != DEFAULT_DRAFT), "dflash": (args.dflash_draft, args.dflash_draft != DEFAULT_DFLASH_DRAFT)}
+    methods = plan_methods(args.methods, list(METHODS), METHOD_DRAFT, drafts_given, info, args.random_drafts)
+    uses_draft = any(METHOD_DRAFT.get(m) == "dflare" for m in methods) and not args.random_drafts
+    prompt_format = resolve_prompt_format(args, args.draft if uses_draft else None)
+    check_prompt_format(args.tokenizer or args.target, prompt_format, None if args.tokenizer else info)
     target = load_target(args.target, dtype=dtype, device=device)
-    tokenizer = load_tokenizer(args.tokenizer or args.target)
+    tokenizer = load_tokenizer(args.tokenizer or args.target, prompt_format)
     drafts = load_drafts(args, target, methods, device, draft_dtype(args))
     if args.block_size is None:
         args.block_size = next(iter(drafts.values())).config.block_size if drafts else 16
@@ -924,6 +902,7 @@ def load_models(args):
 
 def run_meta(args, target, drafts, settings: Settings, methods: list[str], prompts: dict) -> dict:
     """Everything needed to reproduce and judge a run: date, command, machine, models, settings."""
+    from .chat_templates import resolve_prompt_format
     from .cpu_kernels_dflare import draft_head, draft_for_generation
 
     counts = prompt_counts(args)
@@ -953,6 +932,9 @@ def run_meta(args, target, drafts, settings: Settings, methods: list[str], promp
             "greedy": all(t == 0 for t in temperatures),
             "sampling": "temperature only (no top-k, top-p or other warper); plain sampling generate is the baseline",
             "seed": args.seed,
+            # what no timing includes: the first calls' one-off costs (allocations, kernel choices, the int8 draft copy)
+            "warm_up": "one untimed run of every method before any timed one; forward costs after one untimed round",
+            "prompt_format": resolve_prompt_format(args, args.draft if "dflare" in drafts and not args.random_drafts else None).describe(),
         },
         "prompt_splits": {d: DATASET_NOTES.get(d, d) for d in args.datasets},
         "methods": methods,

@@ -8,6 +8,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+#: The longest n-gram dflare-hybrid looks up with a draft whose config has the hybrid off: the
+#: benchmark runs with it, and a report of such a run names it.
+DEFAULT_LOOKUP_NGRAM = 3
+
 
 def temperature_label(value: float | None) -> str:
     """"greedy" for temperature 0 (or a row from before temperatures were recorded), else ``T=0.7``."""
@@ -49,14 +53,32 @@ def _group_label(dataset: str, temperature: float) -> str:
     return dataset if not temperature else f"{dataset} ({temperature_label(temperature)})"
 
 
+def above_ceiling(row: dict) -> bool:
+    """Whether a row's speedup over plain exceeds its own free-draft ceiling: more than a draft costing
+    nothing could give at its τ, so the gain is the verify kernels' (or noise), not the drafting's."""
+    speedup, ceiling = row.get("speedup"), row.get("ceiling")
+    return isinstance(speedup, (int, float)) and isinstance(ceiling, (int, float)) and speedup > ceiling
+
+
+#: Where the table's prompts-and-repeats column goes (after "Decoding").
+BEHIND_COLUMN = 3
+
+
 def render_table(results: dict) -> str:
     """The per dataset and method table (markdown), with a losslessness column (greedy rows: output
     identical to plain decoding; sampled rows cannot be compared token by token, so theirs says
-    whether repeats under one seed agreed)."""
+    whether repeats under one seed agreed), how many prompts and timed repeats stand behind each
+    row, and a speedup above the row's own free-draft ceiling flagged in its cell."""
+    repeats = ((results.get("meta") or {}).get("settings") or {}).get("repeats")
     header = [title for title, _, _ in COLUMNS] + ["Lossless"]
+    header.insert(BEHIND_COLUMN, "Prompts × repeats")
+    speedup_column = next(i for i, (_, key, _) in enumerate(COLUMNS) if key == "speedup")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in results["results"]:
         cells = [_cell(row.get(key), template) for _, key, template in COLUMNS]
+        if above_ceiling(row):
+            cells[speedup_column] = f"**{row['speedup']:.2f}x (above ceiling)**"
+        cells.insert(BEHIND_COLUMN, f"{row.get('prompts', '?')} × {repeats or '?'}")
         if row.get("temperature"):
             cells.append("n/a (sampled)" if not row.get("mismatches") else f"**NO ({row['mismatches']} repeats differ)**")
             lines.append("| " + " | ".join(cells) + " |")
@@ -107,6 +129,9 @@ def render_headline(results: dict, method: str | None = None) -> list[str]:
             if ours.get("ceiling") is not None
             else ""
         )
+        if above_ceiling(ours):
+            ceiling = (f"; **FLAGGED: {ours['speedup']:.2f}x plain is above the {ours['ceiling']:.2f}x a free draft would give at "
+                       "this τ, so it is no drafting gain** (the verify kernels or timing noise: compare plain-fast)")
         lines.append(f"- {_group_label(*group)}: {method} (τ {ours['tau']:.2f}) runs at " + ", ".join(parts) + ceiling)
     return lines
 
@@ -172,8 +197,6 @@ def render_sources(results: dict) -> list[str]:
 
 def _hybrid_line(meta: dict) -> list[str]:
     """The prompt-lookup settings dflare-hybrid ran with, when it ran (older results may lack them)."""
-    from .bench import DEFAULT_LOOKUP_NGRAM
-
     if not any(str(m).startswith("dflare-hybrid") for m in meta.get("methods", [])):
         return []
     own = (meta.get("draft_configs", {}).get("dflare") or {}).get("prompt_lookup")
@@ -206,7 +229,9 @@ def render_markdown(results: dict) -> str:
         + ("; drafts run as " + ", ".join(f"{k} {v}" for k, v in precision.items()) if precision else ""),
         f"- {_decoding_line(settings)}, block size {settings['block_size']}, confidence threshold {threshold}, "
         f"{_prompt_counts(settings)}, max {settings['max_new_tokens']} new tokens, "
-        f"median of {settings['repeats']} repeat(s), methods interleaved per prompt",
+        f"median of {settings['repeats']} timed repeat(s) per prompt after one untimed warm-up run of every method, "
+        "methods interleaved per prompt; the Prompts × repeats column counts what stands behind each row",
+        *([f"- Prompt format: {settings['prompt_format']}"] if settings.get("prompt_format") else []),
         *_hybrid_line(meta),
         f"- Command: `{meta['command']}`",
         *(
@@ -300,6 +325,6 @@ def plot_acceptance(results: dict, path: str | Path) -> Path:
 
 
 __all__ = [
-    "plot_acceptance", "plot_speedup", "render_categories", "render_costs", "render_markdown", "render_sources", "render_table",
-    "temperature_label",
+    "DEFAULT_LOOKUP_NGRAM", "plot_acceptance", "plot_speedup", "render_categories", "render_costs", "render_markdown",
+    "render_sources", "render_table", "above_ceiling", "temperature_label",
 ]  # fmt: skip

@@ -43,7 +43,6 @@ logger = logging.getLogger(__name__)
 
 FORMATS = ("zlab-dflash", "angelslim-dflare")
 ZLAB_ARCHITECTURE = "DFlashDraftModel"
-ANGELSLIM_ARCHITECTURE = "QwenDFlareDraftModel"
 
 # Tensors that some exports carry but that the model recomputes: accounted for, not loaded.
 RECOMPUTED_KEY = re.compile(r"^(.*\.)?rotary_emb\.inv_freq$")

@@ -1,8 +1,9 @@
 """Conversation data for training and benchmarking DFlare drafts.
 
-Every reader yields :class:`Conversation` records (a list of ``{"role", "content"}`` messages with
-roles ``system``/``user``/``assistant``) and fills a :class:`ReadReport` that counts what it kept
-and what it had to skip, with the reason. Bad records are never fatal and never silent.
+Every reader yields :class:`~modeling_dflare.conversations.Conversation` records (a list of
+``{"role", "content"}`` messages with roles ``system``/``user``/``assistant``) and fills a
+:class:`~modeling_dflare.conversations.ReadReport` that counts what it kept and what it had to
+skip, with the reason. Bad records are never fatal and never silent.
 
 Readers:
 
@@ -15,7 +16,6 @@ Readers:
 * :func:`humaneval_prompts` -- the 164 HumanEval prompts (benchmark only, never training).
 """
 
-import dataclasses
 import gzip
 import hashlib
 import importlib.util
@@ -23,9 +23,10 @@ import json
 import logging
 import os
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+from .conversations import SOURCES, Conversation, ReadReport, source_reader
 
 logger = logging.getLogger(__name__)
 
@@ -41,62 +42,6 @@ ROLE_ALIASES = {
 }
 #: Records longer than this many characters are skipped (they would be truncated to nothing useful).
 MAX_RECORD_CHARS = 200_000
-
-
-@dataclasses.dataclass
-class Conversation:
-    """One chat: ``messages`` is a list of ``{"role": ..., "content": ...}``."""
-
-    id: str
-    messages: list[dict[str, str]]
-
-    @property
-    def first_prompt(self) -> list[dict[str, str]]:
-        """System turns, then the first user turn (what regeneration answers).
-
-        Assistant turns before the first user turn (a third of ShareGPT opens with one) are dropped,
-        so such a conversation is answered from its first user turn instead of being unusable.
-        """
-        prompt = self.prompt_at(1)
-        if prompt is None:
-            raise ValueError(f"conversation {self.id!r} has no user turn")
-        return prompt
-
-    def prompt_at(self, turn: int) -> list[dict[str, str]] | None:
-        """The chat up to and including its ``turn``-th user message (1 = :attr:`first_prompt`),
-        earlier replies kept as the data has them; None when it has fewer user turns.
-
-        Later turns answer new questions in contexts the first turns never give (long histories,
-        follow-ups), from conversations the data already has.
-        """
-        if turn < 1:
-            raise ValueError(f"turn {turn}: expected 1 or more")
-        users = [i for i, message in enumerate(self.messages) if message["role"] == "user"]
-        if len(users) < turn:
-            return None
-        first = users[0]
-        return [m for m in self.messages[:first] if m["role"] == "system"] + self.messages[first : users[turn - 1] + 1]
-
-
-@dataclasses.dataclass
-class ReadReport:
-    """What a reader kept and what it skipped, by reason."""
-
-    source: str
-    kept: int = 0
-    skipped: Counter = dataclasses.field(default_factory=Counter)
-    truncated_tail: bool = False
-
-    @property
-    def dropped(self) -> int:
-        return sum(self.skipped.values())
-
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] += 1
-
-    def summary(self) -> str:
-        reasons = ", ".join(f"{n} {r}" for r, n in self.skipped.most_common()) or "none"
-        return f"{self.source}: kept {self.kept} conversations, dropped {self.dropped} ({reasons})"
 
 
 def sharegpt_path() -> Path:
@@ -233,20 +178,16 @@ def read_hf_dataset(dataset: Iterable[dict[str, Any]], name: str = "dataset") ->
 
 
 def read_conversations(source: str | Path | None) -> tuple[list[Conversation], ReadReport]:
-    """Dispatch on the source: None or ``"sharegpt"`` -> shipped ShareGPT; ``"gsm-symbolic"`` or
-    ``"codeio"``, ``"pystubs"`` or ``"pylibs"`` -> the domain prompts of :mod:`modeling_dflare.prompt_sources`; ``*.jsonl[.gz]``; ``*.json``."""
-    from .prompt_sources import PROMPT_SOURCES
-
-    if source is None or str(source) == "sharegpt":
-        return read_sharegpt()
-    if str(source) in PROMPT_SOURCES:
-        conversations, report = PROMPT_SOURCES[str(source)]()
-        logger.info(report.summary())
-        return conversations, report
+    """Dispatch on the source: None -> shipped ShareGPT; a name of
+    :data:`~modeling_dflare.conversations.SOURCES` (``"sharegpt"``, or the domain prompts of
+    :mod:`modeling_dflare.prompt_sources`) -> its reader; ``*.jsonl[.gz]``; ``*.json``."""
+    name = "sharegpt" if source is None else str(source)
+    if name in SOURCES:
+        return source_reader(name)()
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(
-            f"data source {str(source)!r} does not exist (expected 'sharegpt', one of {sorted(PROMPT_SOURCES)}, "
+            f"data source {str(source)!r} does not exist (expected 'sharegpt', one of {sorted(set(SOURCES) - {'sharegpt'})}, "
             "a .json or .jsonl file)"
         )
     if path.name.endswith((".jsonl", ".jsonl.gz")):

@@ -34,6 +34,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--block-size", type=int, default=None, help="override the draft's block size")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    from .chat_templates import add_prompt_format_arguments
+
+    add_prompt_format_arguments(parser)
     parser.add_argument("--repeats", type=int, default=DEFAULT_REPEATS,
                         help="timed plain/DFlare pairs per prompt, interleaved; the speedup shown is their median")
 
@@ -73,8 +76,21 @@ def run(args) -> int:
     draft_dir = Path(args.draft)
     if not (draft_dir / "config.json").exists():
         raise SystemExit(f"no draft at {draft_dir}: train one with `dflare train` or pass --draft DIR")
+    from .chat_templates import resolve_prompt_format
+    from .target_info import check_prompt_format
+
+    from .bench_plan import draft_fit_problems
+    from .target_info import target_info
+
+    prompt_format = resolve_prompt_format(args, draft_dir)
+    info = target_info(args.target)
+    check_prompt_format(args.target, prompt_format, info)  # a target without a chat template fails here, before it loads
+    problems = draft_fit_problems(draft_dir, info)  # so does a draft of another target (the shipped one beside yours)
+    if problems:
+        raise ValueError(f"the draft {draft_dir.name} does not fit target {info.label} ({', '.join(problems)}): "
+                         "pass --draft with a draft trained for this target")
     print(f"loading target ({args.target or 'embedded SmolLM2-135M-Instruct'}) and draft ({draft_dir}) ...", flush=True)
-    target, tokenizer = load_target(args.target), load_tokenizer(args.target)
+    target, tokenizer = load_target(args.target), load_tokenizer(args.target, prompt_format)
     # the draft only proposes: it runs in its fastest dtype here, the target stays fp32
     draft = AutoModel.from_pretrained(draft_dir, trust_remote_code=True, dtype=fast_draft_dtype()).eval()
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,

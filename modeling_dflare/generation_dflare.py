@@ -4,9 +4,11 @@
 * :func:`check_draft_matches_target`: refuses a draft that cannot serve the target, warns on one
   trained for other weights (an embedding fingerprint tells);
 * :class:`DFlareCandidateGenerator`: one draft pass per cycle proposes a block, which transformers'
-  assisted decoding verifies (greedy: longest matching prefix; sampling: rejection sampling);
+  assisted decoding verifies (greedy: longest matching prefix; sampling: rejection sampling); its
+  ``generation_config.dflare_*`` knobs are read and checked by :func:`dflare_settings`;
 * :func:`install_generate_hook`: routes DFlare drafts to that generator, after checking that the
-  installed transformers still has the private signatures the hook wraps.
+  installed transformers still has the private signatures the hook wraps; a ``generate`` option
+  assisted decoding cannot honour with a DFlare draft (beam search) is refused there, by name.
 
 Travels to the Hub with ``modeling_dflare.py``; imports only torch, transformers and the CPU fast
 paths beside it.
@@ -14,7 +16,12 @@ paths beside it.
 
 import contextlib
 import dataclasses
+import functools
+import inspect
+import itertools
 import logging
+import math
+import numbers
 import time
 from typing import TYPE_CHECKING
 
@@ -23,6 +30,7 @@ from packaging.specifiers import SpecifierSet
 from torch import nn
 from transformers import DynamicCache, GenerationMixin
 from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.generation.configuration_utils import GenerationMode
 
 from .cpu_kernels_dflare import SMALL_ROW_KERNELS, draft_for_generation, draft_head, small_row_linears
 
@@ -40,6 +48,13 @@ logger = logging.getLogger(__name__)
 def check_draft_matches_target(draft: "DFlareModel", target: nn.Module) -> None:
     """Raise ``ValueError`` naming the value if ``draft`` cannot serve ``target``; warn on soft mismatches."""
     config, target_config = draft.config, target.config.get_text_config()
+    unloaded = [name for name, tensor in itertools.chain(draft.named_parameters(), draft.named_buffers()) if tensor.device.type == "meta"]
+    if unloaded:
+        raise ValueError(
+            f"DFlare draft has no weights: {unloaded[0]}{f' (and {len(unloaded) - 1} more)' if len(unloaded) > 1 else ''} is on "
+            "the meta device, as left by "
+            "init_empty_weights or an offloading device_map; load the draft onto a real device (any: its inputs are moved to it)"
+        )
     head = target.get_output_embeddings()
     embed = target.get_input_embeddings()
     if head is None or embed is None:
@@ -61,6 +76,11 @@ def check_draft_matches_target(draft: "DFlareModel", target: nn.Module) -> None:
             config.num_target_hidden_layers,
             depth,
         )
+    recorded = getattr(config, "target_fingerprint", None)
+    if recorded and fingerprints_match(recorded, target_fingerprint(target)):
+        # The very weights the draft was trained against, whatever the checkpoint is called or
+        # wherever it was loaded from (a local copy of a Hub model, an embedded GGUF): nothing to say.
+        return
     trained_for = _model_name(config.target_name_or_path)
     used_with = _model_name(getattr(target.config, "name_or_path", None))
     if config.target_model_type and config.target_model_type != target_config.model_type:
@@ -77,7 +97,7 @@ def check_draft_matches_target(draft: "DFlareModel", target: nn.Module) -> None:
             config.target_name_or_path,
             target.config.name_or_path,
         )
-    elif getattr(config, "target_fingerprint", None) and not fingerprints_match(config.target_fingerprint, target_fingerprint(target)):
+    elif recorded:
         # Same name, other weights: e.g. the draft was trained against a quantised copy (renamed to
         # its source's Hub id) and meets the original, or the other way round.
         _warn_once(
@@ -225,6 +245,28 @@ def hidden_state_request(layer_ids: list[int]):
     return True
 
 
+def cache_argument(model: nn.Module) -> str:
+    """The keyword under which ``model``'s forward takes its KV cache without a deprecation warning:
+    ``cache`` where transformers renamed it (and deprecates ``past_key_values``), else
+    ``past_key_values``. Read from the forward's signature (a remote-code model may keep the old
+    name), else from the library's output classes (a wrapper such as PEFT's takes ``**kwargs``)."""
+    return _cache_argument(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_argument(model_class: type) -> str:
+    try:
+        parameters = inspect.signature(model_class.forward).parameters
+    except (TypeError, ValueError, AttributeError):
+        parameters = {}
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    from transformers.modeling_outputs import BaseModelOutputWithPast
+
+    return "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
 def ngram_continuation(sequence: torch.LongTensor, max_ngram: int, count: int, min_ngram: int = 1) -> torch.LongTensor:
     """Up to ``count`` tokens that followed the most recent earlier occurrence of the longest n-gram
     (``max_ngram`` >= n >= ``min_ngram``) ending ``sequence`` (1-D). Empty when nothing matches."""
@@ -248,18 +290,96 @@ def ngram_continuation(sequence: torch.LongTensor, max_ngram: int, count: int, m
 SAMPLING_PROPOSALS = ("sample", "argmax")
 
 
-def sampling_proposal(generation_config) -> str:
-    """The proposal mode of this ``generate`` call; a clear error for an unknown one."""
-    value = _override(generation_config, "dflare_sampling_proposal", SAMPLING_PROPOSALS[0])
-    if value not in SAMPLING_PROPOSALS:
-        raise ValueError(f"dflare_sampling_proposal={value!r}: expected one of {SAMPLING_PROPOSALS}")
-    return value
+@dataclasses.dataclass(frozen=True)
+class DFlareSettings:
+    """The DFlare knobs of one ``generate`` call, read by :func:`dflare_settings`."""
+
+    block_size: int
+    confidence_threshold: float
+    lookup_ngram: int
+    lookup_min_ngram: int
+    lookup_confidence: float
+    #: None: the int8 CPU copy where it runs (see ``use_int8_draft``); True insists; False never
+    int8_draft: bool | None
+    #: a kernel name of SMALL_ROW_KERNELS, or False for the stock kernels
+    small_row_kernels: str | bool
+    sampling_proposal: str
 
 
-def _override(generation_config, key: str, default):
-    """``generation_config.<key>`` where it is set (not None), else ``default``."""
-    value = getattr(generation_config, key, None)
-    return default if value is None else value
+#: ``generation_config.dflare_<name>`` -> the draft config field that gives its default (None: a
+#: fixed default). A ``dflare_*`` attribute not listed here is a typo and refused.
+DFLARE_KNOBS = {
+    "dflare_block_size": "block_size",
+    "dflare_confidence_threshold": "confidence_threshold",
+    "dflare_prompt_lookup_ngram": "prompt_lookup_ngram",
+    "dflare_prompt_lookup_min_ngram": "prompt_lookup_min_ngram",
+    "dflare_lookup_confidence": "prompt_lookup_confidence",
+    "dflare_int8_draft": None,
+    "dflare_small_row_kernels": None,
+    "dflare_sampling_proposal": None,
+}
+
+
+def dflare_settings(generation_config, draft_config) -> DFlareSettings:
+    """The DFlare settings of a ``generate`` call: each ``generation_config.dflare_*`` knob where it
+    is set (not None), else the draft config's value. A knob of the wrong type or out of range, or
+    an unknown ``dflare_*`` attribute, is a ``ValueError`` naming the field and the value."""
+    unknown = sorted(k for k in vars(generation_config) if k.startswith("dflare_") and k not in DFLARE_KNOBS)
+    if unknown:
+        raise ValueError(
+            f"generation_config.{unknown[0]}={getattr(generation_config, unknown[0])!r} is not a DFlare setting: "
+            f"expected one of {', '.join(DFLARE_KNOBS)}"
+        )
+
+    def value(knob: str, default=None):
+        setting = getattr(generation_config, knob, None)
+        field = DFLARE_KNOBS[knob]
+        return (getattr(draft_config, field) if field else default) if setting is None else setting
+
+    def refuse(knob: str, expected: str):
+        return ValueError(f"generation_config.{knob}={getattr(generation_config, knob)!r}: expected {expected}")
+
+    def integer(knob: str, low: int, high: int | None = None) -> int:
+        number = value(knob)
+        if not isinstance(number, numbers.Integral) or isinstance(number, bool) or number < low or (high is not None and number > high):
+            raise refuse(knob, f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}")
+        return int(number)
+
+    def fraction(knob: str) -> float:
+        number = value(knob)
+        if not isinstance(number, numbers.Real) or isinstance(number, bool) or not (math.isfinite(number) and 0.0 <= number <= 1.0):
+            raise refuse(knob, "a number in [0, 1]")
+        return float(number)
+
+    block_size = integer("dflare_block_size", 2, int(draft_config.block_size))
+    int8 = value("dflare_int8_draft")
+    if int8 is not None and not isinstance(int8, bool):
+        raise refuse("dflare_int8_draft", "None (automatic), True or False")
+    kernels = value("dflare_small_row_kernels")
+    if not (kernels is None or isinstance(kernels, bool) or (isinstance(kernels, str) and kernels in SMALL_ROW_KERNELS)):
+        raise refuse("dflare_small_row_kernels", f"None, True, False or one of {SMALL_ROW_KERNELS}")
+    proposal = value("dflare_sampling_proposal", SAMPLING_PROPOSALS[0])
+    if not (isinstance(proposal, str) and proposal in SAMPLING_PROPOSALS):
+        raise refuse("dflare_sampling_proposal", f"one of {SAMPLING_PROPOSALS}")
+    return DFlareSettings(
+        block_size=block_size,
+        confidence_threshold=fraction("dflare_confidence_threshold"),
+        lookup_ngram=integer("dflare_prompt_lookup_ngram", 0),
+        lookup_min_ngram=integer("dflare_prompt_lookup_min_ngram", 1),
+        lookup_confidence=fraction("dflare_lookup_confidence"),
+        int8_draft=int8,
+        small_row_kernels="auto" if kernels in (None, True) else kernels,
+        sampling_proposal=proposal,
+    )
+
+
+def wants_all_hidden_states(generation_config) -> bool:
+    """Whether the user asked ``generate`` for every layer's hidden states (``output_hidden_states``
+    with ``return_dict_in_generate``): then the target computes them all anyway, and a generator
+    that narrows the request to its own layers would hand the user tuples with holes."""
+    return bool(getattr(generation_config, "output_hidden_states", False)) and bool(
+        getattr(generation_config, "return_dict_in_generate", False)
+    )
 
 
 class DFlareCandidateGenerator(CandidateGenerator):
@@ -283,24 +403,28 @@ class DFlareCandidateGenerator(CandidateGenerator):
         config = assistant_model.config
         self.draft = assistant_model
         self.target_layer_ids = list(config.target_layer_ids)
-        self.model_kwargs_overrides = {"output_hidden_states": hidden_state_request(self.target_layer_ids)}
-        self.block_size = int(getattr(generation_config, "dflare_block_size", None) or config.block_size)
-        # each setting: the generation config's dflare_* override where given, else the draft's config
-        self.confidence_threshold = float(_override(generation_config, "dflare_confidence_threshold", config.confidence_threshold))
-        self.lookup_ngram = int(_override(generation_config, "dflare_prompt_lookup_ngram", config.prompt_lookup_ngram))
-        self.lookup_confidence = float(_override(generation_config, "dflare_lookup_confidence", config.prompt_lookup_confidence))
-        self.lookup_min_ngram = int(_override(generation_config, "dflare_prompt_lookup_min_ngram", config.prompt_lookup_min_ngram))
+        # The target returns only the hidden states of the draft's layers, unless the user asked for
+        # all of them: then all, and the draft takes its own from the user's.
+        wanted = True if wants_all_hidden_states(generation_config) else hidden_state_request(self.target_layer_ids)
+        self.model_kwargs_overrides = {"output_hidden_states": wanted}
+        # each setting: the generation config's dflare_* knob where given, else the draft's config
+        settings = dflare_settings(generation_config, config)
+        self.block_size = settings.block_size
+        self.confidence_threshold = settings.confidence_threshold
+        self.lookup_ngram = settings.lookup_ngram
+        self.lookup_confidence = settings.lookup_confidence
+        self.lookup_min_ngram = settings.lookup_min_ngram
         self.mask_token_id = config.mask_token_id
         self.max_length = generation_config.max_length
         self.do_sample = bool(generation_config.do_sample)
-        self.sample_proposal = self.do_sample and sampling_proposal(generation_config) == "sample"
+        self.sample_proposal = self.do_sample and settings.sampling_proposal == "sample"
         self.logits_processor = logits_processor if logits_processor else None
         self.input_embeddings = target_model.get_input_embeddings()
         head = target_model.get_output_embeddings().weight
         self.head_weight, self.head_ids = draft_head(assistant_model, head)
         # on a CPU an fp32 draft (or a bf16 one where bf16 is not native) runs as its int8 copy (see int8_draft)
         self.runner, self._head_product, precision = draft_for_generation(
-            assistant_model, self.head_weight, getattr(generation_config, "dflare_int8_draft", None)
+            assistant_model, self.head_weight, settings.int8_draft
         )
         self.int8 = precision == "int8"
         self.vocab_size = head.shape[0]
@@ -511,8 +635,6 @@ _HOOKED_KEYWORDS = {"_get_candidate_generator": ("assistant_model", "logits_proc
 def check_transformers_compatible(mixin: type = GenerationMixin) -> None:
     """Raise ``ImportError`` naming the supported range if ``mixin``'s private methods that the
     generate hook wraps no longer have the signatures it was written for."""
-    import inspect
-
     import transformers
 
     problems = []
@@ -587,12 +709,38 @@ def _wrap_once(name: str, make_wrapper) -> None:
     setattr(GenerationMixin, name, wrapper)
 
 
+#: Generation config fields that turn ``generate`` into a search mode assisted decoding cannot run,
+#: with their neutral values.
+_SEARCH_OPTIONS = (("num_beams", 1), ("num_beam_groups", 1), ("penalty_alpha", 0), ("constraints", None), ("force_words_ids", None))
+
+
+def check_generation_mode(generation_mode, generation_config) -> None:
+    """Refuse, naming the options, a ``generate`` call whose settings select another mode than
+    assisted decoding (beam search, group beam search, contrastive or constrained search):
+    transformers would run that mode and ignore the draft with a log line."""
+    if generation_mode == GenerationMode.ASSISTED_GENERATION:
+        return
+    mode = getattr(generation_mode, "value", generation_mode)
+    options = [
+        f"{name}={getattr(generation_config, name)!r}"
+        for name, neutral in _SEARCH_OPTIONS
+        if getattr(generation_config, name, None) not in (None, neutral)
+    ]
+    raise ValueError(
+        f"DFlare speculative decoding runs greedy decoding or sampling only, not {mode}"
+        + (f" ({', '.join(options)})" if options else "")
+        + ": set num_beams=1 (with do_sample=True to sample), or generate without assistant_model"
+    )
+
+
 def _validate_generation_mode_hook(original):
     def _validate_generation_mode(self, generation_mode, generation_config, generation_mode_kwargs, *args, **kwargs):
         assistant_model = generation_mode_kwargs.get("assistant_model")
         if is_dflare_draft(assistant_model):
             # Before transformers' own assistant checks: a vocab mismatch would otherwise read as a tokenizer problem.
             check_draft_matches_target(assistant_model, self)
+            check_generation_mode(generation_mode, generation_config)
+            dflare_settings(generation_config, assistant_model.config)  # a bad dflare_* knob fails before any forward
         return original(self, generation_mode, generation_config, generation_mode_kwargs, *args, **kwargs)
 
     return _validate_generation_mode
@@ -602,18 +750,13 @@ def _assisted_decoding_hook(original):
     def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs):
         if not is_dflare_draft(kwargs.get("assistant_model")):
             return original(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs)
-        # generation_config.dflare_small_row_kernels: None / True / "auto" (default), "packed", "matmul",
-        # or False for the stock kernels (see small_row_linears)
-        setting = getattr(generation_config, "dflare_small_row_kernels", None)
-        if not (setting is None or isinstance(setting, bool) or setting in SMALL_ROW_KERNELS):
-            raise ValueError(
-                f"generation_config.dflare_small_row_kernels={setting!r}: expected None, True, False or one of {SMALL_ROW_KERNELS}"
-            )
+        # generation_config.dflare_small_row_kernels: "auto" (default), "packed", "matmul", or False
+        # for the stock kernels (see small_row_linears)
+        kernel = dflare_settings(generation_config, kwargs["assistant_model"].config).small_row_kernels
         # The candidate generator is built without the stopping criteria; hand them over through this
         # call's private copy of the generation config (see ``stop_free_length``).
         generation_config._dflare_stopping_criteria = stopping_criteria
-        kernel = "auto" if setting in (None, True) else setting
-        kernels = small_row_linears(self, kernel) if setting is not False else contextlib.nullcontext()
+        kernels = small_row_linears(self, kernel) if kernel is not False else contextlib.nullcontext()
         try:
             with kernels:
                 return original(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs)
@@ -656,6 +799,9 @@ def _get_candidate_generator_hook(original):
             generator_class = getattr(type(assistant_model), "candidate_generator_class", DFlareCandidateGenerator)
             return generator_class(assistant_model, self, generation_config, logits_processor)
         generator = original(self, generation_config, *args, assistant_model=assistant_model, logits_processor=logits_processor, **kwargs)
+        if wants_all_hidden_states(generation_config) and "output_hidden_states" in getattr(generator, "model_kwargs_overrides", {}):
+            # The stock DFlash generator narrows the request to its layers: the user's tuples would have holes.
+            generator.model_kwargs_overrides = {**generator.model_kwargs_overrides, "output_hidden_states": True}
         criteria = prefix_stopping_criteria(generation_config)
         if criteria and generation_config.speculation_type == "dflash":
             generator.get_candidates = _stop_aware(generator.get_candidates, criteria)
@@ -668,8 +814,11 @@ __all__ = [
     "DFlareCandidateGenerator",
     "DFlareStats",
     "SUPPORTED_TRANSFORMERS",
+    "cache_argument",
     "check_draft_matches_target",
+    "check_generation_mode",
     "check_transformers_compatible",
+    "dflare_settings",
     "install_generate_hook",
     "target_fingerprint",
 ]

@@ -13,7 +13,10 @@ Benchmark JSON read by the model card (``dflare bench`` writes ``bench.json``; o
   ``tokens_per_s`` / ``throughput``, ``speedup`` (or ``speedup_vs_plain``), and ``mismatches``
   (0 means the output was identical to plain decoding);
 * context: ``meta.hardware`` (``processor`` / ``gpu``), ``meta.device``, ``meta.dtype``, ``meta.settings``
-  (``max_new_tokens``, ``num_prompts``).
+  (``max_new_tokens``, ``num_prompts``, ``repeats``);
+* how many prompts and timed repeats stand behind each number: the row's ``prompts`` and
+  ``meta.settings.repeats`` (a column when the repeats are recorded); a speedup above the row's own
+  free-draft ``ceiling`` is flagged in its cell, not shown as a plain result.
 
 Rows without a method are skipped and counted in a warning; a JSON with rows but none usable raises.
 """
@@ -73,6 +76,8 @@ def load_bench_rows(path: str | Path) -> tuple[list[dict], str]:
     """``(rows, context sentence)`` for the card's benchmark table from a ``dflare bench`` JSON (see module doc)."""
     data = json.loads(Path(path).read_text())
     raw = data if isinstance(data, list) else next((data[k] for k in ("results", "rows", "runs") if isinstance(data.get(k), list)), [])
+    settings = ((data.get("meta") or {}).get("settings") or {}) if isinstance(data, dict) else {}
+    repeats = settings.get("repeats")
     rows, skipped = [], 0
     for row in raw:
         method = _first(row, "method", "name") if isinstance(row, dict) else None
@@ -81,15 +86,21 @@ def load_bench_rows(path: str | Path) -> tuple[list[dict], str]:
             continue
         # sampled rows are not compared with plain decoding token by token: no lossless cell for them
         mismatches = None if row.get("temperature") else row.get("mismatches")
+        speedup = _first(row, "speedup", "speedup_vs_plain")
+        ceiling = row.get("ceiling")
+        above = isinstance(speedup, (int, float)) and isinstance(ceiling, (int, float)) and speedup > ceiling
+        prompts = row.get("prompts") or settings.get("num_prompts")
         rows.append({
             "method": method,
             # a sampled row (``dflare bench --temperatures``) names its temperature beside the dataset
             "dataset": (_first(row, "dataset", "task") or "–") + (f" (T={row['temperature']:g})" if row.get("temperature") else ""),
             "acceptance_length": _number(_first(row, "tau", "acceptance_length", "mean_acceptance_length"), 2),
             "tokens_per_s": _number(_first(row, "tokens_per_second", "tokens_per_s", "throughput"), 1),
-            "speedup": _number(_first(row, "speedup", "speedup_vs_plain"), 2, "x"),
+            "speedup": _number(speedup, 2, "x") + (f" (flagged: above this run's {ceiling:.2f}x free-draft ceiling)" if above else ""),
             "lossless": "–" if mismatches is None else ("yes" if mismatches == 0 else f"no ({mismatches} differ)"),
             "has_lossless": mismatches is not None,
+            "behind": f"{prompts or '?'} × {repeats}" if repeats else "–",
+            "above_ceiling": above,
         })
     if skipped:
         logger.warning("%s: %d benchmark row(s) without a method skipped", path, skipped)
@@ -111,6 +122,11 @@ def _bench_context(meta: dict | None) -> str:
         parts.append(f"{meta['dtype']}")
     if settings.get("num_prompts"):
         parts.append(f"{settings['num_prompts']} prompts per dataset")
+    if settings.get("repeats"):
+        parts.append(f"each timing the median of {settings['repeats']} repeat{'s' if settings['repeats'] != 1 else ''} "
+                     "after an untimed warm-up")
+    else:
+        parts.append("repeats per timing not recorded")
     if settings.get("max_new_tokens"):
         parts.append(f"{settings['max_new_tokens']} new tokens")
     sampled = [t for t in settings.get("temperatures") or [] if t]
@@ -151,13 +167,19 @@ def weight_summary(draft_dir: Path) -> tuple[int, str]:
 
 def card_context(draft_dir: Path, *, base_model: str, datasets: list[str], training: dict, bench_json, repo_id,
                  prompt_sources: list[str] | None = None) -> dict:
-    """Template variables of the draft card (``prompt_sources``: the "Training prompts" line, default ``datasets``)."""
+    """Template variables of the draft card (``prompt_sources``: the "Training prompts" line, default ``datasets``).
+
+    Local paths in the training facts and command are cut to their last part: they mean nothing on the Hub."""
+    from .generation_dflare import SUPPORTED_TRANSFORMERS
+    from .publish_metadata import strip_local_paths
+
     config = json.loads((draft_dir / "config.json").read_text())
     layerwise = config.get("fusion", "layerwise") == "layerwise"
     parameters, dtype = weight_summary(draft_dir)
     training = dict(training or {})
     command = training.pop("command", None)
     rows, context = load_bench_rows(bench_json) if bench_json else ([], "")
+    training_rows = [(str(k).replace("_", " "), strip_local_paths(_format_value(v))) for k, v in training.items()]
     vocab = config.get("draft_vocab_size")
     return dict(
         model_name=repo_id or REPO_ID_PLACEHOLDER,
@@ -177,20 +199,28 @@ def card_context(draft_dir: Path, *, base_model: str, datasets: list[str], train
         draft_vocabulary=f"{vocab} most frequent tokens (verification uses the full vocabulary)" if vocab else f"full ({config['vocab_size']} tokens)",
         num_parameters=f"{parameters / 1e6:.1f} M parameters" if parameters >= 1e5 else f"{parameters} parameters",
         weights_dtype=dtype,
-        training_command=command,
-        training_rows=[(str(k).replace("_", " "), _format_value(v)) for k, v in training.items()],
+        training_command=strip_local_paths(command) if command else command,
+        training_rows=training_rows,
+        has_trained_against=any(key == "trained against" for key, _ in training_rows),
+        transformers_range=SUPPORTED_TRANSFORMERS,
         datasets=list(datasets or []),
-        prompt_sources=list(prompt_sources if prompt_sources is not None else datasets or []),
+        prompt_sources=[strip_local_paths(str(p)) for p in (prompt_sources if prompt_sources is not None else datasets or [])],
         bench_rows=rows,
         bench_context=context,
         bench_has_lossless=any(r["has_lossless"] for r in rows),
+        bench_has_behind=any(r["behind"] != "–" for r in rows),
+        bench_has_flagged=any(r["above_ceiling"] for r in rows),
     )
 
 
 def render_model_card(draft_dir, *, base_model: str, datasets: list[str], training: dict, bench_json=None,
-                      license: str = "apache-2.0", repo_id: str | None = None, template_path=None,
-                      prompt_sources: list[str] | None = None):
-    """The draft's :class:`huggingface_hub.ModelCard` (metadata + text) without writing it."""
+                      license: str | None = None, repo_id: str | None = None, template_path=None,
+                      prompt_sources: list[str] | None = None, license_name: str | None = None, license_link: str | None = None):
+    """The draft's :class:`huggingface_hub.ModelCard` (metadata + text) without writing it.
+
+    ``license``: the base model's licence (a licence the Hub does not list is written as ``other``
+    with ``license_name`` and ``license_link``); None leaves it out, and ``dflare push`` asks for it."""
+    from .publish_metadata import license_metadata
     from huggingface_hub import ModelCard, ModelCardData
 
     draft_dir = Path(draft_dir)
@@ -203,8 +233,8 @@ def render_model_card(draft_dir, *, base_model: str, datasets: list[str], traini
         base_model=base_model,
         pipeline_tag="text-generation",
         tags=list(REQUIRED_TAGS),
-        license=license,
         datasets=list(datasets) or None,
+        **license_metadata(license, license_name, license_link),
     )
     context = card_context(draft_dir, base_model=base_model, datasets=datasets, training=training, bench_json=bench_json,
                            repo_id=repo_id, prompt_sources=prompt_sources)
@@ -212,7 +242,8 @@ def render_model_card(draft_dir, *, base_model: str, datasets: list[str], traini
 
 
 def write_model_card(draft_dir, *, base_model: str, datasets: list[str], training: dict, bench_json: str | None = None,
-                     license: str = "apache-2.0", repo_id: str | None = None, prompt_sources: list[str] | None = None) -> Path:
+                     license: str | None = None, repo_id: str | None = None, prompt_sources: list[str] | None = None,
+                     license_name: str | None = None, license_link: str | None = None) -> Path:
     """Write ``README.md`` (the model card) into ``draft_dir`` and return its path.
 
     ``training`` holds free-form recipe facts (command, data size, steps, hardware, wall time, final
@@ -220,10 +251,11 @@ def write_model_card(draft_dir, *, base_model: str, datasets: list[str], trainin
     order. ``bench_json`` is a ``dflare bench`` JSON for the benchmark table. Without ``repo_id`` the
     usage snippet names :data:`REPO_ID_PLACEHOLDER`, which ``dflare push --repo-id`` fills in.
     ``prompt_sources`` is the text of the "Training prompts" line (default: ``datasets``), which may name
-    sources that are no Hub dataset.
+    sources that are no Hub dataset. ``license``: the base model's (None: left out, for ``dflare push`` to ask).
     """
     card = render_model_card(draft_dir, base_model=base_model, datasets=datasets, training=training,
-                             bench_json=bench_json, license=license, repo_id=repo_id, prompt_sources=prompt_sources)
+                             bench_json=bench_json, license=license, repo_id=repo_id, prompt_sources=prompt_sources,
+                             license_name=license_name, license_link=license_link)
     from .data import write_text_atomic
 
     # through a temporary file and a rename: a rewrite (dflare tune-cut) never leaves a torn card
@@ -249,11 +281,20 @@ def check_model_card(path: Path) -> list[str]:
         problems.append(f"{path.name}: tags lack {missing_tags}")
     if not data.get("license"):
         problems.append(f"{path.name}: no license in the metadata")
+    elif data["license"] == "other" and not data.get("license_name"):
+        problems.append(f"{path.name}: license 'other' without a license_name (the Hub asks for one)")
     base = data.get("base_model")
     try:
         validate_repo_id(base if isinstance(base, str) else "")
     except HFValidationError:
         problems.append(f"{path.name}: base_model={base!r} is not a Hub model id (expected ORG/NAME of the target)")
+    from .publish_metadata import BASE_MODEL_PLACEHOLDER, local_paths
+
+    if BASE_MODEL_PLACEHOLDER in card.text:
+        problems.append(f"{path.name}: the text still names {BASE_MODEL_PLACEHOLDER} (pass --base-model)")
+    paths = local_paths(card.text)
+    if paths:
+        problems.append(f"{path.name}: names local paths, which mean nothing on the Hub: {', '.join(sorted(set(paths))[:4])}")
     return problems
 
 
@@ -401,7 +442,7 @@ def collect_draft_files(draft_dir: str | Path) -> list[Path]:
         problems += check_model_card(card)
         files.append(card)
     else:
-        problems.append("README.md (the model card) is missing: write it with modeling_dflare.hub.write_model_card or pass --base-model")
+        problems.append("README.md (the model card) is missing: write it with modeling_dflare.hub.write_model_card or pass --base-model and --license")
     files += [draft_dir / name for name in OPTIONAL_DRAFT_FILES if (draft_dir / name).is_file()]
     files += sorted(p for p in draft_dir.glob("*.png") if p.is_file())
     problems += check_secrets(files, draft_dir)
@@ -669,28 +710,114 @@ def _common_arguments(parser: argparse.ArgumentParser) -> None:
 def add_push_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("draft_dir", type=Path, help="draft folder: config.json, the Hub .py files, model.safetensors, README.md")
     _common_arguments(parser)
-    card = parser.add_argument_group("model card (written into DRAFT_DIR when --base-model is given)")
-    card.add_argument("--base-model", default=None, help="target model id; (re)writes README.md before validating")
-    card.add_argument("--dataset", action="append", default=[], help="training prompt dataset id (repeatable)")
-    card.add_argument("--bench-json", default=None, help="dflare bench JSON for the benchmark table")
-    card.add_argument("--license", default="apache-2.0")
+    card = parser.add_argument_group(
+        "model card: what the card written by dflare train still lacks (dflare push names it), filled into DRAFT_DIR/README.md")
+    card.add_argument("--base-model", default=None, metavar="ORG/NAME", help="the Hub id of the target the draft was trained for")
+    card.add_argument("--dataset", action="append", default=[], metavar="ORG/NAME",
+                      help="a Hub dataset of the training prompts (repeatable; replaces the card's; 'none': no Hub dataset)")
+    card.add_argument("--bench-json", default=None, help="dflare bench JSON for the card's benchmark table")
+    card.add_argument("--license", default=None, metavar="ID", help="the base model's licence (e.g. apache-2.0, gemma, llama3.2)")
     parser.add_argument("--update-code", action="store_true",
                         help="copy the installed package's Hub code files (" + ", ".join(HUB_FILES) + ") into DRAFT_DIR first")
 
 
+def _benchmark_section(draft_dir: Path, bench_json: str) -> str:
+    """The card's "## Benchmarks" section rendered from ``bench_json`` alone (the template's own text)."""
+    text = render_model_card(draft_dir, base_model=BASE_MODEL_FOR_SECTIONS, datasets=[], training={}, bench_json=bench_json).text
+    return _section(text, "## Benchmarks")
+
+
+#: Any valid id: only the benchmark section of a card rendered with it is kept.
+BASE_MODEL_FOR_SECTIONS = "org/model"
+
+
+def _section(text: str, heading: str) -> str:
+    """The section of a card from ``heading`` to the next ``## `` heading (or the end)."""
+    start = text.find(heading + "\n")
+    if start < 0:
+        raise PushError(f"the card has no {heading!r} section for --bench-json to replace (it was not written by dflare)")
+    following = text.find("\n## ", start + len(heading))
+    return text[start : following + 1 if following >= 0 else len(text)]
+
+
+def fill_model_card(draft_dir: Path, *, base_model: str | None = None, license: str | None = None, datasets: list[str] | None = None,
+                    bench_json: str | None = None) -> list[str]:
+    """Fill what is given into the card ``draft_dir/README.md`` (the rest of it as it was written) and
+    return the flags it still needs (:func:`~modeling_dflare.publish_metadata.missing_fields`).
+
+    ``base_model`` replaces the card's metadata and its placeholder (or its previous id) in the text;
+    ``license`` is the base model's; ``datasets`` replace the card's (``["none"]``: no Hub dataset);
+    ``bench_json`` replaces the benchmark section. ``training_summary.json``'s record says which
+    training data no data card described, for which ``--dataset`` is asked."""
+    from huggingface_hub import ModelCard
+
+    from .data import write_text_atomic
+    from .publish_metadata import BASE_MODEL_PLACEHOLDER, is_hub_id, license_metadata, missing_fields
+
+    path = draft_dir / "README.md"
+    card = ModelCard.load(path)
+    text = card.text
+    if base_model:
+        previous = card.data.base_model
+        if isinstance(previous, str) and is_hub_id(previous) and previous != base_model:
+            text = text.replace(previous, base_model)
+        text = text.replace(BASE_MODEL_PLACEHOLDER, base_model)
+        card.data.base_model = base_model
+    if license:
+        for key in ("license", "license_name", "license_link"):
+            setattr(card.data, key, None)
+        for key, value in license_metadata(license).items():
+            setattr(card.data, key, value)
+    if datasets:
+        card.data.datasets = [d for d in datasets if d != "none"] or None
+    if bench_json:
+        text = text.replace(_section(text, "## Benchmarks"), _benchmark_section(draft_dir, bench_json))
+    card.text = text
+    if base_model or license or datasets or bench_json:
+        write_text_atomic(path, card.content)
+    summary_path = draft_dir / "training_summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    record = summary.get("publish") or {}
+    if record and (base_model or license or datasets):  # kept for the card's next rewrite (dflare tune-cut)
+        if base_model:
+            record.update(base_model=base_model, base_model_from="dflare push --base-model")
+        if license:
+            record.update(license=license, license_name=None, license_link=None, license_from="dflare push --license")
+        if datasets:
+            record.update(datasets=[d for d in datasets if d != "none"], datasets_from="--dataset", undescribed_data=[])
+        write_text_atomic(summary_path, json.dumps(summary, indent=2))
+    return missing_fields(base_model=card.data.base_model, license=card.data.license,
+                          undescribed_data=record.get("undescribed_data") or [], datasets_given=bool(datasets))
+
+
 def run_push(args: argparse.Namespace) -> int:
+    from .publish_metadata import is_hub_id, missing_message
+
     try:
         check_repo_id(args.repo_id)
+        if args.base_model and not is_hub_id(args.base_model):
+            raise PushError(f"--base-model {args.base_model!r}: expected the Hub id ORG/NAME of the target (not a local path)")
         if args.update_code:
             for name in HUB_FILES:
                 if (args.draft_dir / name).resolve() != (PACKAGE_DIR / name).resolve():  # a link to the package is current
                     shutil.copy2(PACKAGE_DIR / name, args.draft_dir / name)
             logger.info("copied the installed %s into %s", " and ".join(HUB_FILES), args.draft_dir)
-        if args.base_model:
-            training_file = args.draft_dir / "training_summary.json"
-            training = json.loads(training_file.read_text()) if training_file.is_file() else {}
-            write_model_card(args.draft_dir, base_model=args.base_model, datasets=args.dataset, training=training,
-                             bench_json=args.bench_json, license=args.license)
+        card, summary_path = args.draft_dir / "README.md", args.draft_dir / "training_summary.json"
+        if card.is_file():
+            missing = fill_model_card(args.draft_dir, base_model=args.base_model, license=args.license, datasets=args.dataset,
+                                      bench_json=args.bench_json)
+            if missing:
+                record = (json.loads(summary_path.read_text()).get("publish") or {}) if summary_path.is_file() else {}
+                raise PushError(missing_message(missing, record.get("undescribed_data") or []))
+        elif args.base_model and args.draft_dir.is_dir():  # a folder without a card (a converted draft): write one
+            training = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+            if "cumulative" in training:
+                raise PushError("README.md is missing, and dflare train wrote this draft: `dflare tune-cut DRAFT --heldout ...` "
+                                "rewrites its card from training_summary.json")
+            if not args.license:
+                raise PushError(missing_message(["--license"]))
+            write_model_card(args.draft_dir, base_model=args.base_model, datasets=[d for d in args.dataset if d != "none"],
+                             training=training, bench_json=args.bench_json, license=args.license)
         files = collect_draft_files(args.draft_dir)
         return publish(files, args.draft_dir, args, repo_type="model", message="Upload DFlare draft with dflare push")
     except PushError as error:
@@ -709,7 +836,3 @@ def run_push_space(args: argparse.Namespace) -> int:
         return publish(files, args.space_dir, args, repo_type="space", message="Upload DFlare demo Space with dflare push-space", space_sdk="gradio")
     except PushError as error:
         raise SystemExit(f"dflare push-space: {error}") from None
-
-
-add_arguments = add_push_arguments
-run = run_push

@@ -44,6 +44,10 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from .configuration_dflare import DFlareConfig
 from .cpu_kernels_dflare import head_logits
 
+#: The name of the cache in transformers' model outputs: ``cache`` where transformers renamed it
+#: (and deprecates ``past_key_values``), ``past_key_values`` before.
+CACHE_FIELD = "cache" if "cache" in BaseModelOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class DFlareRMSNorm(nn.Module):
     def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
@@ -249,10 +253,6 @@ class DFlareModel(DFlarePreTrainedModel):
     hidden states. Returns the final hidden states of the block; logits come from the target's LM
     head (see :meth:`draft_logits`)."""
 
-    #: Whether ``generate`` may run this draft as its int8 CPU copy (:func:`int8_draft`) by default;
-    #: a subclass whose proposals must follow exact fp32 logits (the test oracle) turns it off.
-    int8_on_cpu: bool = True
-
     def __init__(self, config: DFlareConfig):
         super().__init__(config)
         hidden, count = config.hidden_size, config.num_target_layers
@@ -328,7 +328,7 @@ class DFlareModel(DFlarePreTrainedModel):
         for layer, context in zip(self.layers, contexts):
             hidden_states = layer(hidden_states, context, position_embeddings, attention_mask, past_key_values)
         last_hidden_state = self.norm(hidden_states).to(output_dtype)
-        return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, past_key_values=past_key_values)
+        return BaseModelOutputWithPast(last_hidden_state=last_hidden_state, **{CACHE_FIELD: past_key_values})
 
     @staticmethod
     def _expand_mask(attention_mask: torch.Tensor | None, block_len: int) -> torch.Tensor | None:

@@ -25,7 +25,8 @@ None overlaps the benchmark: the standard sets' questions (MT-Bench, HumanEval, 
 benchmark's own generated arithmetic problems (:mod:`modeling_dflare.bench_datasets`) are never
 among them (tests/test_prompt_sources.py compares their word 8-grams), and the instructions are
 worded differently from the benchmark's. The answers are the target's own (``dflare regenerate
---data gsm-symbolic``), so only the questions come from these sources.
+--data gsm-symbolic``), so only the questions come from these sources. Each is a named source of
+:data:`modeling_dflare.conversations.SOURCES`.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ import textwrap
 import types
 from pathlib import Path
 
-from .data import Conversation, ReadReport
+from .conversations import Conversation, ReadReport
 
 logger = logging.getLogger(__name__)
 
@@ -120,6 +121,7 @@ def read_gsm_symbolic(count: int = GSM_SYMBOLIC_POOL, seed: int = 0) -> tuple[li
         content = MATH_INSTRUCTIONS[index % len(MATH_INSTRUCTIONS)].format(question=question)
         conversations.append(Conversation(f"gsm-symbolic/{seed}/{index}", [{"role": "user", "content": content}]))
         report.kept += 1
+    logger.info(report.summary())
     return conversations, report
 
 
@@ -215,6 +217,7 @@ def read_pystubs(root: Path | None = None) -> tuple[list[Conversation], ReadRepo
     _stub_chats("pystubs", stdlib_functions(root, unparsable), report, set(), conversations)
     if unparsable:
         logger.info("pystubs: %d standard-library file(s) this Python cannot parse were left out (e.g. %s)", len(unparsable), unparsable[0])
+    logger.info(report.summary())
     return conversations, report
 
 
@@ -242,6 +245,7 @@ def read_pylibs(packages: tuple[str, ...] = PYLIBS_PACKAGES) -> tuple[list[Conve
     conversations, seen_docs = [], set()
     for package, root in roots.items():
         _stub_chats(f"pylibs/{package}", stdlib_functions(root), report, seen_docs, conversations)
+    logger.info(report.summary())
     return conversations, report
 
 
@@ -271,13 +275,11 @@ def read_codeio() -> tuple[list[Conversation], ReadReport]:
             seen.add(key)
             conversations.append(Conversation(f"codeio/{stem}/{index}", [{"role": "user", "content": content}]))
             report.kept += 1
+    logger.info(report.summary())
     return conversations, report
 
 
-#: named prompt sources for ``--data`` beside ``sharegpt``
-PROMPT_SOURCES = {"gsm-symbolic": read_gsm_symbolic, "codeio": read_codeio, "pystubs": read_pystubs, "pylibs": read_pylibs}
-
 __all__ = [
-    "GSM_SYMBOLIC_POOL", "PROMPT_SOURCES", "PYLIBS_PACKAGES", "read_codeio", "read_gsm_symbolic", "read_pylibs", "read_pystubs",
+    "GSM_SYMBOLIC_POOL", "PYLIBS_PACKAGES", "read_codeio", "read_gsm_symbolic", "read_pylibs", "read_pystubs",
     "reasoning_gym_root", "stdlib_functions",
 ]  # fmt: skip

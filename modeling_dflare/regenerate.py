@@ -35,7 +35,9 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import VARIANT_SEPARATOR, Conversation, chat_template_ids, id_hash, write_jsonl
+from .chat_templates import PromptFormat, add_prompt_format_arguments
+from .conversations import Conversation
+from .data import VARIANT_SEPARATOR, chat_template_ids, id_hash, write_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -322,13 +324,28 @@ def regenerate(
     return out_dir
 
 
+def write_answer_card(args, config: RegenerateConfig, info, prompt_format: PromptFormat) -> Path:
+    """Record in the output folder's data card where its prompts come from (the ``--data`` source and
+    any ``--dataset``), which target answered them and how: what a model card trained on it will say."""
+    from .publish_metadata import data_source_entry, trained_against, write_data_card
+    from .target_info import target_info
+
+    decoding = f"sampled at temperature {config.temperature:g} (seed {config.seed})" if config.do_sample else "greedy"
+    Path(args.output_dir).mkdir(parents=True, exist_ok=True)
+    return write_data_card(
+        args.output_dir, data_source_entry(args.data, args.dataset),
+        target=trained_against(info or target_info(args.target)), prompt_format=prompt_format.describe(),
+        answers=f"{decoding}, up to {config.max_new_tokens} new tokens, user turn {config.turn}, {args.split} split, {config.precision}",
+    )
+
+
 def add_arguments(parser) -> None:
     parser.add_argument("--target", default=None, help="target folder or .gguf (default: embedded SmolLM2)")
     parser.add_argument(
         "--data", default="sharegpt",
         help="'sharegpt', 'gsm-symbolic' (math word problems), 'codeio' (Python tasks), 'pystubs' (Python standard-library "
         "signatures and docstrings to implement), 'pylibs' (the same from networkx, numpy, mpmath, packaging, jinja2), "
-        "a .json array or a .jsonl file",
+        "'ifeval', 'ifbench', 'arena-hard', 'longwrite' (instruction, chat and writing prompts), a .json array or a .jsonl file",
     )
     parser.add_argument("--output-dir", required=True, help="folder for the resumable response shards")
     parser.add_argument(
@@ -359,12 +376,19 @@ def add_arguments(parser) -> None:
         "output folder side by side (e.g. 0/2 and 1/2, --threads 1 each; stop them before --pack)",
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_prompt_format_arguments(parser)
+    parser.add_argument(
+        "--dataset", action="append", default=None, metavar="ORG/NAME",
+        help="the Hub dataset the --data prompts come from (repeatable), recorded in the folder's data card for the model "
+        "card (the built-in sources name theirs themselves)",
+    )
 
 
 def run(args) -> int:
     import random
 
     from .data import read_conversations, split_conversations, split_heldout
+    from .target_info import check_prompt_format
     from .targets import _split_source, load_target, load_tokenizer
 
     if args.pack:
@@ -377,6 +401,8 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     _split_source(args.target)  # a missing target path fails here, before the data is read
+    prompt_format = PromptFormat.from_args(args)
+    info = check_prompt_format(args.target, prompt_format)  # so does a target without a chat template
     conversations, report = read_conversations(args.data)  # so does an unknown --data, before the target loads
     train, heldout = split_conversations(conversations)
     chosen = train if args.split == "train" else split_heldout(heldout)[0]
@@ -396,6 +422,8 @@ def run(args) -> int:
     logger.info("regenerating in %s on %s", config.precision, args.device)
     dtype = torch.bfloat16 if args.device.startswith("cuda") and config.precision == "bf16" else torch.float32
     target = load_target(args.target, dtype=dtype, device=args.device)
-    regenerate(target, load_tokenizer(args.target), chosen, args.output_dir, config, limit=args.limit)
+    tokenizer = load_tokenizer(args.target, prompt_format)
+    write_answer_card(args, config, info, prompt_format)
+    regenerate(target, tokenizer, chosen, args.output_dir, config, limit=args.limit)
     logger.info("regenerated conversations in %s: %d", args.output_dir, len(read_regenerated(args.output_dir)))
     return 0

@@ -91,15 +91,22 @@ def _split_source(source: str | os.PathLike | None) -> tuple[str, dict[str, Any]
     return value, {}
 
 
-def load_tokenizer(source: str | os.PathLike | None = None):
-    """Tokenizer of a target (``None`` = embedded SmolLM2), with a pad token for batched generation."""
+def load_tokenizer(source: str | os.PathLike | None = None, prompt_format=None):
+    """Tokenizer of a target (``None`` = embedded SmolLM2), with a pad token for batched generation.
+
+    A GGUF file's tokenizer (and chat template, where its metadata has one) is read from the file.
+    ``prompt_format`` (:class:`~modeling_dflare.chat_templates.PromptFormat`): a ``--chat-template``
+    file or ``--no-chat-template`` completion prompts replace the target's own template.
+    """
     from transformers import AutoTokenizer
+
+    from .chat_templates import apply_prompt_format
 
     folder, kwargs = _split_source(source)
     tokenizer = AutoTokenizer.from_pretrained(folder, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+    return apply_prompt_format(tokenizer, prompt_format)
 
 
 def load_target(

@@ -9,8 +9,8 @@ draft forward before steering its output.
   training tests (vocab 96, 4 layers, chat special tokens).
 * :func:`tiny_tokenizer` -- word-level tokenizer with a chat template, any vocabulary size.
 * :func:`make_draft`, :class:`OracleDraft` / :func:`make_oracle` -- random and acceptance-forcing drafts.
-* :func:`greedy`, :func:`random_prompt`, :class:`VerifyCounter`, :class:`StopOnToken`,
-  :func:`path_kwargs` -- small helpers the generation tests share.
+* :func:`greedy`, :func:`generation_kwargs`, :func:`random_prompt`, :class:`VerifyCounter`,
+  :class:`StopOnToken`, :func:`path_kwargs` -- small helpers the generation tests share.
 * :func:`exact_joint`, :func:`sample_continuations`, :func:`chi_square_pvalue` -- the sampling
   check: exact distribution of the first tokens by enumeration (tiny vocabulary), many sampled
   continuations, and a chi-square test of every pair of consecutive tokens against the exact joint.
@@ -25,11 +25,11 @@ target's LM head these give the target's true next tokens, so blocks are accepte
 generator (ours or the stock DFlash one).
 """
 
+import copy
 import itertools
 
 import torch
 from transformers import StoppingCriteria
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .configuration_dflare import DFlareConfig
 from .modeling_dflare import DFlareModel
@@ -160,11 +160,23 @@ def make_draft(target, fusion: str = "layerwise", block_size: int = 4, seed: int
     return cls(config).eval()
 
 
+def generation_kwargs(**kwargs) -> dict:
+    """``generate`` kwargs with any generation settings folded into a copy of ``generation_config``
+    when one is given: transformers deprecates passing both."""
+    config = kwargs.get("generation_config")
+    if config is None:
+        return kwargs
+    config = copy.deepcopy(config)
+    settings = {key: kwargs.pop(key) for key in list(kwargs) if key != "generation_config" and hasattr(config, key)}
+    config.update(**settings)
+    return dict(kwargs, generation_config=config)
+
+
 def greedy(model, input_ids, **kwargs):
     """``model.generate`` with greedy decoding and no grad."""
     kwargs.setdefault("do_sample", False)
     with torch.no_grad():
-        return model.generate(input_ids, **kwargs)
+        return model.generate(input_ids, **generation_kwargs(**kwargs))
 
 
 def random_prompt(length: int, seed: int = 0, vocab: int = VOCAB) -> torch.LongTensor:
@@ -264,7 +276,8 @@ class OracleDraft(DFlareModel):
             keep = inside & (torch.arange(block, device=hidden.device) < self.accept_first)
             steered = torch.where(keep[:, None], vectors, -vectors).to(hidden.dtype)
             hidden[0, 1:] = steered[1:]
-            return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out.past_key_values)
+            out.last_hidden_state = hidden
+            return out
         positions = position_ids[0, -block:].tolist() if position_ids is not None else None
         for i in range(1, block):
             # The target's LM-head input at index p - 1 yields its greedy token at index p.
@@ -275,7 +288,8 @@ class OracleDraft(DFlareModel):
             else:
                 vector = table[index]
             hidden[0, i] = vector.to(hidden.dtype)
-        return BaseModelOutputWithPast(last_hidden_state=hidden, past_key_values=out.past_key_values)
+        out.last_hidden_state = hidden  # the output keeps the draft's cache under whatever name transformers gives it
+        return out
 
 
 def make_oracle(
@@ -327,7 +341,7 @@ def sample_continuations(target, prompt, n: int, seed: int, new_tokens: int = NE
     draft = kwargs.get("assistant_model")
     with torch.no_grad():
         for _ in range(n):
-            out = target.generate(prompt, do_sample=True, max_new_tokens=new_tokens, **kwargs)
+            out = target.generate(prompt, **generation_kwargs(do_sample=True, max_new_tokens=new_tokens, **kwargs))
             rows.append(out[0, prompt.shape[1] :])
             if draft is not None and "speculation_type" not in kwargs:
                 accepted += sum(draft.dflare_stats.accepted)
@@ -378,6 +392,7 @@ __all__ = [
     "VerifyCounter",
     "chi_square_pvalue",
     "exact_joint",
+    "generation_kwargs",
     "greedy",
     "lm_head_inputs",
     "make_draft",

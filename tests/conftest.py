@@ -91,6 +91,34 @@ def gemma3():
     return load_target(path), load_tokenizer(path)
 
 
+def _tiny_chats(count: int, start: int) -> list[dict]:
+    """``count`` one-exchange chats in the tiny tokenizer's words, ids ``c<start>`` on."""
+    return [
+        {"id": f"c{i}", "messages": [{"role": "user", "content": f"w{i % 50} w{(i * 3) % 50}"},
+                                     {"role": "assistant", "content": " ".join(f"w{(j * 7 + i) % 88}" for j in range(24))}]}
+        for i in range(start, start + count)
+    ]
+
+
+@pytest.fixture(scope="session")
+def trained_draft(tmp_path_factory):
+    """(draft folder, target, tokenizer, held-out file) of a tiny draft trained with --tune-threshold
+    (1 thread) on 16 chats, 4 more held out (train.jsonl beside the held-out file): the draft the
+    ``dflare tune-cut`` and ``dflare evaluate`` tests measure. Tests copy the folder before changing it."""
+    from modeling_dflare.data import write_jsonl
+    from modeling_dflare.testing import tiny_target, tiny_tokenizer
+    from modeling_dflare.training import TrainArgs, train
+
+    folder = tmp_path_factory.mktemp("trained")
+    write_jsonl(folder / "train.jsonl", _tiny_chats(16, 0))
+    write_jsonl(folder / "heldout.jsonl", _tiny_chats(4, 100))
+    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
+    args = TrainArgs(output_dir=str(folder / "draft"), data=str(folder / "train.jsonl"), heldout=str(folder / "heldout.jsonl"),
+                     num_hidden_layers=1, block_size=4, num_anchors=4, max_steps=6, batch_size=2, eval_every=1000, lr=1e-3,
+                     draft_vocab_size=None, consistency_prompts=1, tune_threshold=True, threads=1)
+    return train(args, target=target, tokenizer=tokenizer), target, tokenizer, folder / "heldout.jsonl"
+
+
 __all__ = [
     "ARCHITECTURES",
     "DFlareCandidateGenerator",

@@ -8,13 +8,13 @@ import threading
 import pytest
 import torch
 
-from modeling_dflare import cli
+import dflare_cli
 from modeling_dflare.data import write_jsonl
 from modeling_dflare.testing import tiny_target, tiny_tokenizer
 from modeling_dflare.training import TargetFeatures
 from modeling_dflare.training import features as features_module
 from modeling_dflare.training.cache import compact_cache, keep_keys
-from modeling_dflare.training.data import read_source, tokenize_conversations
+from modeling_dflare.training.sequences import read_source, tokenize_conversations
 from modeling_dflare.training.features import CacheMismatchError, cache_key, read_manifest
 
 LAYERS = [0, 1, 3]
@@ -165,13 +165,13 @@ def test_pruning_with_the_defaults_keeps_what_training_at_another_max_length_fil
     ``dflare cache``'s defaults used to differ, 512 and 768): it prunes with the manifest's length
     and keeps every file of the data; a --max-length the manifest does not record is refused."""
     _, tokenizer, sequences, cache = filled
-    monkeypatch.setattr("modeling_dflare.targets.load_tokenizer", lambda source=None: tokenizer)
+    monkeypatch.setattr("modeling_dflare.targets.load_tokenizer", lambda source=None, prompt_format=None: tokenizer)
     before = sorted(p.name for p in cache.glob("*.pt"))
-    assert cli.main(["cache", str(cache), "--keep-data", str(tmp_path / "data.jsonl"), "--storage", "bf16"]) == 0
+    assert dflare_cli.main(["cache", str(cache), "--keep-data", str(tmp_path / "data.jsonl"), "--storage", "bf16"]) == 0
     assert "0 (0 MiB) were deleted" in capsys.readouterr().out
     assert sorted(p.name for p in cache.glob("*.pt")) == before
     assert keep_keys(cache, [str(tmp_path / "data.jsonl")], tokenizer) == {cache_key(s.input_ids) for s in sequences}
-    assert cli.main(["cache", str(cache), "--keep-data", str(tmp_path / "data.jsonl"), "--max-length", "768"]) == 2
+    assert dflare_cli.main(["cache", str(cache), "--keep-data", str(tmp_path / "data.jsonl"), "--max-length", "768"]) == 2
     error = capsys.readouterr().err
     assert "--max-length 768 disagrees with" in error and "filled at --max-length [32]" in error
     assert sorted(p.name for p in cache.glob("*.pt")) == before
@@ -202,7 +202,7 @@ def test_a_folder_that_is_not_a_cache_is_refused_and_left_alone(tmp_path, layout
         compact_cache(folder, "fp8")
     with pytest.raises(CacheMismatchError, match="not a (hidden-state )?cache"):
         keep_keys(folder, [], tiny_tokenizer(), 64)
-    assert cli.main(["cache", str(folder), "--storage", "bf16"]) == 2
+    assert dflare_cli.main(["cache", str(folder), "--storage", "bf16"]) == 2
     assert "not a" in capsys.readouterr().err
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 

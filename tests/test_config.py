@@ -4,12 +4,13 @@ import logging
 
 import pytest
 import torch
-from conftest import ARCHITECTURES, VerifyCounter, cached_target, greedy, make_draft, make_target, random_prompt, target_config
+from conftest import cached_target
 from huggingface_hub.errors import StrictDataclassError
 from transformers import LlamaConfig
 
 from modeling_dflare import DFlareConfig, DFlareModel, check_draft_matches_target, spread_layer_ids
 from modeling_dflare.configuration_dflare import DFlareConfigError
+from modeling_dflare.testing import ARCHITECTURES, VerifyCounter, greedy, make_draft, make_target, random_prompt, target_config
 
 
 def config_error(expected=ValueError, **kwargs) -> str:

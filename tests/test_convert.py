@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel, LlamaConfig, LlamaForCausalLM
 
 import modeling_dflare  # noqa: F401  (registers the model type and the generate() hook)
-from modeling_dflare import DFlareConfig, DFlareModel, cli
+import dflare_cli
+from modeling_dflare import DFlareConfig, DFlareModel
 from modeling_dflare.convert import ConversionError, convert, export_zlab_dflash
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB, TARGET_LAYERS = 32, 4, 2, 8, 64, 100, 4
@@ -268,7 +269,7 @@ def test_index_shard_names_outside_the_source_folder_are_refused(tmp_path, name,
     assert repr(name) in str(error.value) and "\n" not in str(error.value)
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit, match="outside the checkpoint folder"):
-        cli.main(["convert", "--from", "zlab-dflash", str(src), str(tmp_path / "out2")])
+        dflare_cli.main(["convert", "--from", "zlab-dflash", str(src), str(tmp_path / "out2")])
     assert not (tmp_path / "out2").exists()
 
 
@@ -368,13 +369,13 @@ def test_export_of_reduced_vocabulary_needs_explicit_consent(tmp_path, target):
 
 def test_cli_convert_and_export(zlab_source, tmp_path, capsys):
     src, _ = zlab_source
-    assert cli.main(["convert", "--from", "zlab-dflash", str(src), str(tmp_path / "ours")]) == 0
-    assert cli.main(["convert", "--to", "zlab-dflash", str(tmp_path / "ours"), str(tmp_path / "exported")]) == 0
+    assert dflare_cli.main(["convert", "--from", "zlab-dflash", str(src), str(tmp_path / "ours")]) == 0
+    assert dflare_cli.main(["convert", "--to", "zlab-dflash", str(tmp_path / "ours"), str(tmp_path / "exported")]) == 0
     assert "tensors mapped" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="not a angelslim-dflare checkpoint"):
-        cli.main(["convert", "--from", "angelslim-dflare", str(src), str(tmp_path / "x")])
+        dflare_cli.main(["convert", "--from", "angelslim-dflare", str(src), str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="not empty"):
-        cli.main(["convert", "--from", "zlab-dflash", str(src), str(tmp_path / "ours")])
+        dflare_cli.main(["convert", "--from", "zlab-dflash", str(src), str(tmp_path / "ours")])
 
 
 # ----------------------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def test_sampled_answers_are_variants_of_their_prompt_on_its_side_of_every_split
     from modeling_dflare.data import Conversation, is_heldout, is_report_prompt, prompt_id
     from modeling_dflare.regenerate import RegenerateConfig, done_ids, read_regenerated, regenerate
     from modeling_dflare.testing import tiny_target, tiny_tokenizer
-    from modeling_dflare.training.data import load_training_conversations
+    from modeling_dflare.training.sequences import load_training_conversations
 
     target, tokenizer = tiny_target("llama"), tiny_tokenizer()
     conversations = [Conversation(f"c{i}", [{"role": "user", "content": f"w{i} w{i + 1} w{i + 2}"}]) for i in range(4)]
@@ -229,7 +229,7 @@ def test_later_turns_are_answered_after_the_chats_own_history(tmp_path):
     from modeling_dflare.data import Conversation, is_heldout, prompt_id
     from modeling_dflare.regenerate import RegenerateConfig, done_ids, read_regenerated, regenerate
     from modeling_dflare.testing import tiny_target, tiny_tokenizer
-    from modeling_dflare.training.data import tokenize_conversations
+    from modeling_dflare.training.sequences import tokenize_conversations
 
     target, tokenizer = tiny_target("llama"), tiny_tokenizer()
     two_turns = [

@@ -10,7 +10,8 @@ generation paths. Slow: the GGUF is dequantised once per test run.
 
 import pytest
 import torch
-from conftest import VerifyCounter, greedy, make_draft, make_oracle, path_kwargs
+
+from modeling_dflare.testing import VerifyCounter, greedy, make_draft, make_oracle, path_kwargs
 
 pytestmark = pytest.mark.slow
 

@@ -1,33 +1,44 @@
-"""Lossless generation: DFlare output equals plain ``generate`` output.
+"""Lossless generation: DFlare output equals plain ``generate`` output, whatever ``generate`` is asked.
 
 Greedy: token for token, for tiny random Llama / Qwen3 / Mistral / Gemma3 targets, block sizes 2, 4
 and 16, both fusion modes, our generator and the stock ``speculation_type="dflash"`` one. A random
-draft exercises the rejection path; the oracle draft (conftest) exercises acceptance, eos inside
-an accepted block and the length limit reached mid-block, and the tests check that acceptance
-really happened so they cannot pass vacuously.
+draft exercises the rejection path; the oracle draft (modeling_dflare.testing) exercises acceptance,
+eos inside an accepted block and the length limit reached mid-block, and the tests check that
+acceptance really happened so they cannot pass vacuously.
 
 Sampling: with a vocabulary of 8 tokens the exact distribution of the first tokens is computed by
-enumeration and DFlare samples are checked against it with a chi-square test; a deliberately
-biased verifier is shown to be rejected by the same test.
+enumeration and DFlare samples are checked against it with a chi-square test; verifiers told the
+wrong proposal distribution are shown to be rejected by the same test.
+
+generate options: hidden states, scores and logits, streamers, the ``dflare_*`` knobs and beam
+search either work with a DFlare draft (and are compared with plain ``generate``) or are refused
+at once with a message naming the option; the target's cache is passed under the name the
+installed transformers does not deprecate.
 """
 
 import pytest
 import torch
-from conftest import (
+from conftest import cached_target
+from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
+
+from modeling_dflare import DFlareCandidateGenerator, DFlareModel
+from modeling_dflare.testing import (
     ARCHITECTURES,
+    NEW_TOKENS,
+    SAMPLING_VOCAB,
+    VOCAB,
+    OracleDraft,
     VerifyCounter,
-    cached_target,
+    chi_square_pvalue,
+    exact_joint,
     greedy,
     make_draft,
     make_oracle,
     make_target,
     path_kwargs,
     random_prompt,
+    sample_continuations,
 )
-from transformers import GenerationConfig, LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper
-
-from modeling_dflare import DFlareCandidateGenerator, DFlareModel
-from modeling_dflare.testing import NEW_TOKENS, SAMPLING_VOCAB, chi_square_pvalue, exact_joint, sample_continuations
 
 PATHS = ("custom", "stock")
 BLOCK_SIZES = (2, 4, 16)
@@ -288,6 +299,270 @@ def test_return_dict_with_scores(path):
         torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-4)
 
 
+# ----------------------------------------------------------------------------------------------
+# generate options: each works with a DFlare draft, or is refused at once naming the option
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_output_hidden_states_gives_the_user_every_layer(path):
+    """``output_hidden_states=True`` with ``return_dict_in_generate``: the generator narrows the
+    target's hidden states to its own layers unless the user asked for them all; then the user gets
+    every layer at every position, as plain ``generate`` returns them, and the draft reads its own
+    from them (drafts still accepted)."""
+    target = cached_target("qwen3")
+    prompt = random_prompt(5, seed=3)
+    draft, _ = make_oracle(target, prompt, block_size=4)
+    kwargs = dict(max_new_tokens=12, return_dict_in_generate=True, output_hidden_states=True)
+    expected = greedy(target, prompt, **kwargs)
+    with VerifyCounter(target) as counter:
+        got = greedy(target, prompt, assistant_model=draft, **kwargs, **path_kwargs(path))
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert counter.calls < 12  # blocks were accepted
+    assert len(got.hidden_states) == len(expected.hidden_states) == 12  # one entry per new token
+    layers = target.config.num_hidden_layers + 1
+    for ours, plain in zip(got.hidden_states, expected.hidden_states):
+        assert len(ours) == len(plain) == layers and all(h is not None for h in ours)
+        for a, b in zip(ours, plain):
+            assert a.shape == b.shape
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    # without return_dict_in_generate the flag changes nothing: the same tokens, as a tensor
+    got = greedy(target, prompt, assistant_model=draft, max_new_tokens=12, output_hidden_states=True, **path_kwargs(path))
+    assert got.tolist() == expected.sequences.tolist()
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_streamers_stream_exactly_the_returned_text(path, capsys):
+    """TextStreamer and TextIteratorStreamer receive accepted blocks several tokens at a time; what
+    they stream is the text ``generate`` returns, with and without the draft."""
+    import threading
+
+    from transformers import TextIteratorStreamer, TextStreamer
+
+    from modeling_dflare.testing import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer(VOCAB)
+    target = cached_target("llama")
+    prompt = random_prompt(6, seed=21)
+    draft, _ = make_oracle(target, prompt, block_size=4)
+    expected = greedy(target, prompt, max_new_tokens=20)
+    text = tokenizer.decode(expected[0, prompt.shape[1] :], skip_special_tokens=True)
+    assert len(text.split()) > 5
+
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    chunks, put = [], streamer.put
+    streamer.put = lambda value: chunks.append(value.numel()) or put(value)
+    capsys.readouterr()
+    got = greedy(target, prompt, max_new_tokens=20, assistant_model=draft, streamer=streamer, **path_kwargs(path))
+    assert got.tolist() == expected.tolist()
+    assert capsys.readouterr().out == text + "\n"
+    assert chunks[0] == prompt.shape[1] and max(chunks[1:]) > 1 and sum(chunks[1:]) == 20  # the prompt, then blocks
+
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    result = {}
+    worker = threading.Thread(
+        target=lambda: result.setdefault("out", greedy(target, prompt, max_new_tokens=20, assistant_model=draft, streamer=streamer, **path_kwargs(path)))
+    )
+    worker.start()
+    streamed = "".join(streamer)
+    worker.join(timeout=60)
+    assert result["out"].tolist() == expected.tolist() and streamed == text
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize(
+    "options, named",
+    [
+        (dict(num_beams=2), "num_beams=2"),
+        (dict(num_beams=3, do_sample=True), "num_beams=3"),
+        (dict(num_beams=2, num_return_sequences=2), "num_beams=2"),
+    ],
+)
+def test_search_modes_are_refused_instead_of_ignoring_the_draft(options, named, path):
+    """Beam search and beam sampling would run without the draft, as transformers ignores an
+    assistant there (with a log line): refused before any forward, naming the option."""
+    target = cached_target("llama")
+    draft = make_draft(target)
+    with VerifyCounter(target) as counter, pytest.raises(ValueError) as info:
+        greedy(target, random_prompt(5), max_new_tokens=6, assistant_model=draft, **options, **path_kwargs(path))
+    message = str(info.value)
+    assert named in message and "num_beams=1" in message and "without assistant_model" in message, message
+    assert counter.calls == 0
+    assert greedy(target, random_prompt(5), max_new_tokens=6, num_beams=2).shape == (1, 11)  # without the draft: beam search as usual
+
+
+BAD_KNOBS = [
+    ("dflare_block_size", 1),
+    ("dflare_block_size", 9),  # the draft's config says 8
+    ("dflare_block_size", 4.0),
+    ("dflare_block_size", True),
+    ("dflare_confidence_threshold", 1.5),
+    ("dflare_confidence_threshold", -0.1),
+    ("dflare_confidence_threshold", float("nan")),
+    ("dflare_confidence_threshold", "high"),
+    ("dflare_prompt_lookup_ngram", -1),
+    ("dflare_prompt_lookup_ngram", 2.5),
+    ("dflare_prompt_lookup_min_ngram", 0),
+    ("dflare_lookup_confidence", 2),
+    ("dflare_int8_draft", "yes"),
+    ("dflare_small_row_kernels", "fastest"),
+    ("dflare_sampling_proposal", "nucleus"),
+    ("dflare_blocksize", 4),  # a typo: not a knob at all
+]
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("knob, value", BAD_KNOBS, ids=[f"{k}={v!r}" for k, v in BAD_KNOBS])
+def test_bad_dflare_knobs_are_refused_at_once_naming_field_and_value(knob, value, path):
+    target = cached_target("llama")
+    draft = make_draft(target, block_size=8)
+    config = GenerationConfig(**target.generation_config.to_dict())
+    setattr(config, knob, value)
+    with VerifyCounter(target) as counter, pytest.raises(ValueError) as info:
+        greedy(target, random_prompt(5), assistant_model=draft, generation_config=config, **path_kwargs(path))
+    assert f"generation_config.{knob}={value!r}" in str(info.value), str(info.value)
+    assert counter.calls == 0
+
+
+def test_dflare_knobs_at_the_edges_of_their_ranges_run_and_stay_lossless():
+    from modeling_dflare.generation_dflare import dflare_settings
+
+    target = cached_target("llama")
+    prompt = random_prompt(6, seed=4)
+    draft, _ = make_oracle(target, prompt, block_size=8)
+    config = GenerationConfig(**target.generation_config.to_dict())
+    config.max_new_tokens = 16
+    expected = greedy(target, prompt, generation_config=config)
+    edges = [
+        dict(dflare_block_size=2),
+        dict(dflare_block_size=8),
+        dict(dflare_confidence_threshold=0.0, dflare_lookup_confidence=1.0, dflare_prompt_lookup_ngram=0),
+        dict(dflare_confidence_threshold=1.0, dflare_prompt_lookup_ngram=16, dflare_prompt_lookup_min_ngram=1),
+        dict(dflare_int8_draft=False, dflare_small_row_kernels=False, dflare_sampling_proposal="argmax"),
+        dict(dflare_int8_draft=None, dflare_small_row_kernels=True, dflare_block_size=None),
+    ]
+    for knobs in edges:
+        settings = GenerationConfig(**config.to_dict())
+        for knob, value in knobs.items():
+            setattr(settings, knob, value)
+        assert greedy(target, prompt, assistant_model=draft, generation_config=settings).tolist() == expected.tolist(), knobs
+    settings = dflare_settings(GenerationConfig(), draft.config)  # nothing set: the draft's own values
+    assert (settings.block_size, settings.confidence_threshold, settings.small_row_kernels, settings.sampling_proposal) == (8, 0.0, "auto", "sample")
+
+
+def test_target_cache_goes_under_the_name_transformers_does_not_deprecate(monkeypatch):
+    """Every forward this package runs on a target passes its cache as ``cache`` where transformers
+    renamed it (``past_key_values`` there warns, and goes in 5.40), else as ``past_key_values``; the
+    draft's own forward takes either. Nothing here logs a deprecation or raises a FutureWarning."""
+    import inspect
+    import logging
+    import time
+    import warnings
+
+    from transformers import DynamicCache
+
+    from modeling_dflare.generation_dflare import cache_argument
+    from modeling_dflare.timing import measure_forward_costs
+
+    target = cached_target("llama")
+    name = "cache" if "cache" in inspect.signature(type(target).forward).parameters else "past_key_values"
+    assert cache_argument(target) == name
+
+    class Wrapper(torch.nn.Module):  # a forward that takes **kwargs (PEFT's): the library decides
+        def forward(self, *args, **kwargs):
+            return target(*args, **kwargs)
+
+    assert cache_argument(Wrapper()) == name
+
+    class OldRemoteCode(torch.nn.Module):
+        def forward(self, input_ids, past_key_values=None, use_cache=None):
+            pass
+
+    assert cache_argument(OldRemoteCode()) == "past_key_values"
+
+    logged = []
+    monkeypatch.setattr(logging.Logger, "warning_once", lambda self, msg, *a, **k: logged.append(str(msg)), raising=False)
+    prompt = random_prompt(6, seed=9)
+    draft, _ = make_oracle(target, prompt, block_size=4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        expected = greedy(target, prompt, max_new_tokens=10)
+        for path in PATHS:
+            assert greedy(target, prompt, max_new_tokens=10, assistant_model=draft, **path_kwargs(path)).tolist() == expected.tolist()
+        torch.manual_seed(0)
+        target.generate(prompt, do_sample=True, max_new_tokens=6, assistant_model=draft)
+        assert len(measure_forward_costs(target, prompt, 3, 1, time.perf_counter)) == 3
+        # the draft's forward: either name, the same output and the same cache contents
+        fresh = make_draft(target, block_size=4)
+        inputs = dict(noise_embeds=torch.randn(1, 4, 32), context_hidden_states=torch.randn(1, 3, 32 * len(fresh.config.target_layer_ids)))
+        caches = [DynamicCache(config=fresh.config), DynamicCache(config=fresh.config)]
+        with torch.no_grad():
+            by_cache = fresh(**inputs, cache=caches[0], use_cache=True).last_hidden_state
+            by_old_name = fresh(**inputs, past_key_values=caches[1], use_cache=True).last_hidden_state
+        assert torch.equal(by_cache, by_old_name) and caches[0].get_seq_length() == caches[1].get_seq_length() == 7
+    assert not [m for m in logged if "deprecated" in m], logged
+
+
+# ----------------------------------------------------------------------------------------------
+# Draft/target compatibility
+# ----------------------------------------------------------------------------------------------
+
+
+def _warnings_of_check(caplog, draft, target) -> list[str]:
+    import modeling_dflare.generation_dflare as module
+
+    module._WARNED.clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger=module.logger.name):
+        module.check_draft_matches_target(draft, target)
+    return [r.getMessage() for r in caplog.records if r.name == module.logger.name]
+
+
+def test_fingerprint_of_the_same_weights_silences_the_name_warning(tmp_path, caplog):
+    """A target saved to a folder of another name (a local copy of the Hub model the draft was
+    trained for) is the same weights: no warning. Other weights under another name still warn, and
+    so does a draft that recorded no fingerprint."""
+    from transformers import AutoModelForCausalLM
+
+    from modeling_dflare.generation_dflare import target_fingerprint
+
+    target = make_target("llama")
+    target.config.name_or_path = "some-org/tiny-llama-instruct"
+    draft = make_draft(target)
+    assert draft.config.target_name_or_path == "some-org/tiny-llama-instruct"
+    draft.config.target_fingerprint = target_fingerprint(target)
+    target.save_pretrained(tmp_path / "my-local-copy")
+    local = AutoModelForCausalLM.from_pretrained(tmp_path / "my-local-copy")
+    assert local.config.name_or_path.endswith("my-local-copy")
+    assert _warnings_of_check(caplog, draft, local) == []
+    assert _warnings_of_check(caplog, draft, local.to(torch.bfloat16)) == []  # bf16 rounding: the same weights
+
+    other = make_target("llama", seed=5)
+    other.save_pretrained(tmp_path / "another-model")
+    other = AutoModelForCausalLM.from_pretrained(tmp_path / "another-model")
+    warned = _warnings_of_check(caplog, draft, other)
+    assert len(warned) == 1 and "trained for target 'some-org/tiny-llama-instruct'" in warned[0] and "another-model" in warned[0]
+
+    draft.config.target_fingerprint = None  # nothing recorded: the names are all there is to go by
+    warned = _warnings_of_check(caplog, draft, local)
+    assert len(warned) == 1 and "my-local-copy" in warned[0]
+
+
+def test_the_shipped_draft_with_smollm2_loaded_from_a_folder_does_not_warn(smollm2, caplog):
+    """The embedded SmolLM2, wherever it was loaded from, is the target the shipped draft was trained
+    against: its fingerprint says so, and the folder's name does not matter."""
+    from pathlib import Path
+
+    target, _ = smollm2
+    draft = DFlareModel.from_pretrained(Path(__file__).resolve().parent.parent / "drafts" / "smollm2-dflare")
+    saved = target.config.name_or_path
+    target.config.name_or_path = "/models/smollm2-from-gguf"
+    try:
+        assert _warnings_of_check(caplog, draft, target) == []
+    finally:
+        target.config.name_or_path = saved
+
+
 def test_other_assistants_keep_transformers_behaviour():
     """The hook only handles DFlare drafts: a classic assistant still gets AssistedCandidateGenerator."""
     from transformers.generation.candidate_generator import AssistedCandidateGenerator
@@ -346,51 +621,6 @@ def sampling_target():
     )
 
 
-class GreedyOracleGenerator(DFlareCandidateGenerator):
-    """Proposes the target's own greedy continuation of the current sequence, corrupted at random."""
-
-    corruption = 0.3
-
-    def __init__(self, assistant_model, target_model, generation_config, logits_processor=None):
-        super().__init__(assistant_model, target_model, generation_config, logits_processor)
-        self.target = target_model
-        self.rng = torch.Generator().manual_seed(0)
-
-    def _propose(self, input_ids, hidden):
-        k = hidden.shape[1]
-        sequence = input_ids
-        with torch.no_grad():
-            for _ in range(k):
-                next_id = self.target(sequence).logits[:, -1].argmax(-1, keepdim=True)
-                sequence = torch.cat([sequence, next_id], dim=-1)
-        proposal = sequence[:, input_ids.shape[1] :]
-        flip = torch.rand(proposal.shape, generator=self.rng) < self.corruption
-        noise = torch.randint(0, self.vocab_size, proposal.shape, generator=self.rng)
-        self.proposals = getattr(self, "proposals", 0) + proposal.numel()
-        return torch.where(flip, noise, proposal)
-
-
-class BiasedGenerator(GreedyOracleGenerator):
-    """WRONG on purpose: proposes the target's argmax but claims q = uniform, so rejection sampling
-    accepts the argmax with probability min(1, p * V) instead of p: biased towards the argmax."""
-
-    corruption = 0.0
-
-    def get_candidates(self, input_ids, *args, **kwargs):
-        candidates, logits = super().get_candidates(input_ids, *args, **kwargs)
-        if logits is not None:
-            logits = torch.zeros_like(logits)
-        return candidates, logits
-
-
-class OracleSamplingDraft(DFlareModel):
-    candidate_generator_class = GreedyOracleGenerator
-
-
-class BiasedSamplingDraft(DFlareModel):
-    candidate_generator_class = BiasedGenerator
-
-
 SAMPLING_SETTINGS = {
     "t1": dict(temperature=1.0, top_k=0),
     "t0.7-top5": dict(temperature=0.7, top_k=5),
@@ -402,6 +632,12 @@ def warpers_for(settings) -> LogitsProcessorList:
     if settings["top_k"]:
         processors.append(TopKLogitsWarper(settings["top_k"]))
     return LogitsProcessorList(processors)
+
+
+def proposal_config(target, proposal: str) -> GenerationConfig:
+    config = GenerationConfig(**target.generation_config.to_dict())
+    config.dflare_sampling_proposal = proposal
+    return config
 
 
 @pytest.mark.parametrize("setting", sorted(SAMPLING_SETTINGS))
@@ -419,19 +655,15 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
     assert chi_square_pvalue(plain, probs) > 1e-3
 
     random_draft = make_draft(target, block_size=4)
-    oracle = make_draft(target, block_size=4, cls=OracleSamplingDraft)
-    runs = [
-        ("oracle draft", dict(assistant_model=oracle), 2),
-        ("random draft, stock dflash", dict(assistant_model=random_draft, speculation_type="dflash"), 3),
-    ]
+    runs = [("random draft, stock dflash", dict(assistant_model=random_draft, speculation_type="dflash"), 3)]
     if setting == "t1":
         runs.append(("random draft", dict(assistant_model=random_draft), 1))
         reduced = make_draft(target, block_size=4, draft_vocab_size=5, confidence_threshold=0.05)
         runs.append(("reduced draft vocab + confidence cut", dict(assistant_model=reduced), 6))
         hybrid = make_draft(target, block_size=4, confidence_threshold=0.99, prompt_lookup_ngram=2, prompt_lookup_min_ngram=1)
         runs.append(("prompt-lookup hybrid", dict(assistant_model=hybrid), 7))
-    # The real generator end to end (draft forward, _propose, one-hot candidate logits): the draft's
-    # hidden states are the target's own on its greedy path, so drafted pairs are often accepted.
+    # The real generator end to end (draft forward, _propose, candidate logits): the draft's hidden
+    # states are the target's own on its greedy path, so drafted pairs are often accepted.
     primed, _ = make_oracle(target, prompt, block_size=4)
     runs.append(("real _propose, primed draft", dict(assistant_model=primed), 8))
     # The runs above use the default sampled proposal (drafts drawn from the draft's own processed
@@ -446,9 +678,6 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
         samples, accepted, lookups = sample_continuations(target, prompt, n, seed, NEW_TOKENS, **settings, **kwargs)
         pvalue = chi_square_pvalue(samples, probs)
         assert pvalue > 1e-3, f"{name}: DFlare samples do not follow the target distribution (p={pvalue:.2e})"
-        if name == "oracle draft":
-            # The oracle's proposals were verified and often accepted (else this would test little).
-            assert accepted > n / 2, accepted
         if name in ("real _propose, primed draft", "argmax proposal, primed draft"):
             assert accepted > n / 4, accepted  # drafted tokens were really accepted, so (t2, t3) tests them
         if name == "prompt-lookup hybrid":
@@ -456,17 +685,11 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
             assert lookups > n / 4 and accepted > 0, (lookups, accepted)
 
 
-def proposal_config(target, proposal: str) -> GenerationConfig:
-    config = GenerationConfig(**target.generation_config.to_dict())
-    config.dflare_sampling_proposal = proposal
-    return config
-
-
 class WrongQGenerator(DFlareCandidateGenerator):
-    """WRONG on purpose: samples its drafts from the draft's q but tells rejection sampling that q
-    was uniform, so a draft is accepted with min(1, V * p(x)): the bug of reporting another
-    distribution than the one the token was drawn from. (Reporting them as one-hot would be exact:
-    the one-hot rule holds for any proposal drawn independently of the verifier.)"""
+    """WRONG on purpose: the real generator, except that it tells rejection sampling q was uniform,
+    whatever its drafts were drawn from (the draft's q, or its argmax as one-hot): a draft is then
+    accepted with min(1, V * p(x)) instead of min(1, p(x) / q(x)), the bug of reporting another
+    distribution than the proposal's. The chi-square tests must catch it (negative controls)."""
 
     def get_candidates(self, input_ids, *args, **kwargs):
         candidates, logits = super().get_candidates(input_ids, *args, **kwargs)
@@ -474,6 +697,10 @@ class WrongQGenerator(DFlareCandidateGenerator):
 
 
 class WrongQDraft(DFlareModel):
+    candidate_generator_class = WrongQGenerator
+
+
+class WrongQPrimedDraft(OracleDraft):
     candidate_generator_class = WrongQGenerator
 
 
@@ -498,6 +725,20 @@ def test_sampled_proposal_is_accepted_more_often_and_its_q_matters(sampling_targ
     assert chi_square_pvalue(samples, probs) < 1e-6
 
 
+def test_chi_square_rejects_a_biased_verifier(sampling_target):
+    """The same test, same sample size, flags the argmax proposal told to rejection sampling as
+    uniform: proposals near the target's greedy path (a primed draft) are then accepted far too
+    often. The exact runs above pass a test that has teeth."""
+    settings = SAMPLING_SETTINGS["t1"]
+    prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
+    probs = exact_joint(sampling_target, prompt, warpers_for(settings), NEW_TOKENS)
+    biased, _ = make_oracle(sampling_target, prompt, block_size=4, cls=WrongQPrimedDraft)
+    config = proposal_config(sampling_target, "argmax")
+    samples, accepted, _ = sample_continuations(sampling_target, prompt, 600, 4, NEW_TOKENS, assistant_model=biased, generation_config=config, **settings)
+    assert accepted > 600 / 4  # the wrong acceptance rule really ran on many drafts
+    assert chi_square_pvalue(samples, probs) < 1e-6
+
+
 def test_unknown_sampling_proposal_is_a_clear_error(sampling_target):
     draft = make_draft(sampling_target, block_size=4)
     config = proposal_config(sampling_target, "nucleus")
@@ -505,33 +746,31 @@ def test_unknown_sampling_proposal_is_a_clear_error(sampling_target):
         sampling_target.generate(random_prompt(4, vocab=SAMPLING_VOCAB), do_sample=True, max_new_tokens=4, assistant_model=draft, generation_config=config)
 
 
-def test_chi_square_rejects_a_biased_verifier(sampling_target):
-    """The same test, same sample size, flags the wrong-q verifier: the check above has teeth."""
-    settings = SAMPLING_SETTINGS["t1"]
-    prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
-    probs = exact_joint(sampling_target, prompt, warpers_for(settings), NEW_TOKENS)
-    biased = make_draft(sampling_target, block_size=4, cls=BiasedSamplingDraft)
-    samples, _, _ = sample_continuations(sampling_target, prompt, 600, 4, NEW_TOKENS, assistant_model=biased, **settings)
-    assert chi_square_pvalue(samples, probs) < 1e-6
-
-
-def test_sampling_with_none_candidate_logits_is_lossless(sampling_target):
-    """A generator that returns no candidate logits falls back to transformers' sample-and-compare,
-    which is also exact: returning ``None`` is a safe (if slower) choice."""
-
-    class NoLogits(GreedyOracleGenerator):
-        def get_candidates(self, input_ids, *args, **kwargs):
-            return super().get_candidates(input_ids, *args, **kwargs)[0], None
-
-    class NoLogitsDraft(DFlareModel):
-        candidate_generator_class = NoLogits
-
-    settings = SAMPLING_SETTINGS["t1"]
-    prompt = random_prompt(4, seed=0, vocab=SAMPLING_VOCAB)
-    probs = exact_joint(sampling_target, prompt, warpers_for(settings), NEW_TOKENS)
-    draft = make_draft(sampling_target, block_size=4, cls=NoLogitsDraft)
-    samples, _, _ = sample_continuations(sampling_target, prompt, 600, 5, NEW_TOKENS, assistant_model=draft, **settings)
-    assert chi_square_pvalue(samples, probs) > 1e-3
+def test_sampling_returns_the_targets_scores_and_logits(sampling_target):
+    """``return_dict_in_generate`` with ``output_scores`` / ``output_logits`` under sampling: one row
+    per new token, each the target's own raw logits (and processed scores) at that position of the
+    returned sequence, and every sampled token allowed by its scores (top-k)."""
+    settings = SAMPLING_SETTINGS["t0.7-top5"]
+    prompt = random_prompt(4, seed=2, vocab=SAMPLING_VOCAB)
+    warpers = warpers_for(settings)
+    for draft, path in ((make_oracle(sampling_target, prompt, block_size=4)[0], "custom"), (make_draft(sampling_target, block_size=4), "stock")):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            out = sampling_target.generate(
+                prompt, do_sample=True, max_new_tokens=10, assistant_model=draft, return_dict_in_generate=True, output_scores=True,
+                output_logits=True, **settings, **path_kwargs(path),
+            )  # fmt: skip
+            logits = sampling_target(out.sequences).logits[0].float()
+        new = out.sequences.shape[1] - prompt.shape[1]
+        assert new == 10 and len(out.scores) == len(out.logits) == new, (path, new, len(out.scores))
+        for i in range(new):
+            position = prompt.shape[1] + i
+            torch.testing.assert_close(out.logits[i][0], logits[position - 1], rtol=1e-4, atol=1e-4)
+            expected = warpers(out.sequences[:, :position], logits[position - 1][None].clone())[0]
+            torch.testing.assert_close(out.scores[i][0], expected, rtol=1e-4, atol=1e-4)
+            assert torch.isfinite(out.scores[i][0, out.sequences[0, position]]), (path, i)  # inside the top 5
+        if path == "custom":
+            assert sum(draft.dflare_stats.accepted) > 0  # the rows of accepted drafts came from one verify forward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,221 +825,8 @@ def test_hook_refuses_transformers_whose_private_signatures_changed():
 
 
 # ----------------------------------------------------------------------------------------------
-# Small-row CPU kernels for the verify forward
+# The verify forward on the small-row CPU kernels
 # ----------------------------------------------------------------------------------------------
-
-
-def test_small_row_linears_switch_plain_linears_only_and_restore_them():
-    from torch import nn
-
-    from modeling_dflare.cpu_kernels_dflare import SMALL_ROWS, small_row_linears
-
-    class Subclassed(nn.Linear):  # e.g. a quantised or LoRA layer: its own forward must stay
-        pass
-
-    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), Subclassed(32, 32), nn.Linear(32, 8, bias=False))
-    offloaded = nn.Linear(8, 8)
-    offloaded.forward = lambda x: x  # what accelerate's offload hooks do
-    model.append(offloaded)
-    inputs = [torch.randn(1, rows, 16, generator=torch.Generator().manual_seed(rows)) for rows in (1, 2, 7, SMALL_ROWS, SMALL_ROWS + 1)]
-    expected = [model(x) for x in inputs]
-    with small_row_linears(model, "packed") as switched:
-        assert switched == 2 and "forward" in model[0].__dict__ and "forward" in model[3].__dict__
-        assert "forward" not in model[2].__dict__ and offloaded.forward(torch.ones(1)) == 1
-        got = [model(x) for x in inputs]
-    for x, want, have in zip(inputs, expected, got):
-        assert have.shape == want.shape and torch.allclose(have, want, atol=1e-5, rtol=1e-5), x.shape
-    assert "forward" not in model[0].__dict__ and "forward" not in model[3].__dict__  # restored
-    assert model(inputs[1]).equal(expected[1])
-
-
-def test_small_row_linears_one_row_is_stock_except_for_a_wide_head(monkeypatch):
-    """One row keeps the stock kernel (bit for bit), except a head-sized weight with 2+ threads,
-    which runs as two rows (a threaded GEMM) and agrees to float rounding."""
-    from torch import nn
-
-    import modeling_dflare.cpu_kernels_dflare as modeling
-
-    monkeypatch.setattr(modeling, "WIDE_WEIGHT", 64 * 48)
-    narrow, wide = nn.Linear(48, 16), nn.Linear(48, 64, bias=False)
-    x = torch.randn(1, 1, 48, generator=torch.Generator().manual_seed(0))
-    threads = torch.get_num_threads()
-    calls = []
-    monkeypatch.setattr(torch.Tensor, "__matmul__", lambda a, b, original=torch.Tensor.__matmul__: calls.append(b.shape) or original(a, b))
-    try:
-        torch.set_num_threads(2)
-        with modeling.small_row_linears(nn.Sequential(narrow, wide), "packed"):
-            assert narrow(x).equal(nn.functional.linear(x, narrow.weight, narrow.bias)) and calls == []
-            got = wide(x)
-            assert calls == [(48, 2)]  # the row, twice
-            torch.set_num_threads(1)
-            assert wide(x).equal(nn.functional.linear(x, wide.weight)) and len(calls) == 1
-    finally:
-        torch.set_num_threads(threads)
-    assert got.shape == (1, 1, 64) and torch.allclose(got, nn.functional.linear(x, wide.weight), atol=1e-5, rtol=1e-5)
-
-
-def test_small_row_linears_pack_each_weight_once_and_follow_it(monkeypatch):
-    """2+ rows run oneDNN's linear on a packed copy of the weight (bias included), made once per
-    weight and remade after an in-place update; "matmul" runs W @ x.T and packs nothing; one row
-    stays stock; an unknown kernel name is refused."""
-    from torch import nn
-
-    import modeling_dflare.cpu_kernels_dflare as modeling
-
-    if not modeling.onednn_linear_available():
-        pytest.fail("this torch build has no oneDNN linear: the packed small-row kernels are the CPU default and must be tested")
-    layer = nn.Linear(48, 40)
-    packs, calls = [], []
-    monkeypatch.setattr(modeling, "packed_weight", lambda m, original=modeling.packed_weight: calls.append(m) or original(m))
-    x = torch.randn(1, 3, 48, generator=torch.Generator().manual_seed(1))
-    one = x[:, :1]
-    with modeling.small_row_linears(layer, "packed") as switched:
-        assert switched == 1
-        first, second = layer(x), layer(x)
-        packs.append(modeling._PACKED[layer][1])
-        assert layer(one).equal(nn.functional.linear(one, layer.weight, layer.bias)) and len(calls) == 2  # one row: stock
-        with torch.no_grad():
-            layer.weight.mul_(2)  # the version counter moves: the packed copy is remade
-        third = layer(x)
-        packs.append(modeling._PACKED[layer][1])
-    assert len(calls) == 3 and packs[0] is not packs[1]
-    assert first.equal(second) and first.shape == (1, 3, 40)
-    with torch.no_grad():
-        layer.weight.div_(2)
-        want = nn.functional.linear(x, layer.weight, layer.bias)
-        assert torch.allclose(first, want, atol=1e-5, rtol=1e-5)
-        layer.weight.mul_(2)
-        assert torch.allclose(third, nn.functional.linear(x, layer.weight, layer.bias), atol=1e-5, rtol=1e-5)
-    calls.clear()
-    with modeling.small_row_linears(layer, "matmul"):
-        got = layer(x)
-    assert calls == [] and torch.allclose(got, third, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="'fast'.*packed"):
-        with modeling.small_row_linears(layer, "fast"):
-            pass
-    assert "forward" not in layer.__dict__
-
-
-def test_auto_small_row_kernels_take_the_fastest_timed_kernel_per_layer_kind_and_row_count(monkeypatch):
-    """``choose_small_row_kernels`` times every candidate on each kind of layer (weight shape, bias,
-    layout) for each row count in TIMED_ROWS and keeps the fastest; counts between timed ones take
-    the next timed count's choice, counts past the last its choice; the stock kernel stays unless
-    another is MIN_GAIN faster. A fake clock that each kernel
-    call advances by a set cost stands in for the machine."""
-    from torch import nn
-
-    import modeling_dflare.cpu_kernels_dflare as modeling
-
-    if not modeling.onednn_linear_available():
-        pytest.fail("this torch build has no oneDNN linear: the packed small-row kernels are the CPU default and must be tested")
-    monkeypatch.setattr(modeling, "TIMED_ROWS", (1, 2, 4))
-    now = [0.0]
-    calls = []
-
-    def cost(kernel, module, rows):
-        wide = module.out_features == 64
-        if rows == 1:
-            return {"tworow": 1.0, "stock": 2.0}.get(kernel, 3.0) if wide else {"stock": 1.0}.get(kernel, 2.0)
-        if rows == 2:
-            return {"matmul": 1.0}.get(kernel, 2.0)
-        return {"packed": 0.98, "stock": 1.0}.get(kernel, 2.0)  # under MIN_GAIN faster: the stock kernel stays
-
-    def timed_kernel(kernel, module, flat, original=modeling._run_kernel):
-        calls.append((kernel, module, flat.shape[0]))
-        now[0] += cost(kernel, module, flat.shape[0])
-        return original(kernel, module, flat)
-
-    monkeypatch.setattr(modeling, "_run_kernel", timed_kernel)
-    narrow, narrow_too, wide = nn.Linear(48, 16), nn.Linear(48, 16), nn.Linear(48, 64, bias=False)
-    chosen = modeling.choose_small_row_kernels([narrow, wide, narrow_too], rounds=3, clock=lambda: now[0])
-    assert set(chosen) == {((16, 48), True, True), ((64, 48), False, True)}
-    for kernels, one in ((chosen[((16, 48), True, True)], "stock"), (chosen[((64, 48), False, True)], "tworow")):
-        assert len(kernels) == modeling.SMALL_ROWS
-        assert kernels[:4] == (one, "matmul", "stock", "stock") and set(kernels[4:]) == {"stock"}
-    # each kind is timed over all its layers in a row; every candidate of every count once a round (+ a warm-up round)
-    narrow_calls = [c for c in calls if c[1] in (narrow, narrow_too)]
-    assert [c[1] for c in narrow_calls[:2]] == [narrow, narrow_too]
-    assert len(narrow_calls) == 2 * 4 * (4 + 3 + 3)  # 2 layers x 4 rounds x (1 row: 4 candidates; 2, 4 rows: 3)
-    assert {c[0] for c in calls if c[2] > 1} == {"stock", "packed", "matmul"}
-    # timing packed every weight; no count runs packed here, so no packed copy is kept
-    assert not any(module in modeling._PACKED for module in (narrow, narrow_too, wide))
-
-
-def test_auto_small_row_kernels_are_timed_once_per_model_and_thread_count_and_agree_with_stock(monkeypatch):
-    from torch import nn
-
-    import modeling_dflare.cpu_kernels_dflare as modeling
-
-    timings = []
-    monkeypatch.setattr(
-        modeling, "choose_small_row_kernels", lambda modules, original=modeling.choose_small_row_kernels: timings.append(len(modules)) or original(modules, rounds=1)
-    )
-    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 40), nn.Linear(40, 8, bias=False))
-    inputs = [torch.randn(1, rows, 24, generator=torch.Generator().manual_seed(rows)) for rows in (1, 2, 3, 9, 17, modeling.SMALL_ROWS + 1)]
-    expected = [model(x) for x in inputs]
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        for _ in range(2):
-            with modeling.small_row_linears(model) as switched:
-                # layers the stock kernel suits at every row count stay unswitched
-                assert switched == sum("forward" in layer.__dict__ for layer in model) <= 3
-                got = [model(x) for x in inputs]
-            for x, want, have in zip(inputs, expected, got):
-                assert have.shape == want.shape and torch.allclose(have, want, atol=1e-5, rtol=1e-5), x.shape
-        assert timings == [3]
-        torch.set_num_threads(2)
-        with modeling.small_row_linears(model):
-            pass
-        assert timings == [3, 3]  # another thread count: timed again
-    finally:
-        torch.set_num_threads(threads)
-    assert all("forward" not in layer.__dict__ for layer in model)
-
-
-def test_auto_small_row_kernels_leave_layers_the_stock_kernel_suits(monkeypatch):
-    from torch import nn
-
-    import modeling_dflare.cpu_kernels_dflare as modeling
-
-    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 8))
-    kernels = lambda first: tuple([first] + ["stock"] * (modeling.SMALL_ROWS - 1))  # noqa: E731
-    monkeypatch.setattr(
-        modeling, "choose_small_row_kernels", lambda modules: {modeling._signature(model[0]): kernels("matmul"), modeling._signature(model[1]): kernels("stock")}
-    )
-    with modeling.small_row_linears(model) as switched:
-        assert switched == 1 and "forward" in model[0].__dict__ and "forward" not in model[1].__dict__
-        x = torch.randn(1, 1, 24)
-        assert torch.allclose(model(x), nn.functional.linear(nn.functional.linear(x, model[0].weight, model[0].bias), model[1].weight, model[1].bias), atol=1e-5)
-    assert "forward" not in model[0].__dict__
-
-
-def test_packed_copies_the_auto_choice_does_not_use_are_freed(monkeypatch):
-    """After a fixed "packed" run packed every layer (the bench's cost curve), only the layers the
-    timed choice runs packed keep their copy; the others pack again if ever needed."""
-    from torch import nn
-
-    import modeling_dflare.cpu_kernels_dflare as modeling
-
-    if not modeling.onednn_linear_available():
-        pytest.fail("this torch build has no oneDNN linear: the packed small-row kernels must be tested")
-    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 8))
-    kernels = lambda last: tuple(["stock"] * (modeling.SMALL_ROWS - 1) + [last])  # noqa: E731
-    monkeypatch.setattr(
-        modeling, "choose_small_row_kernels", lambda modules: {modeling._signature(model[0]): kernels("packed"), modeling._signature(model[1]): kernels("matmul")}
-    )
-    x = torch.randn(1, 3, 24)
-    with modeling.small_row_linears(model):  # the timed choice: packed for the first layer only
-        model(torch.randn(1, modeling.SMALL_ROWS, 24))
-    with modeling.small_row_linears(model, "packed"):
-        expected = model(x)
-    assert model[0] in modeling._PACKED and model[1] in modeling._PACKED
-    assert modeling.free_unused_packed_weights(model) == 1
-    assert model[0] in modeling._PACKED and model[1] not in modeling._PACKED
-    with modeling.small_row_linears(model, "packed"):  # packs again when asked to
-        assert torch.allclose(model(x), expected, atol=1e-6)
-    assert model[1] in modeling._PACKED
 
 
 def test_generate_verifies_on_small_row_kernels_unless_told_not_to(monkeypatch):

@@ -27,7 +27,8 @@ from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
 import modeling_dflare  # noqa: F401  (registers the model type; save_pretrained copies the Hub files)
-from modeling_dflare import DFlareConfig, DFlareModel, cli
+import dflare_cli
+from modeling_dflare import DFlareConfig, DFlareModel
 from modeling_dflare.testing import make_target, tiny_tokenizer
 from modeling_dflare.hub import (
     HUB_FILES,
@@ -43,6 +44,7 @@ from modeling_dflare.hub import (
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "hf_" + "FakeTokenForTests0123456789abcdefgh"
 BASE_MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
+BASE_LICENSE = "apache-2.0"  # the base model's: a card copies it, never assumes one
 PUBLISHED = {"config.json", "model.safetensors", "README.md", *HUB_FILES}
 TRAINING = {
     "command": "dflare train --target HuggingFaceTB/SmolLM2-135M-Instruct --fusion layerwise --steps 3000",
@@ -90,7 +92,7 @@ def models(tmp_path_factory):
     target = save_tiny_target(root / "target")
     save_tiny_draft(root / "draft", target)
     (root / "bench.json").write_text(json.dumps(BENCH))
-    write_model_card(root / "draft", base_model=BASE_MODEL, datasets=["Aeala/ShareGPT_Vicuna_unfiltered"],
+    write_model_card(root / "draft", base_model=BASE_MODEL, license=BASE_LICENSE, datasets=["Aeala/ShareGPT_Vicuna_unfiltered"],
                      training=TRAINING, bench_json=str(root / "bench.json"))
     return {"target": root / "target", "draft": root / "draft", "bench": root / "bench.json"}
 
@@ -102,7 +104,7 @@ def draft_copy(models, tmp_path):
 
 
 def dry_run(draft_dir: Path, out: Path, *extra: str) -> int:
-    return cli.main(["push", str(draft_dir), "--repo-id", "my-org/tiny-dflare", "--dry-run", str(out), *extra])
+    return dflare_cli.main(["push", str(draft_dir), "--repo-id", "my-org/tiny-dflare", "--dry-run", str(out), *extra])
 
 
 def snippet_of(card_text: str) -> str:
@@ -138,7 +140,7 @@ def test_card_shows_recipe_benchmark_and_details(models):
 
 
 def test_card_without_benchmark_or_training_says_so(draft_copy):
-    write_model_card(draft_copy, base_model=BASE_MODEL, datasets=[], training={}, repo_id="org/x")
+    write_model_card(draft_copy, base_model=BASE_MODEL, license=BASE_LICENSE, datasets=[], training={}, repo_id="org/x")
     text = (draft_copy / "README.md").read_text()
     assert "No benchmark has been recorded" in text and "No training record" in text
     assert check_model_card(draft_copy / "README.md") == []
@@ -147,7 +149,7 @@ def test_card_without_benchmark_or_training_says_so(draft_copy):
 def test_card_of_a_shared_fusion_draft_shows_how_to_serve_it(models, tmp_path):
     target = LlamaForCausalLM.from_pretrained(models["target"])
     save_tiny_draft(tmp_path / "dflash", target, fusion="shared")
-    write_model_card(tmp_path / "dflash", base_model=BASE_MODEL, datasets=[], training={}, repo_id="org/tiny-dflash")
+    write_model_card(tmp_path / "dflash", base_model=BASE_MODEL, license=BASE_LICENSE, datasets=[], training={}, repo_id="org/tiny-dflash")
     text = (tmp_path / "dflash" / "README.md").read_text()
     assert "A **DFlash** block-diffusion draft" in text
     assert "dflare convert --to zlab-dflash ./draft ./draft-zlab" in text
@@ -186,8 +188,8 @@ def test_dry_run_stages_exactly_the_upload_and_no_secret(models, draft_copy, tmp
         assert (out / name).read_bytes() == (draft_copy / name).read_bytes(), name
     expected = tmp_path / "expected"
     shutil.copytree(draft_copy, expected)
-    write_model_card(expected, base_model=BASE_MODEL, datasets=["Aeala/ShareGPT_Vicuna_unfiltered"], training=TRAINING,
-                     bench_json=str(models["bench"]), repo_id="my-org/tiny-dflare")
+    write_model_card(expected, base_model=BASE_MODEL, license=BASE_LICENSE, datasets=["Aeala/ShareGPT_Vicuna_unfiltered"],
+                     training=TRAINING, bench_json=str(models["bench"]), repo_id="my-org/tiny-dflare")
     card = (out / "README.md").read_text()
     assert card == (expected / "README.md").read_text()  # the template rendered for the pushed repository
     assert 'draft_id = "my-org/tiny-dflare"' in card and REPO_ID_PLACEHOLDER not in card
@@ -302,7 +304,7 @@ def test_push_offline_fails_before_touching_the_hub(draft_copy, hub, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     with pytest.raises(SystemExit, match="HF_HUB_OFFLINE is set.*Nothing was uploaded"):
-        cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
+        dflare_cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
     assert hub.calls == []
 
 
@@ -311,7 +313,7 @@ def test_push_without_token_fails_before_touching_the_hub(draft_copy, hub, monke
     monkeypatch.delenv("HF_TOKEN", raising=False)
     monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
     with pytest.raises(SystemExit, match="no Hugging Face token.*Nothing was uploaded"):
-        cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
+        dflare_cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
     assert hub.calls == []
 
 
@@ -319,7 +321,7 @@ def test_push_uploads_the_validated_folder_in_one_commit(draft_copy, hub, monkey
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     (draft_copy / "notes.txt").write_text("scratch")
-    assert cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare", "--private", "--revision", "v1"]) == 0
+    assert dflare_cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare", "--private", "--revision", "v1"]) == 0
     assert [c[0] for c in hub.calls] == ["whoami", "validate_card", "repo_exists", "create_repo", "create_branch", "upload_folder"]
     create, upload = hub.calls[3], hub.calls[5]
     assert create[2]["private"] is True and create[2]["repo_type"] == "model"
@@ -338,7 +340,7 @@ def test_card_rejected_by_the_hub_stops_before_the_repository_exists(draft_copy,
 
     monkeypatch.setattr(ModelCard, "validate", reject)
     with pytest.raises(SystemExit, match="rejected the model card metadata: license"):
-        cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
+        dflare_cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
     assert [c[0] for c in hub.calls] == ["whoami"]
 
 
@@ -347,18 +349,18 @@ def test_failed_upload_removes_the_repository_it_created(draft_copy, hub, monkey
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     hub.fail_upload = True
     # the network error reaches the user as one line (the CLI's --debug shows the traceback)
-    assert cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"]) == 2
+    assert dflare_cli.main(["push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"]) == 2
     assert "connection reset" in capsys.readouterr().err
     assert hub.calls[-1] == ("delete_repo", "my-org/tiny-dflare")
     with pytest.raises(OSError, match="connection reset"):
-        cli.main(["--debug", "push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
+        dflare_cli.main(["--debug", "push", str(draft_copy), "--repo-id", "my-org/tiny-dflare"])
 
 
 def test_push_can_write_the_card_itself(draft_copy, tmp_path, models):
     (draft_copy / "README.md").unlink()
     (draft_copy / "training_summary.json").write_text(json.dumps({"steps": 10}))
     out = tmp_path / "out"
-    assert dry_run(draft_copy, out, "--base-model", BASE_MODEL, "--bench-json", str(models["bench"])) == 0
+    assert dry_run(draft_copy, out, "--base-model", BASE_MODEL, "--license", BASE_LICENSE, "--bench-json", str(models["bench"])) == 0
     card = (out / "README.md").read_text()
     assert "| steps | 10 |" in card and "| dflare | gsm8k |" in card and check_model_card(out / "README.md") == []
 
@@ -407,14 +409,14 @@ def space(tmp_path):
 def test_push_space_dry_run_stages_the_space(space, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     out = tmp_path / "out"
-    assert cli.main(["push-space", str(space), "--repo-id", "my-org/dflare-demo", "--dry-run", str(out)]) == 0
+    assert dflare_cli.main(["push-space", str(space), "--repo-id", "my-org/dflare-demo", "--dry-run", str(out)]) == 0
     assert {p.name for p in out.rglob("*") if p.is_file()} == {"README.md", "app.py", "requirements.txt"}
 
 
 def test_push_space_uploads_as_gradio_space(space, hub, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
-    assert cli.main(["push-space", str(space), "--repo-id", "my-org/dflare-demo"]) == 0
+    assert dflare_cli.main(["push-space", str(space), "--repo-id", "my-org/dflare-demo"]) == 0
     create = next(c for c in hub.calls if c[0] == "create_repo")
     assert create[2]["repo_type"] == "space" and create[2]["space_sdk"] == "gradio"
 
@@ -434,7 +436,7 @@ def test_invalid_space_is_refused(space, tmp_path, monkeypatch, damage, message)
     monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN)
     damage(space)
     with pytest.raises(SystemExit, match=message):
-        cli.main(["push-space", str(space), "--repo-id", "my-org/dflare-demo", "--dry-run", str(tmp_path / "out")])
+        dflare_cli.main(["push-space", str(space), "--repo-id", "my-org/dflare-demo", "--dry-run", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
 
 
@@ -442,17 +444,6 @@ def test_invalid_space_is_refused(space, tmp_path, monkeypatch, damage, message)
 def test_project_space_folder_is_publishable():
     names = {p.relative_to(REPO_ROOT / "space").as_posix() for p in collect_space_files(REPO_ROOT / "space")}
     assert {"app.py", "README.md", "requirements.txt"} <= names
-
-
-# ----------------------------------------------------------------------------------------------
-# Loaded drafts
-# ----------------------------------------------------------------------------------------------
-
-
-def test_loaded_draft_has_its_rotary_frequencies(models):
-    fresh = DFlareModel(DFlareConfig.from_pretrained(models["draft"])).rotary_emb.inv_freq
-    loaded = DFlareModel.from_pretrained(models["draft"]).rotary_emb.inv_freq
-    torch.testing.assert_close(loaded, fresh)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,11 @@ import pytest
 
 from modeling_dflare import prompt_sources
 from modeling_dflare.bench_datasets import CHAMP_INSTRUCTION, HUMANEVAL_INSTRUCTION, iter_prompts
+from modeling_dflare.conversations import SOURCES, source_reader
 from modeling_dflare.data import read_conversations, read_jsonl, read_sharegpt, split_conversations
+
+#: every named source but ShareGPT (read on its own below): this module's and the instruction sources
+PROMPT_SOURCE_NAMES = [name for name in SOURCES if name != "sharegpt"]
 
 #: the answers regenerated from the training sources (and their held-out splits) in the repository
 DATASETS_DIR = Path(__file__).resolve().parent.parent / "datasets"
@@ -83,8 +87,8 @@ def training_and_tuning_texts():
     ``dflare regenerate`` reads it; all of ShareGPT, every turn (its held-out tune half steers tuning,
     and later turns' prompts carry the earlier replies); and the prompts (all but the answer) of the
     regenerated answers under datasets/, training and held-out."""
-    for name, reader in prompt_sources.PROMPT_SOURCES.items():
-        for conversation in reader()[0]:
+    for name in PROMPT_SOURCE_NAMES:
+        for conversation in source_reader(name)()[0]:
             for message in conversation.messages:
                 yield name, message["content"]
     for conversation in read_sharegpt()[0]:
@@ -133,7 +137,7 @@ def test_no_training_or_tuning_prompt_overlaps_the_standard_sets():
                 shared[index].add(question)
                 where[index][source] += 1
         worded += [(source, instruction) for instruction in instructions if instruction in text]
-    assert set(prompt_sources.PROMPT_SOURCES) | {"sharegpt"} <= set(sources)  # every source was read
+    assert set(PROMPT_SOURCE_NAMES) | {"sharegpt"} <= set(sources)  # every source was read
     assert not worded, worded[:5]
     assert not [questions[index][0] for index in short if shared[index]], "a short question appears in a training text"
     fractions = sorted(
@@ -164,7 +168,7 @@ def test_missing_package_names_the_install_command(monkeypatch):
 
 
 def test_regenerate_rejects_an_unknown_source_naming_the_choices(tmp_path):
-    from modeling_dflare.cli import main
+    from dflare_cli import main
 
     with pytest.raises(FileNotFoundError, match="gsm-symbolic"):
         main(["--debug", "regenerate", "--data", "mathh", "--output-dir", str(tmp_path / "out")])
@@ -240,8 +244,8 @@ def test_pylibs_names_a_package_that_is_not_installed():
 
 def test_every_prompt_source_has_a_model_card_line():
     """A draft trained on a source the card table lacks would publish a card that leaves it out."""
-    from modeling_dflare.training.data import prompt_source_of
-    from modeling_dflare.training.loop import PROMPT_SOURCE_CARDS
+    from modeling_dflare.training.sequences import prompt_source_of
+    from modeling_dflare.training.card import PROMPT_SOURCE_CARDS
 
-    assert set(prompt_sources.PROMPT_SOURCES) | {"sharegpt"} == set(PROMPT_SOURCE_CARDS)
+    assert set(SOURCES) == set(PROMPT_SOURCE_CARDS)
     assert prompt_source_of("pylibs/numpy/lib/_function_base_impl.py/median") == "pylibs"

@@ -13,11 +13,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import cached_target, greedy, make_draft, make_oracle, random_prompt
+from conftest import cached_target
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModel
 
 from modeling_dflare import DFlareModel
+from modeling_dflare.testing import greedy, make_draft, make_oracle, random_prompt
 
 CODE_FILES = ("configuration_dflare.py", "modeling_dflare.py", "generation_dflare.py", "cpu_kernels_dflare.py")
 HUB_FILES = {"config.json", "model.safetensors", *CODE_FILES}

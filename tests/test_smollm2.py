@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import VerifyCounter
 
 from modeling_dflare import DFlareConfig, DFlareModel
+from modeling_dflare.testing import VerifyCounter
 
 pytestmark = pytest.mark.slow
 

@@ -73,39 +73,6 @@ def test_context_strictly_before_anchor():
     assert moved.loss.item() != pytest.approx(before.loss.item(), abs=1e-6)
 
 
-def test_draft_uses_the_targets_own_head():
-    """A draft has no LM head of its own: training and generation both read the target's output
-    embedding (tied or not), so a tied target cannot meet an untied copy."""
-    target = tiny_target("gemma3", tie_word_embeddings=True)
-    assert target.get_output_embeddings().weight.data_ptr() == target.get_input_embeddings().weight.data_ptr()
-    draft = DFlareModel(DFlareConfig.from_target_config(target.config, num_hidden_layers=1, block_size=4))
-    assert not any(p.shape[0] == target.config.vocab_size for p in draft.parameters())
-    from modeling_dflare.cpu_kernels_dflare import draft_head
-
-    rows, ids = draft_head(draft, target.get_output_embeddings().weight)
-    assert ids is None and rows.data_ptr() == target.get_output_embeddings().weight.data_ptr()
-
-
-def test_bf16_draft_ranks_with_a_bf16_copy_of_the_head_rows():
-    """A bf16 draft next to an fp32 target proposes from a cached bf16 copy of its head rows (about
-    9x faster on a CPU); the target's own head is untouched and the copy follows it when it changes."""
-    from modeling_dflare.cpu_kernels_dflare import draft_head
-
-    target = tiny_target("llama")
-    head = target.get_output_embeddings().weight
-    draft = DFlareModel(DFlareConfig.from_target_config(target.config, num_hidden_layers=1, block_size=4, draft_vocab_size=40))
-    draft.to(torch.bfloat16)
-    rows, ids = draft_head(draft, head)
-    assert rows.dtype == torch.bfloat16 and head.dtype == torch.float32
-    assert torch.equal(rows, head.detach()[ids].to(torch.bfloat16)) and ids.tolist() == list(range(40))
-    assert draft_head(draft, head)[0] is rows  # cached
-    with torch.no_grad():
-        head.mul_(2.0)  # a changed head (in-place) is noticed
-    assert torch.equal(draft_head(draft, head)[0], head.detach()[ids].to(torch.bfloat16))
-    draft.to(torch.float32)
-    assert draft_head(draft, head)[0].dtype == torch.float32
-
-
 def test_fill_equals_one_sequence_at_a_time(tmp_path):
     """Batched, right-padded feature computation gives each sequence what its own forward gives."""
     target = tiny_target("llama")
@@ -373,7 +340,7 @@ def test_init_from_keeps_this_runs_block_size_and_cut(tmp_path, looping_target):
 
 def test_balanced_draft_vocabulary_weighs_each_prompt_source_equally():
     """A small code set's tokens enter the vocabulary beside a chat set many times its size."""
-    from modeling_dflare.training.data import choose_draft_vocab
+    from modeling_dflare.training.sequences import choose_draft_vocab
 
     chat = [Sequence(f"chat{i}", torch.tensor([1, 1] + [5] * 50 + [6] * 40), 2) for i in range(10)]
     code = [Sequence("codeio/codeio-hq/1", torch.tensor([1, 1] + [9] * 5), 2)]
@@ -407,11 +374,11 @@ def test_draft_vocab_data_rechooses_a_warm_started_drafts_vocabulary(tmp_path, l
     held_tokens = set(tokenizer("w84 w85 w86 w87")["input_ids"]) - code_tokens
     assert code_tokens <= set(ids["c"]) and not code_tokens <= set(ids["a"])
     assert not held_tokens & set(ids["c"])  # the held-out answer chose nothing
-    from modeling_dflare.training.loop import _vocab_sequences
+    from modeling_dflare.training.sequences import vocab_sequences
 
     args = TrainArgs(output_dir="unused", draft_vocab_data=vocab_data)
-    assert [s.id for s in _vocab_sequences(args, tokenizer, [])] == ["codeio/t/0", "codeio/t/1", "h1"]
-    assert [s.id for s in _vocab_sequences(args, tokenizer, [Sequence("h1", torch.tensor([1]), 0)])] == ["codeio/t/0", "codeio/t/1"]
+    assert [s.id for s in vocab_sequences(args, tokenizer, [])] == ["codeio/t/0", "codeio/t/1", "h1"]
+    assert [s.id for s in vocab_sequences(args, tokenizer, [Sequence("h1", torch.tensor([1]), 0)])] == ["codeio/t/0", "codeio/t/1"]
     full = train(TrainArgs(output_dir=str(tmp_path / "d"), draft_vocab_size=None, **common), target=looping_target, tokenizer=tokenizer)
     with pytest.raises(ValueError, match="full vocabulary"):
         train(TrainArgs(output_dir=str(tmp_path / "e"), init_from=str(full), draft_vocab_data=str(tmp_path / "code.jsonl"), **common),
@@ -420,17 +387,23 @@ def test_draft_vocab_data_rechooses_a_warm_started_drafts_vocabulary(tmp_path, l
 
 def test_card_names_every_prompt_source_of_the_warm_start_chain(tmp_path):
     """The card's "Training prompts" line and ``datasets:`` metadata come from the answers' ids (reasoning-gym
-    prompts carry their source) and from where unprefixed answers live (a link into a ShareGPT folder)."""
+    prompts carry their source) and from the data card of where unprefixed answers live (a link into a folder
+    of ShareGPT answers), never from a folder's name."""
     from types import SimpleNamespace
 
-    from modeling_dflare.training.data import count_prompt_sources
-    from modeling_dflare.training.loop import _parent_totals, card_datasets, card_prompt_text
+    from modeling_dflare.training.sequences import count_prompt_sources
+    from modeling_dflare.training.card import card_datasets, card_prompt_text, parent_totals
 
     (tmp_path / "smollm2-sharegpt").mkdir()
     (tmp_path / "smollm2-sharegpt" / "part-00000.jsonl.gz").write_bytes(b"")
     (tmp_path / "mix").mkdir()
     (tmp_path / "mix" / "part-00008.jsonl.gz").symlink_to(tmp_path / "smollm2-sharegpt" / "part-00000.jsonl.gz")
     answers = [SimpleNamespace(id=i) for i in ("SBmYeOI_39", "codeio/codeio-hq/952", "codeio/x/1", "gsm-symbolic/0/7", "q/1")]
+    # a folder's name says nothing: its data card (what dflare regenerate writes) does
+    assert count_prompt_sources(answers[:1], str(tmp_path / "mix")) == {"other": 1}
+    from modeling_dflare.publish_metadata import data_source_entry, write_data_card
+
+    write_data_card(tmp_path / "smollm2-sharegpt", data_source_entry("sharegpt"))
     counts = count_prompt_sources(answers, str(tmp_path / "mix"))
     assert counts == {"codeio": 2, "gsm-symbolic": 1, "sharegpt": 2}  # "q/1": no known prefix, so the folder's source
     assert count_prompt_sources(answers[:1], str(tmp_path / "own.jsonl")) == {"other": 1}
@@ -438,7 +411,7 @@ def test_card_names_every_prompt_source_of_the_warm_start_chain(tmp_path):
 
     # a parent summary from before the field (r15's): ShareGPT from its data names, the rest from this run
     parent = {"cumulative": {"runs": 12, "steps": 1, "sequences_seen": 4, "cpu_hours": 1.0, "data": ["runs/data-r15", "sharegpt"]}}
-    assert _parent_totals(parent)["prompt_sources"] == ["sharegpt"]
+    assert parent_totals(parent)["prompt_sources"] == ["sharegpt"]
     summary = {"args": {"data": "runs/data-r16"}, "prompt_sources": {"codeio": 2, "gsm-symbolic": 1},
                "cumulative": {"data": ["runs/data-r16"], "prompt_sources": ["sharegpt"]}}
     assert card_datasets(summary) == ["anon8231489123/ShareGPT_Vicuna_unfiltered"]
@@ -627,7 +600,7 @@ def test_compact_cache_rewrites_to_fp8_and_drops_what_no_data_uses(tmp_path):
     own features; files of sequences the kept data no longer tokenizes to are deleted; a dry run and
     a second run change nothing; a training run reads the mixed cache without recomputing."""
     from modeling_dflare.training.cache import compact_cache, sequence_keys
-    from modeling_dflare.training.data import read_source, tokenize_conversations
+    from modeling_dflare.training.sequences import read_source, tokenize_conversations
 
     target, tokenizer = tiny_target("llama", seed=0), tiny_tokenizer()
     records = [

@@ -13,31 +13,10 @@ from modeling_dflare.training import TrainArgs, train
 from modeling_dflare.training.tune import tune_cut
 
 
-def _chats(count: int, start: int) -> list[dict]:
-    return [
-        {"id": f"c{i}", "messages": [{"role": "user", "content": f"w{i % 50} w{(i * 3) % 50}"},
-                                     {"role": "assistant", "content": " ".join(f"w{(j * 7 + i) % 88}" for j in range(24))}]}
-        for i in range(start, start + count)
-    ]
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny draft trained with --tune-threshold (1 thread), its target and its held-out file."""
-    folder = tmp_path_factory.mktemp("tune")
-    write_jsonl(folder / "train.jsonl", _chats(16, 0))
-    write_jsonl(folder / "heldout.jsonl", _chats(4, 100))
-    target, tokenizer = tiny_target("llama"), tiny_tokenizer()
-    args = TrainArgs(output_dir=str(folder / "draft"), data=str(folder / "train.jsonl"), heldout=str(folder / "heldout.jsonl"),
-                     num_hidden_layers=1, block_size=4, num_anchors=4, max_steps=6, batch_size=2, eval_every=1000, lr=1e-3,
-                     draft_vocab_size=None, consistency_prompts=1, tune_threshold=True, threads=1)
-    return train(args, target=target, tokenizer=tokenizer), target, tokenizer, folder / "heldout.jsonl"
-
-
-def test_tune_cut_rewrites_the_cut_and_says_so(trained, tmp_path):
+def test_tune_cut_rewrites_the_cut_and_says_so(trained_draft, tmp_path):
     import shutil
 
-    source, target, tokenizer, heldout = trained
+    source, target, tokenizer, heldout = trained_draft
     draft = tmp_path / "draft"
     shutil.copytree(source, draft)
     config_before = json.loads((draft / "config.json").read_text())
@@ -73,10 +52,10 @@ def _hybrid_copy(source, draft):
     return draft
 
 
-def test_tune_cut_chooses_the_hybrid_settings_with_the_cut(trained, tmp_path):
+def test_tune_cut_chooses_the_hybrid_settings_with_the_cut(trained_draft, tmp_path):
     """A draft shipped with the prompt-lookup hybrid on gets its cut, lookup confidence and shortest
     n-gram chosen together, all three written to config.json and named in the card."""
-    source, target, tokenizer, heldout = trained
+    source, target, tokenizer, heldout = trained_draft
     draft = _hybrid_copy(source, tmp_path / "draft")
     tuning = tune_cut(draft, str(heldout), target=target, tokenizer=tokenizer, threads=1)
     hybrid = tuning["hybrid"]
@@ -92,11 +71,11 @@ def test_tune_cut_chooses_the_hybrid_settings_with_the_cut(trained, tmp_path):
     assert f"lookup confidence {hybrid['best']['prompt_lookup_confidence']}" in card
 
 
-def test_tune_cut_pools_several_heldout_sources_and_predicts_each(trained, tmp_path):
+def test_tune_cut_pools_several_heldout_sources_and_predicts_each(trained_draft, tmp_path):
     """Comma-separated held-out folders (chat, code, math...) are pooled for the choice; the card and
     the record give each source's own prediction at the chosen settings, which the pooled prediction
     lies between (both are tokens over seconds of the same cost model)."""
-    source, target, tokenizer, heldout = trained
+    source, target, tokenizer, heldout = trained_draft
     draft = _hybrid_copy(source, tmp_path / "draft")
     other = tmp_path / "code" / "heldout"
     other.mkdir(parents=True)
@@ -120,8 +99,8 @@ def test_tune_cut_pools_several_heldout_sources_and_predicts_each(trained, tmp_p
         tune_cut(draft, f"{heldout},{tmp_path / 'missing'}", target=target, tokenizer=tokenizer, threads=1)
 
 
-def test_tune_cut_names_what_is_wrong(trained, tmp_path):
-    source, target, tokenizer, heldout = trained
+def test_tune_cut_names_what_is_wrong(trained_draft, tmp_path):
+    source, target, tokenizer, heldout = trained_draft
     with pytest.raises(FileNotFoundError, match="no config.json"):
         tune_cut(tmp_path, str(heldout), target=target, tokenizer=tokenizer)
     with pytest.raises(FileNotFoundError, match="missing.jsonl.*does not exist"):
@@ -134,17 +113,16 @@ def test_tune_cut_names_what_is_wrong(trained, tmp_path):
         tune_cut(source, str(heldout), target=other, tokenizer=tokenizer)
 
 
-def test_training_with_fewer_threads_than_cores_points_to_tune_cut(tmp_path, monkeypatch, caplog):
+def test_training_with_fewer_threads_than_cores_points_to_tune_cut(trained_draft, tmp_path, monkeypatch, caplog):
     """OMP_NUM_THREADS=1 (two jobs sharing the cores) makes the run's own tuner time one thread, and
     --threads below the generation threads means another job shares the cores while the run times
     the cut: the run says so and names the command that re-chooses the cut."""
     import os
 
-    write_jsonl(tmp_path / "train.jsonl", _chats(8, 0))
-    write_jsonl(tmp_path / "heldout.jsonl", _chats(2, 100))
+    heldout = trained_draft[3]
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
-    args = TrainArgs(output_dir=str(tmp_path / "draft"), data=str(tmp_path / "train.jsonl"), heldout=str(tmp_path / "heldout.jsonl"),
+    args = TrainArgs(output_dir=str(tmp_path / "draft"), data=str(heldout.with_name("train.jsonl")), heldout=str(heldout),
                      num_hidden_layers=1, block_size=4, num_anchors=4, max_steps=2, batch_size=2, eval_every=1000, lr=1e-3,
                      draft_vocab_size=None, consistency_prompts=1, tune_threshold=True)
     with caplog.at_level("WARNING", logger="modeling_dflare.training.loop"):
@@ -166,26 +144,3 @@ def test_training_with_fewer_threads_than_cores_points_to_tune_cut(tmp_path, mon
         torch.set_num_threads(threads)
     assert "training ran with --threads 1" in caplog.text and f"dflare tune-cut {tmp_path / 'draft3'}" in caplog.text
 
-
-def test_evaluate_reports_what_the_training_run_measured(trained, capsys):
-    """`dflare evaluate` on the run's own held-out answers gives the run's last curve point (acc@1,
-    implied and walked τ: same anchors, same walk), and τ measured in generate on request."""
-    from modeling_dflare.training.evaluate import evaluate_draft
-
-    draft, target, tokenizer, heldout = trained
-    last = json.loads((draft / "training_summary.json").read_text())["curve"][-1]
-    reports = evaluate_draft(draft, str(heldout), target=target, tokenizer=tokenizer, max_length=512, generate_prompts=2)
-    report = reports[str(heldout)]
-    assert report["answers"] == 4
-    assert report["acc1"] == pytest.approx(last["acc"][0], abs=0.02)
-    assert report["implied_tau"] == pytest.approx(last["tau"], abs=0.05)
-    assert report["walk_tau"] == pytest.approx(last["walk_tau"], abs=0.05)
-    assert report["generate_prompts"] == 2 and report["generate_tau"] >= 1.0
-
-
-def test_evaluate_names_a_missing_folder(trained):
-    from modeling_dflare.training.evaluate import evaluate_draft
-
-    draft, target, tokenizer, heldout = trained
-    with pytest.raises(FileNotFoundError, match="no-such-folder"):
-        evaluate_draft(draft, f"{heldout},no-such-folder", target=target, tokenizer=tokenizer)

@@ -4,24 +4,29 @@ One command, one loop (``accelerate`` underneath, so ``accelerate launch`` runs 
 processes unchanged). One file per concern, each readable on its own:
 
 * :mod:`.args` -- :class:`TrainArgs` and the ``dflare train`` flags;
-* :mod:`.data` -- conversations (regenerated answers first) to chat-templated sequences;
+* :mod:`.sequences` -- conversations (regenerated answers first) to chat-templated sequences;
 * :mod:`.features` -- the frozen target's hidden states and greedy choices, cached on disk and
   read back by every later epoch and run;
 * :mod:`.loss` -- all anchor blocks of a sequence in one draft pass, position-weighted CE, and the
   per-position accuracy that implies an acceptance length;
 * :mod:`.draft_init` -- a fresh draft shaped for the target, or a warm start;
-* :mod:`.loop` -- optimizer steps, evaluation, checkpoints, the Hub-ready output folder;
+* :mod:`.loop` -- optimizer steps, checkpoints, the Hub-ready output folder;
+* :mod:`.evaluate` -- held-out accuracy and acceptance (also ``dflare evaluate``);
+* :mod:`.card` -- the trained draft's model card;
 * :mod:`.checkpoints` -- SIGKILL- and full-disk-safe checkpoints;
 * :mod:`.consistency` -- implied vs measured acceptance on the same held-out prompts.
 """
 
-from .args import TrainArgs, add_arguments, run
+from .args import TrainArgs, TrainingInputError, add_arguments
 from .checkpoints import latest_checkpoint, save_checkpoint
-from .data import Sequence, choose_draft_vocab, first_exchange, load_training_conversations, tokenize_conversations
 from .draft_init import build_draft, copy_target_layers
 from .features import Features, TargetFeatures
-from .loop import TrainingInputError, train
+from .loop import run, train
 from .loss import AccuracyMeter, BlockResult, block_loss, target_labels
+from .sequences import (
+    Sequence, TrainingData, choose_draft_vocab, first_exchange, load_training_conversations, tokenize_conversations,
+    tokenize_training_data,
+)
 
 __all__ = [
     "AccuracyMeter",
@@ -30,6 +35,7 @@ __all__ = [
     "Sequence",
     "TargetFeatures",
     "TrainArgs",
+    "TrainingData",
     "TrainingInputError",
     "add_arguments",
     "block_loss",
@@ -43,5 +49,6 @@ __all__ = [
     "save_checkpoint",
     "target_labels",
     "tokenize_conversations",
+    "tokenize_training_data",
     "train",
 ]

@@ -1,7 +1,12 @@
-"""Training arguments: one dataclass, mapped one to one onto the ``dflare train`` flags."""
+"""Training arguments: one dataclass, mapped one to one onto the ``dflare train`` flags, and the error
+that names a flag which cannot work."""
 
 import dataclasses
 from pathlib import Path
+
+
+class TrainingInputError(ValueError):
+    """A training argument that cannot work, found before any model is loaded."""
 
 
 @dataclasses.dataclass
@@ -53,6 +58,11 @@ class TrainArgs:
     tune_threshold: bool = False
     features_only: bool = False
     distill: float = 0.0
+    chat_template: str | None = None
+    no_chat_template: bool = False
+    base_model: str | None = None
+    license: str | None = None
+    dataset: list[str] | None = None
 
     @property
     def storage(self) -> str:
@@ -170,16 +180,15 @@ def add_arguments(parser) -> None:
         help="with --hidden-cache: compute and cache the target features of --data and --heldout, then stop "
         "(no training, no output folder; interrupt and rerun at will, finished sequences are kept)",
     )
+    # the same two flags as every command that applies a chat template (modeling_dflare.chat_templates)
+    prompts = parser.add_mutually_exclusive_group()
+    prompts.add_argument("--chat-template", default=None, metavar="FILE",
+                         help="Jinja chat template (as transformers takes it) for a target without one, or replacing its own")
+    prompts.add_argument("--no-chat-template", action="store_true",
+                         help="plain completion prompts for a base model: each turn's text, then a blank line, no role markers")
+    card = parser.add_argument_group("model card (recorded in training_summary.json; default: the target's metadata and the data cards)")
+    card.add_argument("--base-model", default=None, metavar="ORG/NAME", help="the Hub id of the target the draft is for")
+    card.add_argument("--license", default=None, metavar="ID", help="the base model's licence (e.g. apache-2.0, gemma, llama3.2)")
+    card.add_argument("--dataset", action="append", default=None, metavar="ORG/NAME",
+                      help="a Hub dataset the training prompts come from (repeatable; replaces what the data cards say)")
 
-
-def run(args) -> int:
-    """``dflare train``: build :class:`TrainArgs` from the parsed flags and train."""
-    from .loop import train
-
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs) if hasattr(args, f.name)}
-    if values.get("draft_vocab_size") == 0:
-        values["draft_vocab_size"] = None
-    result = train(TrainArgs(**values))
-    if result is None:
-        print(f"target features cached in {args.hidden_cache}; nothing trained (--features-only)")
-    return 0

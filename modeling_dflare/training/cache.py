@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 def sequence_keys(sources: list[str], tokenizer, max_length: int) -> set[str]:
     """The cache file names (without ``.pt``) of every sequence the answer ``sources`` tokenize to
     at ``max_length``: the keys :class:`~modeling_dflare.training.features.TargetFeatures` uses."""
-    from .data import read_source, tokenize_conversations
+    from .sequences import read_source, tokenize_conversations
 
     keys = set()
     for source in sources:
@@ -177,17 +177,21 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--target", default=None, help="target folder or GGUF (default: the embedded SmolLM2) for its tokenizer")
     parser.add_argument("--dry-run", action="store_true", help="report what would be deleted and rewritten; change nothing")
+    from ..chat_templates import add_prompt_format_arguments
+
+    add_prompt_format_arguments(parser)  # as the training run that filled the cache had them: they shape the keys
 
 
 def run(args) -> int:
     """``dflare cache``: compact (and with ``--keep-data`` prune) a hidden-state cache."""
     keep = None
     if args.keep_data:
+        from ..chat_templates import PromptFormat
         from ..targets import load_tokenizer
 
         check_is_cache(args.hidden_cache)  # before the tokenizer loads
         sources = [s for s in args.keep_data.split(",") if s]
-        keep = keep_keys(args.hidden_cache, sources, load_tokenizer(args.target), args.max_length)
+        keep = keep_keys(args.hidden_cache, sources, load_tokenizer(args.target, PromptFormat.from_args(args)), args.max_length)
     stats = compact_cache(args.hidden_cache, args.storage, keep, args.dry_run)
     mib = 1024 * 1024
     verb = "would be" if args.dry_run else "were"

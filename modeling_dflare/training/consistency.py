@@ -32,7 +32,7 @@ import logging
 import torch
 
 from ..modeling_dflare import DFlareModel
-from .data import Sequence
+from .sequences import Sequence
 from .features import TargetFeatures
 from .loss import block_loss, training_head
 
@@ -314,15 +314,15 @@ def measure_costs(draft: DFlareModel, target, sequence: Sequence, repeats: int =
 
     from transformers import DynamicCache
 
-    from ..bench import measure_forward_costs
-    from ..generation_dflare import hidden_state_request
+    from ..timing import measure_forward_costs
+    from ..generation_dflare import cache_argument, hidden_state_request
     from ..cpu_kernels_dflare import draft_for_generation, draft_head, fast_draft_dtype, small_row_linears
 
     block = draft.config.block_size
     prompt = sequence.input_ids[: sequence.response_start][None].to(target.device)
     request = hidden_state_request(draft.config.target_layer_ids)
     cache = DynamicCache(config=target.config)
-    out = target(prompt, past_key_values=cache, use_cache=True, output_hidden_states=request)  # the one prompt pass
+    out = target(prompt, **{cache_argument(target): cache}, use_cache=True, output_hidden_states=request)  # the one prompt pass
     # The plain step and the verify lengths are timed in the same rounds, so a slow spell of a shared
     # machine lands on both alike: the speedup the cut is chosen by is their ratio (timed one after the
     # other, two training runs' plain steps read 147 and 84.5 ms against about equal verify times).

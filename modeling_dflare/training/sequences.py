@@ -1,18 +1,26 @@
 """Training data: conversations -> chat-templated token sequences with the response marked.
 
 Sources are regenerated-answer folders (:mod:`modeling_dflare.regenerate`), ShareGPT, or JSON /
-JSONL files; held-out conversations (a hash split, or an explicit ``--heldout``) never train.
+JSONL files; held-out conversations (a hash split, or an explicit ``--heldout``) never train. A run
+tokenises its data once into a :class:`TrainingData` (train and held-out sequences, their source
+counts and fingerprint, the draft-vocabulary answers), which the loop passes down.
 """
 
 import dataclasses
+import hashlib
 import logging
 from pathlib import Path
 
 import torch
 
-from ..data import chat_template_ids
+from ..conversations import SOURCES, Conversation
+from ..data import chat_template_ids, prompt_id, split_conversations, split_heldout
+from .args import TrainArgs, TrainingInputError
 
 logger = logging.getLogger(__name__)
+
+#: Held-out sequences a training run keeps: evaluated at each ``eval_every`` and at the end.
+HELDOUT_SEQUENCES = 64
 
 
 @dataclasses.dataclass
@@ -65,8 +73,6 @@ def first_exchange(conversation):
     Assistant turns before the first user turn are dropped: a third of ShareGPT opens with one,
     and those conversations then train on their first real exchange instead of being skipped.
     """
-    from ..data import Conversation
-
     messages = conversation.messages
     user = next((i for i, m in enumerate(messages) if m["role"] == "user"), None)
     if user is None:
@@ -86,11 +92,12 @@ def check_answer_folder(folder: Path) -> None:
     without a word, so it is an error naming the files and the two ways out; a folder with no
     answer file at all is one too.
     """
+    from ..publish_metadata import DATA_CARD
     from ..regenerate import answer_files
 
     read = set(answer_files(folder))
     data_like = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
-    unread = sorted(p.name for p in folder.iterdir() if p.name.endswith(data_like) and p not in read)
+    unread = sorted(p.name for p in folder.iterdir() if p.name.endswith(data_like) and p not in read and p.name != DATA_CARD)
     if unread:
         raise ValueError(
             f"data folder {str(folder)!r}: {', '.join(unread)} would not be read (a folder is read as "
@@ -119,24 +126,23 @@ def read_source(source: str | None) -> list:
 
 def prompt_source_of(conversation_id: str, unprefixed: str = "sharegpt") -> str:
     """The prompt source an answer's id names (``codeio/...``, ``gsm-symbolic/...``, ``pystubs/...``, ``pylibs/...``:
-    :mod:`modeling_dflare.prompt_sources`), else ``unprefixed``."""
-    from ..prompt_sources import PROMPT_SOURCES
-
+    the prompt sources of :data:`~modeling_dflare.conversations.SOURCES`), else ``unprefixed``."""
     prefix = conversation_id.split("/", 1)[0] if "/" in conversation_id else None
-    return prefix if prefix in PROMPT_SOURCES else unprefixed
+    return prefix if prefix in SOURCES and prefix != "sharegpt" else unprefixed
 
 
 def count_prompt_sources(conversations: list, data: str | None) -> dict[str, int]:
     """Training conversations by where their prompts come from, for the model card.
 
     Answers to reasoning-gym prompts carry their source in the id (:func:`prompt_source_of`); any
-    other conversation counts as ShareGPT's when ``data`` names ShareGPT (the built-in reader, or a
-    path that is or links into a ``*sharegpt*`` folder), else as ``"other"`` (the user's own data).
+    other conversation counts as ShareGPT's when ``data`` is ShareGPT (the built-in reader, or an
+    answer folder whose data card says so, or whose answer files link into such a folder), else as
+    ``"other"`` (the user's own data). Folder names are never read as a source
+    (:func:`~modeling_dflare.publish_metadata.describe_data`).
     """
-    paths = [Path(source) for source in (data or "sharegpt").split(",")]
-    files = [f for path in paths if path.is_dir() for f in path.iterdir()]
-    named = [str(p) for p in paths] + [str(p.resolve()) for p in paths + files if p.exists()]
-    unprefixed = "sharegpt" if any("sharegpt" in name.lower() for name in named) else "other"
+    from ..publish_metadata import unprefixed_prompt_source
+
+    unprefixed = unprefixed_prompt_source(data)
     counts: dict[str, int] = {}
     for conversation in conversations:
         source = prompt_source_of(conversation.id, unprefixed)
@@ -148,8 +154,6 @@ def load_training_conversations(args) -> tuple[list, list]:
     """(train, held-out) conversations. ``data`` may list several sources separated by commas;
     held-out conversations (a hash split, or ``heldout``) never reach training, and of the hash
     split only the *tune* half is evaluated (the *report* half feeds ``dflare bench`` alone)."""
-    from ..data import prompt_id, split_conversations, split_heldout
-
     sources = (args.data or "sharegpt").split(",")
     train, heldout, seen = [], [], set()
     for source in sources:
@@ -185,3 +189,55 @@ def choose_draft_vocab(
     frequency[torch.tensor(always, dtype=torch.long)] = frequency.max() + 1
     order = torch.argsort(frequency, descending=True, stable=True)
     return order[: min(size, vocab_size)].clone()
+
+
+def data_fingerprint(sequences: list[Sequence]) -> dict:
+    """How many training sequences, in which order (a hash of their ids and lengths): the step ->
+    sequence stream is a function of this list, so a resumed run must see the same one."""
+    digest = hashlib.sha1()
+    for sequence in sequences:
+        digest.update(f"{sequence.id}:{sequence.input_ids.numel()}\n".encode())
+    return {"sequences": len(sequences), "sha1": digest.hexdigest()}
+
+
+def vocab_sequences(args: TrainArgs, tokenizer, heldout: list[Sequence]) -> list[Sequence] | None:
+    """The answers ``--draft-vocab-data`` names, tokenised (no target pass), held-out prompts left out;
+    None without the flag."""
+    if not args.draft_vocab_data:
+        return None
+    held = {prompt_id(s.id) for s in heldout}
+    conversations = [c for source in args.draft_vocab_data.split(",") for c in read_source(source) if prompt_id(c.id) not in held]
+    sequences, _ = tokenize_conversations(tokenizer, conversations, args.max_length)
+    if not sequences:
+        raise TrainingInputError(f"--draft-vocab-data {args.draft_vocab_data!r}: no answers to choose a vocabulary from")
+    return sequences
+
+
+@dataclasses.dataclass
+class TrainingData:
+    """A training run's data, tokenised once (:func:`tokenize_training_data`) and passed down: the
+    draft's vocabulary, the resume check, the feature pass, the steps and the model card all read it."""
+
+    train: list[Sequence]
+    heldout: list[Sequence]
+    #: training conversations left out, by reason (:func:`tokenize_conversations`)
+    skipped: dict[str, int]
+    #: training sequences by prompt source (:func:`count_prompt_sources`), for the model card
+    prompt_sources: dict[str, int]
+    #: the ``--draft-vocab-data`` answers the draft vocabulary is chosen from (None without the flag)
+    vocab: list[Sequence] | None = None
+    #: :func:`data_fingerprint` of ``train``, which a resumed run must match
+    fingerprint: dict = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.fingerprint = data_fingerprint(self.train)
+
+
+def tokenize_training_data(args: TrainArgs, tokenizer, train_conversations: list, heldout_conversations: list) -> TrainingData:
+    """Tokenise a run's (train, held-out) conversations (:func:`load_training_conversations`) and the
+    ``--draft-vocab-data`` answers; a TrainingInputError when no training sequence is usable."""
+    train, skipped = tokenize_conversations(tokenizer, train_conversations, args.max_length, args.max_train_sequences)
+    heldout, _ = tokenize_conversations(tokenizer, heldout_conversations, args.max_length, HELDOUT_SEQUENCES)
+    if not train:
+        raise TrainingInputError(f"no usable training sequences in {args.data!r} (skipped: {skipped})")
+    return TrainingData(train, heldout, skipped, count_prompt_sources(train, args.data), vocab_sequences(args, tokenizer, heldout))

@@ -32,21 +32,23 @@ def tune_cut(
     max_length: int = 512,
     hidden_cache: str | None = None,
     write: bool = True,
+    prompt_format=None,
 ) -> dict:
     """Re-choose ``draft_dir``'s confidence cut on the ``heldout`` answers; returns the tuning record.
 
     ``threads`` (default: torch's current setting) is what the target and draft are timed with:
-    pass the thread count generation will run with, on an otherwise quiet machine.
+    pass the thread count generation will run with, on an otherwise quiet machine. ``prompt_format``:
+    how chats become prompts (default: as the draft was trained, else the target's own chat template).
     """
     from ..anchors import default_gamma, position_weights
     from .consistency import tune_threshold
-    from .data import read_source, tokenize_conversations
+    from .sequences import read_source, tokenize_conversations
     from .evaluate import load_draft_and_target
     from .features import TargetFeatures
 
     folder = Path(draft_dir)
     sources = [source for source in str(heldout).split(",") if source]
-    draft, target, tokenizer = load_draft_and_target(draft_dir, sources, target, tokenizer, target_source)
+    draft, target, tokenizer = load_draft_and_target(draft_dir, sources, target, tokenizer, target_source, prompt_format)
     sequences, groups = [], []
     for source in sources:
         answers, _ = tokenize_conversations(tokenizer, read_source(source), max_length)
@@ -74,6 +76,7 @@ def tune_cut(
 def _write_back(folder: Path, draft, tuning: dict, previous_cut: float) -> None:
     """The chosen values into config.json (only those keys), the summary and the model card."""
     from ..data import write_text_atomic
+    from .card import write_card
     from .consistency import tuned_settings
 
     config_path = folder / "config.json"
@@ -89,11 +92,9 @@ def _write_back(folder: Path, draft, tuning: dict, previous_cut: float) -> None:
     tuning["previous"] = {"best": old.get("best", previous_cut), "threads": old.get("threads"), "tool": old.get("tool", "dflare train --tune-threshold")}
     summary["threshold_tuning"] = tuning
     write_text_atomic(summary_path, json.dumps(summary, indent=2))
-    from .loop import _write_card
-
     for key, value in chosen.items():
         setattr(draft.config, key, value)
-    _write_card(folder, draft, summary)
+    write_card(folder, draft, summary)
 
 
 def add_arguments(parser) -> None:
@@ -105,12 +106,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--hidden-cache", default=None, help="reuse a training run's target-feature cache")
     parser.add_argument("--dry-run", action="store_true", help="print the tuning, write nothing")
+    from ..chat_templates import add_prompt_format_arguments
+
+    add_prompt_format_arguments(parser)
 
 
 def run(args) -> int:
+    from ..chat_templates import resolve_prompt_format
+
     tuning = tune_cut(
         args.draft, args.heldout, target_source=args.target, threads=args.threads, max_length=args.max_length,
-        hidden_cache=args.hidden_cache, write=not args.dry_run,
+        hidden_cache=args.hidden_cache, write=not args.dry_run, prompt_format=resolve_prompt_format(args, args.draft),
     )
     shown = {k: tuning[k] for k in ("best", "predicted_speedup", "verify_ms", "draft_ms", "plain_ms", "threads", "heldout_answers", "by_source")
              if k in tuning}
