@@ -7,9 +7,9 @@ Two properties, each over tiny random targets of every architecture in :mod:`mod
   A case draws the target (architecture, seed, depth), the draft (random, or the oracle of
   :mod:`modeling_dflare.testing` with a random corruption rate, so blocks are partly or fully
   accepted; fusion, block size, depth, layer count, dtype, int8 copy, reduced vocabulary, confidence
-  cut, prompt-lookup hybrid), the generator (ours or transformers' stock DFlash one), the prompt
-  (length, left padding) and the generation settings (length, eos inside the continuation,
-  repetition penalty, no-repeat n-grams, a stopping criterion).
+  cut, prompt-lookup hybrid), the generator (ours or transformers' stock DFlash one), the verify
+  kernels, the prompt (length, left padding) and the generation settings (length, eos inside the
+  continuation, repetition penalty, no-repeat n-grams, a stopping criterion).
 * **sampling**: sampled continuations follow the target's exact distribution. One sampled
   continuation proves nothing, so sampling cases are pooled: each draws one of the fixed
   configurations of :data:`SAMPLING_CONFIGS` (target, prompt, temperature, top-k; 8-token vocabulary,
@@ -366,9 +366,9 @@ def run(args) -> int:
 
     seed = args.seed if args.seed is not None else random.SystemRandom().randrange(1, 2**31)
     print(f"check-lossless: seed {seed} (rerun this run with --seed {seed})", flush=True)
-    for name in ("greedy", "sampling", "continuations", "threads"):
-        if getattr(args, name) < (1 if name in ("continuations", "threads") else 0):
-            raise ValueError(f"--{name} {getattr(args, name)}: expected a positive number")
+    for name, least in (("greedy", 0), ("sampling", 0), ("continuations", 1), ("threads", 1)):
+        if getattr(args, name) < least:
+            raise ValueError(f"--{name} {getattr(args, name)}: expected a whole number >= {least}")
     torch.set_num_threads(args.threads)
     logging.getLogger("modeling_dflare").setLevel(logging.WARNING)  # not the kernel timings of every tiny target
     if args.replay:
@@ -457,6 +457,7 @@ __all__ = [
     "case_draw",
     "greedy_case",
     "pooled_sampling_case",
+    "proposal_group",
     "run",
     "run_greedy_case",
     "run_sampling_case",
