@@ -578,7 +578,13 @@ def collect_space_files(space_dir: str | Path) -> list[Path]:
 
 
 def stage(files: list[Path], root: Path, out: Path, repo_id: str) -> list[Path]:
-    """Copy ``files`` (relative to ``root``) into ``out``, naming ``repo_id`` in the card; return the copies."""
+    """Copy ``files`` (relative to ``root``) into ``out``, naming ``repo_id`` in the card; return the copies.
+
+    The copies, never the originals, lose local paths: a ``config.json`` whose ``target_name_or_path``
+    is one names the card's ``base_model`` (else the path's last component), and every string of
+    ``training_summary.json`` is cut to the last component of any path in it."""
+    from .publish_metadata import card_base_model, clean_staged_config, strip_local_paths_json
+
     staged = []
     for file in files:
         destination = out / file.relative_to(root)
@@ -588,6 +594,10 @@ def stage(files: list[Path], root: Path, out: Path, repo_id: str) -> list[Path]:
         else:
             shutil.copy2(file, destination)
         staged.append(destination)
+    if out / "config.json" in staged:
+        clean_staged_config(out / "config.json", card_base_model(out / "README.md"))
+    if out / "training_summary.json" in staged:
+        strip_local_paths_json(out / "training_summary.json")
     return staged
 
 

@@ -19,7 +19,9 @@ Each is taken from the first of these that has it:
 against" (the exact checkpoint, without local paths); ``dflare push`` asks in one line for whatever
 is still missing (:func:`missing_message`). The licence is the base model's, written as the Hub
 expects it (:func:`license_metadata`). Local paths mean nothing on the Hub: a card names files by
-their names only (:func:`strip_local_paths`).
+their names only (:func:`strip_local_paths`), and the copies ``dflare push`` uploads name the target
+by its Hub id or its last path component (:func:`clean_staged_config`) and keep no local path in
+``training_summary.json`` (:func:`strip_local_paths_json`).
 """
 
 import json
@@ -78,6 +80,92 @@ def is_hub_id(value) -> bool:
     except HFValidationError:
         return False
     return True
+
+
+def _last_part(value: str) -> str | None:
+    """The last component of a local path (``/tmp/x/gemma-target`` -> ``gemma-target``); None when it has none."""
+    parts = [part for part in re.split(r"[/\\]", value) if part not in ("", ".", "..", "~")]
+    return parts[-1] if parts and not re.fullmatch(r"[A-Za-z]:", parts[-1]) else None
+
+
+def _is_local_path(value) -> bool:
+    """Whether ``value`` names a place on this machine rather than a Hub repository: an absolute,
+    home-relative or drive path, a relative path of several parts, or a path that exists here."""
+    if not isinstance(value, str) or not value or is_hub_id(value):
+        return False
+    if local_paths(value) or value.startswith("~") or "\\" in value or value.count("/") > 1:
+        return True
+    try:
+        return Path(value).expanduser().exists()
+    except (OSError, ValueError):  # not a name this file system can hold
+        return False
+
+
+def card_base_model(card: str | Path) -> str | None:
+    """The ``base_model`` Hub id of a model card's front matter (one id, or a list of exactly one); None otherwise."""
+    from .target_info import read_front_matter
+
+    value = read_front_matter(card).get("base_model")
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    return value if is_hub_id(value) else None
+
+
+def clean_staged_config(path: str | Path, base_model: str | None = None) -> bool:
+    """Replace a local path in the ``target_name_or_path`` of the staged ``config.json`` at ``path``
+    (a copy made for upload, never a draft's own file): by ``base_model`` where it is a Hub id, else
+    by the path's last component. A Hub id, a bare name or a missing field is kept. Every other field
+    and the layout (indent 2, key order, final newline) stay as they were. Returns whether it changed."""
+    from .data import write_text_atomic
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    config = json.loads(text)
+    value = config.get("target_name_or_path") if isinstance(config, dict) else None
+    if not _is_local_path(value):
+        return False
+    config["target_name_or_path"] = base_model if is_hub_id(base_model) else _last_part(value)
+    logger.info("%s: target_name_or_path %r (a local path) replaced by %r", path.name, value, config["target_name_or_path"])
+    write_text_atomic(path, json.dumps(config, indent=2) + ("\n" if text.endswith("\n") else ""))
+    return True
+
+
+def strip_local_paths_json(path: str | Path) -> int:
+    """Pass every string of the staged JSON file at ``path`` (values and keys, in nested dicts and
+    lists, at any depth) through :func:`strip_local_paths`, so that no local path is uploaded; the
+    file is rewritten (indent 2, final newline as before) only where something changed. A copy made
+    for upload is meant, never a draft's own file. Returns how many strings changed."""
+    from .data import write_text_atomic
+
+    path = Path(path)
+    text = path.read_text(encoding="utf-8")
+    changed = 0
+
+    def clean(node):
+        nonlocal changed
+        if isinstance(node, str):
+            stripped = strip_local_paths(node)
+            changed += stripped != node
+            return stripped
+        if isinstance(node, list):
+            return [clean(item) for item in node]
+        if isinstance(node, dict):
+            cleaned = {}
+            for key, item in node.items():
+                base = new_key = clean(key)
+                n = 1
+                while new_key in cleaned:  # two paths with the same last component: keep both entries
+                    n += 1
+                    new_key = f"{base} ({n})"
+                cleaned[new_key] = clean(item)
+            return cleaned
+        return node
+
+    data = clean(json.loads(text))
+    if changed:
+        logger.info("%s: %d local path%s cut to their last component", path.name, changed, "" if changed == 1 else "s")
+        write_text_atomic(path, json.dumps(data, indent=2) + ("\n" if text.endswith("\n") else ""))
+    return changed
 
 
 def license_metadata(license: str | None, name: str | None = None, link: str | None = None) -> dict:
@@ -305,7 +393,8 @@ def missing_message(missing: list[str], undescribed_data=()) -> str:
 
 
 __all__ = [
-    "BASE_MODEL_PLACEHOLDER", "DATA_CARD", "HUB_LICENSES", "data_source_entry", "describe_data", "folder_data_cards", "is_hub_id",
-    "license_metadata", "local_paths", "missing_fields", "missing_message", "publish_record", "read_data_card",
-    "strip_local_paths", "trained_against", "unprefixed_prompt_source", "write_data_card",
+    "BASE_MODEL_PLACEHOLDER", "DATA_CARD", "HUB_LICENSES", "card_base_model", "clean_staged_config", "data_source_entry",
+    "describe_data", "folder_data_cards", "is_hub_id", "license_metadata", "local_paths", "missing_fields", "missing_message",
+    "publish_record", "read_data_card", "strip_local_paths", "strip_local_paths_json", "trained_against", "unprefixed_prompt_source",
+    "write_data_card",
 ]  # fmt: skip

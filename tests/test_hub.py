@@ -7,6 +7,7 @@ what would be uploaded is checked through ``--dry-run``, which stages exactly th
 
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
@@ -40,6 +41,7 @@ from modeling_dflare.hub import (
     load_bench_rows,
     write_model_card,
 )
+from modeling_dflare.publish_metadata import clean_staged_config, local_paths, strip_local_paths_json
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FAKE_TOKEN = "hf_" + "FakeTokenForTests0123456789abcdefgh"
@@ -203,6 +205,92 @@ def test_dry_run_refuses_a_non_empty_output_folder(draft_copy, tmp_path):
     (tmp_path / "out" / "old.txt").write_text("x")
     with pytest.raises(SystemExit, match="not empty"):
         dry_run(draft_copy, tmp_path / "out")
+
+
+def _set_target_name(draft: Path, value) -> None:
+    """Record ``value`` as the draft's target, written the way ``save_pretrained`` writes a config."""
+    config = json.loads((draft / "config.json").read_text())
+    config["target_name_or_path"] = value
+    (draft / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def test_dry_run_stages_copies_without_local_paths_and_leaves_the_draft_as_it_was(draft_copy, tmp_path, caplog):
+    home = tmp_path / "me"
+    target = home / "models" / "gemma-target"
+    _set_target_name(draft_copy, str(target))
+    summary = {
+        "steps": 3,
+        "args": {"target": str(target), "data": f"{home}/runs/data-r20,sharegpt", "output_dir": str(home / "runs" / "draft"),
+                 "heldout": str(home / "runs" / "heldout.jsonl"), "hidden_cache": None, "init_from": "~/drafts/old", "lr": 0.0006},
+        "command": f"dflare train --target {target} --data {home}/runs/data-r20",
+        "curve": [{"checkpoint": str(home / "runs" / "draft" / "checkpoint-100"), "tau": 2.5}],
+    }
+    (draft_copy / "training_summary.json").write_text(json.dumps(summary, indent=2))
+    originals = {p.name: p.read_bytes() for p in draft_copy.iterdir() if p.is_file()}
+    original_config = json.loads(originals["config.json"])
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="modeling_dflare.publish_metadata"):
+        assert dry_run(draft_copy, out) == 0
+    # the staged config names the card's base model, everything else as it was, in the same layout
+    config_text = (out / "config.json").read_text()
+    assert json.loads(config_text)["target_name_or_path"] == BASE_MODEL
+    assert config_text == json.dumps(original_config | {"target_name_or_path": BASE_MODEL}, indent=2, sort_keys=True) + "\n"
+    assert "target_name_or_path" in caplog.text and BASE_MODEL in caplog.text
+    # the staged summary keeps its values, local paths cut to their last component
+    summary_text = (out / "training_summary.json").read_text()
+    assert local_paths(summary_text) == [] and str(tmp_path) not in summary_text
+    assert json.loads(summary_text) == {
+        "steps": 3,
+        "args": {"target": "gemma-target", "data": "data-r20,sharegpt", "output_dir": "draft", "heldout": "heldout.jsonl",
+                 "hidden_cache": None, "init_from": "old", "lr": 0.0006},
+        "command": "dflare train --target gemma-target --data data-r20",
+        "curve": [{"checkpoint": "checkpoint-100", "tau": 2.5}],
+    }
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert str(tmp_path) not in path.read_text(errors="replace"), path
+    # the draft folder itself is untouched, byte for byte
+    assert {p.name: p.read_bytes() for p in draft_copy.iterdir() if p.is_file()} == originals
+
+
+def test_dry_run_keeps_a_hub_id_target_name(draft_copy, tmp_path):
+    _set_target_name(draft_copy, "HuggingFaceTB/SmolLM2-360M-Instruct")  # another id than the card's base model: kept as it is
+    out = tmp_path / "out"
+    assert dry_run(draft_copy, out) == 0
+    assert (out / "config.json").read_bytes() == (draft_copy / "config.json").read_bytes()
+    assert json.loads((out / "config.json").read_text())["target_name_or_path"] == "HuggingFaceTB/SmolLM2-360M-Instruct"
+
+
+@pytest.mark.parametrize(
+    "value, base_model, expected",
+    [
+        ("/srv/models/gemma-target/", None, "gemma-target"),  # no base model known: the last component
+        ("~/models/gemma-target", None, "gemma-target"),
+        ("C:\\Users\\me\\gemma-target", None, "gemma-target"),
+        ("runs/exports/gemma-target", "{base_model_id}", "gemma-target"),  # a placeholder is no Hub id
+        ("/srv/models/gemma-target", BASE_MODEL, BASE_MODEL),
+        ("google/gemma-3-270m-it", BASE_MODEL, "google/gemma-3-270m-it"),  # a Hub id is kept
+        ("gpt2", BASE_MODEL, "gpt2"),  # a bare name is no local path
+        (None, BASE_MODEL, None),
+    ],
+)
+def test_staged_config_loses_a_local_target_path(tmp_path, value, base_model, expected):
+    path = tmp_path / "config.json"
+    text = json.dumps({"model_type": "dflare", "target_name_or_path": value, "vocab_size": 100}, indent=2) + "\n"
+    path.write_text(text)
+    assert clean_staged_config(path, base_model) is (expected != value)
+    assert json.loads(path.read_text()) == {"model_type": "dflare", "target_name_or_path": expected, "vocab_size": 100}
+    if expected == value:
+        assert path.read_text() == text  # nothing to change: the file is not rewritten
+
+
+def test_staged_summary_strips_paths_at_any_depth_and_keeps_distinct_keys(tmp_path):
+    path = tmp_path / "training_summary.json"
+    url = "https://huggingface.co/org/name"  # a URL is no local path
+    path.write_text(json.dumps({"a": [{"b": ["/x/y/one.jsonl", 1, None]}], "/p/q/r": 1, "/s/t/r": 2, "url": url}))
+    assert strip_local_paths_json(path) == 3
+    assert json.loads(path.read_text()) == {"a": [{"b": ["one.jsonl", 1, None]}], "r": 1, "r (2)": 2, "url": url}
+    assert strip_local_paths_json(path) == 0
 
 
 def _drop_auto_map(draft):
