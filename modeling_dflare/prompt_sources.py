@@ -254,7 +254,7 @@ def _read_json_records(path: Path) -> list:
     text = gzip.open(path, "rt", encoding="utf-8").read()
     if text.lstrip().startswith("["):
         return json.loads(text)
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return [json.loads(line) for line in text.split("\n") if line.strip()]
 
 
 def read_codeio() -> tuple[list[Conversation], ReadReport]:

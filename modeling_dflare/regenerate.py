@@ -175,7 +175,9 @@ def pack_shards(out_dir: str | Path) -> Path | None:
     contents = []
     for shard in shards:
         data = shard.read_bytes()
-        for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        # lines end at "\n" only, as the readers split them: str.splitlines() would also break a
+        # record at a U+2028 / U+2029 / U+0085 an answer holds (written raw, ensure_ascii=False)
+        for number, line in enumerate(data.decode("utf-8").split("\n"), start=1):
             if line.strip():
                 try:
                     json.loads(line)

@@ -38,6 +38,18 @@ def test_pack_numbers_after_the_highest_part_and_never_overwrites_one(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-00000.jsonl.gz", "part-00002.jsonl.gz", "part-00003.jsonl.gz"]
 
 
+def test_pack_keeps_answers_holding_unicode_line_separators(tmp_path):
+    """An answer may hold U+2028, U+2029 or U+0085 (written raw: ``ensure_ascii=False``). Records end
+    at "\\n" only; packing must not cut such a record in two and refuse the folder."""
+    text = "first line\u2028second\u2029third\x85fourth"
+    records = [{"id": "x", "messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": text}]}]
+    write_jsonl(tmp_path / "shard-00000.jsonl", records + _answers(["y"]))
+    assert "\u2028" in (tmp_path / "shard-00000.jsonl").read_text(encoding="utf-8")
+    part = pack_shards(tmp_path)
+    assert _part_ids(part) == ["x", "y"]
+    assert read_regenerated(tmp_path)[0].messages[1]["content"] == text
+
+
 def test_pack_skips_a_part_name_another_packer_claimed(tmp_path, monkeypatch):
     """Two packers of one folder: the part name the other took between this one's look at the
     folder and its rename is skipped, not replaced."""
