@@ -318,7 +318,9 @@ def test_no_heldout_sequences_warns(tmp_path, caplog, looping_target):
     assert any("no held-out sequences" in r.getMessage() for r in caplog.records)
 
 
-def test_init_from_keeps_this_runs_block_size_and_cut(tmp_path, looping_target):
+def test_init_from_keeps_this_runs_block_size_and_cut_and_else_its_parents(tmp_path, looping_target):
+    import json
+
     tokenizer = tiny_tokenizer()
     write_jsonl(tmp_path / "train.jsonl", _greedy_dataset(tmp_path, looping_target, tokenizer, 4, 0, 12))
     common = dict(data=str(tmp_path / "train.jsonl"), num_hidden_layers=1, max_steps=2, batch_size=1, draft_vocab_size=None)
@@ -329,7 +331,14 @@ def test_init_from_keeps_this_runs_block_size_and_cut(tmp_path, looping_target):
     )
     config = DFlareConfig.from_pretrained(second)
     assert config.block_size == 4 and config.confidence_threshold == 0.25
-    import json
+    # Without the two flags, a warm start trains and saves at its parent's block size and cut
+    # (a fresh draft's default of 16 would silently retrain a block-4 draft at 16).
+    third = train(TrainArgs(output_dir=str(tmp_path / "c"), init_from=str(second), **common), target=looping_target, tokenizer=tokenizer)
+    config = DFlareConfig.from_pretrained(third)
+    assert config.block_size == 4 and config.confidence_threshold == 0.25
+    assert json.loads((third / "training_summary.json").read_text())["block_size"] == 4
+    fresh = train(TrainArgs(output_dir=str(tmp_path / "d"), **common), target=looping_target, tokenizer=tokenizer)
+    assert (DFlareConfig.from_pretrained(fresh).block_size, DFlareConfig.from_pretrained(fresh).confidence_threshold) == (16, 0.0)
 
     summary = json.loads((second / "training_summary.json").read_text())
     cumulative = summary["cumulative"]

@@ -5,6 +5,10 @@ import dataclasses
 from pathlib import Path
 
 
+#: The block size of a fresh draft when ``--block-size`` is not given (a warm start keeps its parent's).
+DEFAULT_BLOCK_SIZE = 16
+
+
 class TrainingInputError(ValueError):
     """A training argument that cannot work, found before any model is loaded."""
 
@@ -28,7 +32,8 @@ class TrainArgs:
     num_hidden_layers: int = 2
     fusion: str = "layerwise"
     num_target_layers: int | None = None
-    block_size: int = 16
+    #: None: the --init-from draft's block size, else :data:`DEFAULT_BLOCK_SIZE`
+    block_size: int | None = None
     num_anchors: int | None = None
     max_length: int = 512
     epochs: float = 6.0
@@ -52,7 +57,8 @@ class TrainArgs:
     init_from: str | None = None
     grow_layers: int = 0
     seed: int = 0
-    confidence_threshold: float = 0.0
+    #: None: the --init-from draft's cut, else 0.0 (no cut)
+    confidence_threshold: float | None = None
     threads: int | None = None
     consistency_prompts: int = 8
     tune_threshold: bool = False
@@ -91,13 +97,21 @@ def add_arguments(parser) -> None:
     )
     parser.add_argument("--heldout", default=None, help="held-out data (default: a hash split of --data)")
     parser.add_argument("--work-dir", default=None, help="checkpoints, logs and caches (default: OUTPUT_DIR-work)")
-    for name in ("num_hidden_layers", "max_length", "batch_size", "save_every", "eval_every", "seed", "block_size"):
+    for name in ("num_hidden_layers", "max_length", "batch_size", "save_every", "eval_every", "seed"):
         parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(defaults, name))
+    parser.add_argument(
+        "--block-size", type=int, default=None,
+        help=f"positions per draft block (default: the --init-from draft's, else {DEFAULT_BLOCK_SIZE})",
+    )
     parser.add_argument(
         "--num-anchors", type=int, default=None, help="anchor blocks per sequence (default: response length / block size)"
     )
-    for name in ("epochs", "lr", "warmup_ratio", "weight_decay", "confidence_threshold"):
+    for name in ("epochs", "lr", "warmup_ratio", "weight_decay"):
         parser.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(defaults, name))
+    parser.add_argument(
+        "--confidence-threshold", type=float, default=None,
+        help="the confidence cut saved in the draft's config (default: the --init-from draft's, else 0 = no cut)",
+    )
     parser.add_argument("--fusion", choices=("layerwise", "shared"), default=defaults.fusion)
     parser.add_argument("--num-target-layers", type=int, default=None, help="default 9 (layerwise) or 5 (shared)")
     parser.add_argument("--gamma", type=float, default=None, help="loss decay (default 7 for block 16, scaled by block size)")
@@ -134,7 +148,8 @@ def add_arguments(parser) -> None:
         "the target's logits from the deepest cached layer (greedy agreement about 0.98 from fp8, 0.995 from bf16). "
         "`dflare cache` converts an existing cache",
     )
-    parser.add_argument("--init-from", default=None, help="warm-start from a draft folder (--block-size and the cut still apply)")
+    parser.add_argument("--init-from", default=None, help="warm-start from a draft folder: its block size, cut and prompt-lookup settings are kept unless "
+                        "--block-size / --confidence-threshold say otherwise")
     parser.add_argument(
         "--grow-layers",
         type=int,

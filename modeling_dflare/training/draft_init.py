@@ -9,7 +9,7 @@ import torch
 
 from ..configuration_dflare import DFlareConfig
 from ..modeling_dflare import DFlareModel, initial_fusion_logits
-from .args import TrainArgs
+from .args import DEFAULT_BLOCK_SIZE, TrainArgs
 from .sequences import Sequence, choose_draft_vocab
 
 logger = logging.getLogger(__name__)
@@ -25,10 +25,16 @@ def build_draft(args: TrainArgs, target, sequences: list[Sequence], vocab_sequen
         draft = DFlareModel.from_pretrained(args.init_from, dtype=torch.float32)
         if draft.config.fusion != args.fusion:
             raise ValueError(f"--init-from {args.init_from} has fusion={draft.config.fusion!r}, but --fusion={args.fusion!r}")
-        # The weights do not depend on the block size or the cut: this run's values are the ones
-        # it trains and measures with, so they are the ones the saved config must carry.
-        draft.config.block_size = args.block_size
-        draft.config.confidence_threshold = args.confidence_threshold
+        # The weights do not depend on the block size or the cut. Unless this run sets them, it
+        # trains and measures with the parent's (a draft continued at another block size learns
+        # positions it will not use, or misses ones it will), and the saved config carries them.
+        if args.block_size is not None:
+            draft.config.block_size = args.block_size
+        if args.confidence_threshold is not None:
+            draft.config.confidence_threshold = args.confidence_threshold
+        logger.info("warm start from %s: block size %d, confidence cut %s%s", args.init_from, draft.config.block_size,
+                    draft.config.confidence_threshold, "" if args.block_size is not None and args.confidence_threshold is not None
+                    else " (the parent's unless given)")
         if vocab_sequences:
             rechoose_vocab(draft, target, vocab_sequences)
         return grow_draft(draft, target, args.grow_layers) if args.grow_layers else draft
@@ -37,9 +43,9 @@ def build_draft(args: TrainArgs, target, sequences: list[Sequence], vocab_sequen
         num_hidden_layers=args.num_hidden_layers,
         fusion=args.fusion,
         num_target_layers=args.num_target_layers,
-        block_size=args.block_size,
+        block_size=args.block_size if args.block_size is not None else DEFAULT_BLOCK_SIZE,
         draft_vocab_size=args.draft_vocab_size,
-        confidence_threshold=args.confidence_threshold,
+        confidence_threshold=args.confidence_threshold if args.confidence_threshold is not None else 0.0,
     )
     draft = DFlareModel(config)
     # Start the final norm at the target's own: the shared LM head then sees familiar scales

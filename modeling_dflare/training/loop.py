@@ -97,7 +97,7 @@ def validate_args(args: TrainArgs) -> None:
 
         if not is_hub_id(args.base_model):
             raise TrainingInputError(f"--base-model {args.base_model!r}: expected the Hub id ORG/NAME of the target (not a local path)")
-    if args.block_size < 2:
+    if args.block_size is not None and args.block_size < 2:
         raise TrainingInputError(f"--block-size {args.block_size}: expected at least 2 (the anchor and one drafted token)")
     if args.num_anchors is not None and args.num_anchors < 1:
         raise TrainingInputError(f"--num-anchors {args.num_anchors}: expected a positive count (or leave it out for auto)")
