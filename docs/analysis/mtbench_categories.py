@@ -5,8 +5,9 @@ stubs, library stubs, instruction-following prompts, ...).
 The target (fp32, greedy, as `generate` runs it) answers the 80 MT-Bench first turns once (up to
 128 new tokens, the bench's length); every draft is then measured on those answers the way
 training measures its held-out answers (`dflare evaluate`): first-position accuracy, the implied
-acceptance length and the acceptance walked the way generation walks it (its cut and prompt-lookup
-hybrid included). No draft is trained or tuned on these answers; they stay under runs/.
+acceptance length and the acceptance walked the way generation walks it (at the draft's block size,
+without its confidence cut or prompt-lookup hybrid). No draft is trained or tuned on these answers;
+they stay under runs/.
 
 Drafts are draft folders or `REV` of the shipped drafts/smollm2-dflare (read with `git show`).
 Run from the repository root, one thread:
