@@ -7,7 +7,12 @@ One run measures, on the same prompts and machine, with methods interleaved per 
 * ``dflare``        -- our draft through ``generate(assistant_model=draft)`` (:class:`DFlareCandidateGenerator`);
 * ``dflare-stock``  -- the same draft through transformers' ``speculation_type="dflash"`` generator;
 * ``dflash``        -- the shipped shared-fusion (DFlash) draft through our generator;
-* ``prompt-lookup`` -- transformers' prompt-lookup decoding.
+* ``prompt-lookup`` -- transformers' prompt-lookup decoding;
+* ``plain-static``  -- plain decoding on a static cache through a ``torch.compile``'d target
+  (transformers' compiled decoding; CUDA graphs on a GPU), and ``dflare-static`` -- the draft with
+  the fixed-shape verify (``dflare_static_verify=True``, compiled the same way): the fair pair where
+  compilation is the point. These two run only when named in ``--methods``, and their target forwards
+  are not timed one by one (a hook on a compiled module would be traced into it).
 
 Every method is measured through the same probe, whatever generator it uses: a forward hook on the
 target (verify forwards and their time) and a wrapper around the candidate generator that
@@ -75,6 +80,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .bench_datasets import DATASET_NOTES, DATASETS, DEFAULT_DATASETS, BenchPrompt, iter_prompts
+from .bench_plan import PLAIN_METHODS
 from .bench_report import DEFAULT_LOOKUP_NGRAM
 from .timing import measure_forward_costs
 
@@ -83,15 +89,22 @@ logger = logging.getLogger(__name__)
 BASELINE = "plain"
 METHODS = (
     "plain", "plain-fast", "dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-hybrid-packed", "dflare-nocut",
-    "dflare-stock", "dflash", "prompt-lookup",
+    "dflare-stock", "dflash", "prompt-lookup", "plain-static", "dflare-static",
 )
 #: Which draft each draft-based method uses (keys of the drafts dict built by :func:`load_drafts`).
 METHOD_DRAFT = {
     "dflare": "dflare", "dflare-hybrid": "dflare", "dflare-hybrid-noint8": "dflare", "dflare-hybrid-matmul": "dflare",
-    "dflare-hybrid-packed": "dflare", "dflare-nocut": "dflare", "dflare-stock": "dflare", "dflash": "dflash",
+    "dflare-hybrid-packed": "dflare", "dflare-nocut": "dflare", "dflare-stock": "dflare", "dflash": "dflash", "dflare-static": "dflare",
 }
 #: Methods run by our generator (they leave ``draft.dflare_stats``).
-OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-hybrid-packed", "dflare-nocut", "dflash")
+OUR_GENERATOR = ("dflare", "dflare-hybrid", "dflare-hybrid-noint8", "dflare-hybrid-matmul", "dflare-hybrid-packed", "dflare-nocut", "dflash",
+                 "dflare-static")
+#: Methods that run a ``torch.compile``'d target on a static cache: transformers' own compiled decoding
+#: (``plain-static``, the fair baseline) and the fixed-shape verify (``dflare-static``). Their target
+#: forwards are not timed one by one (a hook on a compiled module would be traced into it).
+STATIC_METHODS = ("plain-static", "dflare-static")
+#: What runs without ``--methods``: all but the compiled pair (compiling takes minutes on a CPU).
+DEFAULT_METHODS = tuple(m for m in METHODS if m not in STATIC_METHODS)
 #: Hybrid variants that verify on one fixed small-row kernel instead of the timed choice (``"auto"``).
 FIXED_KERNELS = {"dflare-hybrid-matmul": "matmul", "dflare-hybrid-packed": "packed"}
 #: The shipped drafts, found next to the package whatever the working folder.
@@ -140,8 +153,8 @@ class Run:
 class Probe:
     """Instruments the target and whatever candidate generator ``generate`` builds while active."""
 
-    def __init__(self, target: nn.Module, clock: Clock):
-        self.target, self.clock = target, clock
+    def __init__(self, target: nn.Module, clock: Clock, time_forwards: bool = True):
+        self.target, self.clock, self.time_forwards = target, clock, time_forwards
         self.target_seconds: list[float] = []
         self.cycles: list[tuple[int, int]] = []
         self.draft_seconds = 0.0
@@ -154,7 +167,7 @@ class Probe:
         self._handles = [
             self.target.register_forward_pre_hook(self._before),
             self.target.register_forward_hook(self._after),
-        ]
+        ] if self.time_forwards else []
         self._original = GenerationMixin._get_candidate_generator
         original, probe = self._original, self
 
@@ -286,7 +299,15 @@ def generation_config_for(method: str, target, settings: Settings, draft=None):
         if config.min_p is not None:
             config.min_p = 0.0
     config.max_length = None
-    if method in OUR_GENERATOR:
+    if method in STATIC_METHODS:
+        config.compile_config = static_compile_config(target.device)
+    if method == "plain-static":
+        config.cache_implementation = "static"
+    elif method == "dflare-static":
+        # a whole block every cycle: no cut, no lookup (verify_dflare.py)
+        config.dflare_block_size = settings.block_size
+        config.dflare_static_verify = True
+    elif method in OUR_GENERATOR:
         config.dflare_block_size = settings.block_size
         config.dflare_confidence_threshold = 0.0 if method == "dflare-nocut" else settings.confidence_threshold
         # "dflare"/"dflash" measure the draft alone, "dflare-hybrid" adds prompt lookup after the cut
@@ -302,6 +323,17 @@ def generation_config_for(method: str, target, settings: Settings, draft=None):
         config.speculation_type = "dflash"
     elif method == "prompt-lookup":
         config.prompt_lookup_num_tokens = settings.prompt_lookup_tokens
+    return config
+
+
+def static_compile_config(device: torch.device):
+    """transformers' default compile config (``mode="reduce-overhead"``: CUDA graphs on a GPU), told
+    to compile on a CPU as well, where ``generate`` would otherwise run the static cache eagerly."""
+    from transformers import CompileConfig
+
+    config = CompileConfig()
+    if device.type == "cpu":
+        config._compile_all_devices = True  # transformers' own switch for compiling generate on a CPU
     return config
 
 
@@ -336,7 +368,8 @@ def generate_once(
     mask = torch.ones_like(input_ids)
     if seed is not None:
         torch.manual_seed(seed)
-    with method_context(method, target, draft, settings), PeakMemory(input_ids.device) as memory, Probe(target, clock) as probe:
+    probe = Probe(target, clock, time_forwards=method not in STATIC_METHODS)
+    with method_context(method, target, draft, settings), PeakMemory(input_ids.device) as memory, probe:
         start = clock()
         output = target.generate(input_ids, attention_mask=mask, generation_config=config, assistant_model=draft)
         seconds = clock() - start
@@ -549,7 +582,7 @@ def summarize(dataset: str, method: str, records: list[dict], costs: dict[str, l
     else:
         speedup = base_seconds / seconds if seconds else 0.0
     cycles = [cycle for run in runs for cycle in run.cycles]
-    speculative = method not in (BASELINE, "plain-fast")
+    speculative = method not in PLAIN_METHODS
     verify = sum(sum(run.target_seconds[1:]) for run in runs)
     prefill = sum(run.target_seconds[0] for run in runs if run.target_seconds)
     draft = sum(run.draft_seconds for run in runs)
@@ -578,7 +611,8 @@ def summarize(dataset: str, method: str, records: list[dict], costs: dict[str, l
         "peak_memory_mib": max((run.peak_memory or 0) for run in runs) / 2**20 if runs else None,
     }
     # DFlare drafts (ours and the stock DFlash path) verify on the small-row kernels, other methods on stock ones
-    kernels = f"small_rows_{FIXED_KERNELS[method]}" if method in FIXED_KERNELS else "small_rows" if method in METHOD_DRAFT else "stock"
+    kernels = (f"small_rows_{FIXED_KERNELS[method]}" if method in FIXED_KERNELS
+               else "small_rows" if method in METHOD_DRAFT and method not in STATIC_METHODS else "stock")
     verify_costs = costs.get(kernels) if costs else None
     summary.update(free_draft_ceiling(summary, cycles, costs.get("stock") if costs else None, verify_costs, speculative))
     summary["by_source"] = proposal_sources(runs) if speculative else None
@@ -636,17 +670,22 @@ def free_draft_ceiling(summary: dict, cycles, plain_costs: list[float] | None, c
 
 
 def add_relative_speedups(summaries: list[dict]) -> None:
-    """``speedup_vs_plain_fast`` when that baseline ran (the best plain decoding on this machine), at
-    the same temperature (sampled: per new token, as ``speedup``)."""
-    fast = {(s["dataset"], s.get("temperature", 0.0)): s for s in summaries if s["method"] == "plain-fast"}
-    for summary in summaries:
-        reference = fast.get((summary["dataset"], summary.get("temperature", 0.0)))
-        if reference is None or not reference["seconds"] or not summary["seconds"]:
-            summary["speedup_vs_plain_fast"] = None
-        elif summary.get("temperature", 0.0) > 0:
-            summary["speedup_vs_plain_fast"] = summary["tokens_per_second"] / reference["tokens_per_second"] if reference["tokens_per_second"] else None
-        else:
-            summary["speedup_vs_plain_fast"] = reference["seconds"] / summary["seconds"]
+    """Speedups against the other baselines, at the same temperature (sampled: per new token, as
+    ``speedup``): ``speedup_vs_plain_fast`` for every method when ``plain-fast`` ran (the best eager
+    plain decoding on this machine), and ``speedup_vs_plain_static`` for ``dflare-static`` when
+    ``plain-static`` ran (both compiled on a static cache: the fair ratio for the compiled pair)."""
+    for column, baseline, methods in (("speedup_vs_plain_fast", "plain-fast", None), ("speedup_vs_plain_static", "plain-static", ("dflare-static",))):
+        reference_of = {(s["dataset"], s.get("temperature", 0.0)): s for s in summaries if s["method"] == baseline}
+        for summary in summaries:
+            if methods is not None and summary["method"] not in methods:
+                continue
+            reference = reference_of.get((summary["dataset"], summary.get("temperature", 0.0)))
+            if reference is None or not reference["seconds"] or not summary["seconds"]:
+                summary[column] = None
+            elif summary.get("temperature", 0.0) > 0:
+                summary[column] = summary["tokens_per_second"] / reference["tokens_per_second"] if reference["tokens_per_second"] else None
+            else:
+                summary[column] = reference["seconds"] / summary["seconds"]
 
 
 #: what the per-category rows keep of a dataset row
@@ -888,7 +927,7 @@ def load_models(args):
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     info = target_info(args.target)  # a missing target path fails here, in a second
     drafts_given = {"dflare": (args.draft, args.draft != DEFAULT_DRAFT), "dflash": (args.dflash_draft, args.dflash_draft != DEFAULT_DFLASH_DRAFT)}
-    methods = plan_methods(args.methods, list(METHODS), METHOD_DRAFT, drafts_given, info, args.random_drafts)
+    methods = plan_methods(args.methods, list(DEFAULT_METHODS), METHOD_DRAFT, drafts_given, info, args.random_drafts)
     uses_draft = any(METHOD_DRAFT.get(m) == "dflare" for m in methods) and not args.random_drafts
     prompt_format = resolve_prompt_format(args, args.draft if uses_draft else None)
     check_prompt_format(args.tokenizer or args.target, prompt_format, None if args.tokenizer else info)
@@ -1062,4 +1101,4 @@ def run(args) -> int:
     return 0
 
 
-__all__ = ["METHODS", "add_arguments", "generate_once", "prompt_counts", "run", "run_benchmark", "sample_seed"]
+__all__ = ["DEFAULT_METHODS", "METHODS", "add_arguments", "generate_once", "prompt_counts", "run", "run_benchmark", "sample_seed"]

@@ -18,8 +18,8 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-#: The two plain baselines; every other method speculates.
-PLAIN_METHODS = ("plain", "plain-fast")
+#: The plain baselines (eager, on the small-row kernels, compiled on a static cache); every other method speculates.
+PLAIN_METHODS = ("plain", "plain-fast", "plain-static")
 
 
 def draft_fit_problems(draft_dir: str | Path, info) -> list[str]:

@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from .bench_plan import PLAIN_METHODS
+
 #: The longest n-gram dflare-hybrid looks up with a draft whose config has the hybrid off: the
 #: benchmark runs with it, and a report of such a run names it.
 DEFAULT_LOOKUP_NGRAM = 3
@@ -26,6 +28,7 @@ COLUMNS = (
     ("tok/s", "tokens_per_second", "{:.1f}"),
     ("Speedup vs plain", "speedup", "{:.2f}x"),
     ("vs plain-fast", "speedup_vs_plain_fast", "{:.2f}x"),
+    ("vs plain-static", "speedup_vs_plain_static", "{:.2f}x"),
     ("Draft ms/cycle", "draft_ms_per_cycle", "{:.1f}"),
     ("Verify ms/cycle", "verify_ms_per_cycle", "{:.1f}"),
     ("Overhead ms/cycle", "overhead_ms_per_cycle", "{:.1f}"),
@@ -70,12 +73,14 @@ def render_table(results: dict) -> str:
     whether repeats under one seed agreed), how many prompts and timed repeats stand behind each
     row, and a speedup above the row's own free-draft ceiling flagged in its cell."""
     repeats = ((results.get("meta") or {}).get("settings") or {}).get("repeats")
-    header = [title for title, _, _ in COLUMNS] + ["Lossless"]
+    # the compiled pair's column only where that pair ran
+    columns = [c for c in COLUMNS if c[1] != "speedup_vs_plain_static" or any(r.get(c[1]) is not None for r in results["results"])]
+    header = [title for title, _, _ in columns] + ["Lossless"]
     header.insert(BEHIND_COLUMN, "Prompts × repeats")
-    speedup_column = next(i for i, (_, key, _) in enumerate(COLUMNS) if key == "speedup")
+    speedup_column = next(i for i, (_, key, _) in enumerate(columns) if key == "speedup")
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
     for row in results["results"]:
-        cells = [_cell(row.get(key), template) for _, key, template in COLUMNS]
+        cells = [_cell(row.get(key), template) for _, key, template in columns]
         if above_ceiling(row):
             cells[speedup_column] = f"**{row['speedup']:.2f}x (above ceiling)**"
         cells.insert(BEHIND_COLUMN, f"{row.get('prompts', '?')} × {repeats or '?'}")
@@ -143,7 +148,7 @@ def render_categories(results: dict) -> list[str]:
     lines = []
     for group in dict.fromkeys(_group(r) for r in rows):
         chosen = [r for r in rows if _group(r) == group]
-        methods = [m for m in dict.fromkeys(r["method"] for r in chosen) if m not in ("plain", "plain-fast")]
+        methods = [m for m in dict.fromkeys(r["method"] for r in chosen) if m not in PLAIN_METHODS]
         overall = {r["method"]: r for r in results["results"] if _group(r) == group}
         if not methods:
             continue

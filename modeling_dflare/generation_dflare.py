@@ -6,12 +6,14 @@
 * :class:`DFlareCandidateGenerator`: one draft pass per cycle proposes a block, which transformers'
   assisted decoding verifies (greedy: longest matching prefix; sampling: rejection sampling); its
   ``generation_config.dflare_*`` knobs are read and checked by :func:`dflare_settings`;
+* ``dflare_static_verify=True``: the fixed-shape, compiled verify loop of ``verify_dflare.py``
+  instead of transformers' assisted decoding (for GPUs; the generator then proposes whole blocks);
 * :func:`install_generate_hook`: routes DFlare drafts to that generator, after checking that the
   installed transformers still has the private signatures the hook wraps; a ``generate`` option
   assisted decoding cannot honour with a DFlare draft (beam search) is refused there, by name.
 
-Travels to the Hub with ``modeling_dflare.py``; imports only torch, transformers and the CPU fast
-paths beside it.
+Travels to the Hub with ``modeling_dflare.py``; imports only torch, transformers and the two files
+beside it (the CPU fast paths and the fixed-shape verify).
 """
 
 import contextlib
@@ -33,6 +35,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.configuration_utils import GenerationMode
 
 from .cpu_kernels_dflare import SMALL_ROW_KERNELS, draft_for_generation, draft_head, small_row_linears
+from .verify_dflare import static_verify_decoding
 
 if TYPE_CHECKING:
     from .modeling_dflare import DFlareModel
@@ -304,6 +307,8 @@ class DFlareSettings:
     #: a kernel name of SMALL_ROW_KERNELS, or False for the stock kernels
     small_row_kernels: str | bool
     sampling_proposal: str
+    #: verify every cycle at the block's full, fixed shape on a static cache, compiled (verify_dflare.py)
+    static_verify: bool = False
 
 
 #: ``generation_config.dflare_<name>`` -> the draft config field that gives its default (None: a
@@ -317,6 +322,7 @@ DFLARE_KNOBS = {
     "dflare_int8_draft": None,
     "dflare_small_row_kernels": None,
     "dflare_sampling_proposal": None,
+    "dflare_static_verify": None,
 }
 
 
@@ -361,15 +367,29 @@ def dflare_settings(generation_config, draft_config) -> DFlareSettings:
     proposal = value("dflare_sampling_proposal", SAMPLING_PROPOSALS[0])
     if not (isinstance(proposal, str) and proposal in SAMPLING_PROPOSALS):
         raise refuse("dflare_sampling_proposal", f"one of {SAMPLING_PROPOSALS}")
+    static = value("dflare_static_verify", False)
+    if not isinstance(static, bool):
+        raise refuse("dflare_static_verify", "True or False")
+    cut, lookup = fraction("dflare_confidence_threshold"), integer("dflare_prompt_lookup_ngram", 0)
+    if static:
+        # A fixed shape verifies the whole block: the draft config's cut and lookup give way; asking for them does not.
+        for knob, setting in (("dflare_confidence_threshold", cut), ("dflare_prompt_lookup_ngram", lookup)):
+            if getattr(generation_config, knob, None) not in (None, 0):
+                raise ValueError(
+                    f"generation_config.{knob}={setting!r} shortens blocks, but dflare_static_verify=True verifies every "
+                    f"block whole: leave {knob} unset (or 0) with dflare_static_verify"
+                )
+        cut, lookup = 0.0, 0
     return DFlareSettings(
         block_size=block_size,
-        confidence_threshold=fraction("dflare_confidence_threshold"),
-        lookup_ngram=integer("dflare_prompt_lookup_ngram", 0),
+        confidence_threshold=cut,
+        lookup_ngram=lookup,
         lookup_min_ngram=integer("dflare_prompt_lookup_min_ngram", 1),
         lookup_confidence=fraction("dflare_lookup_confidence"),
         int8_draft=int8,
         small_row_kernels="auto" if kernels in (None, True) else kernels,
         sampling_proposal=proposal,
+        static_verify=static,
     )
 
 
@@ -410,6 +430,8 @@ class DFlareCandidateGenerator(CandidateGenerator):
         # each setting: the generation config's dflare_* knob where given, else the draft's config
         settings = dflare_settings(generation_config, config)
         self.block_size = settings.block_size
+        #: every call proposes block_size - 1 candidates (the fixed-shape verify of verify_dflare.py)
+        self.fixed_shape = settings.static_verify
         self.confidence_threshold = settings.confidence_threshold
         self.lookup_ngram = settings.lookup_ngram
         self.lookup_confidence = settings.lookup_confidence
@@ -571,7 +593,8 @@ class DFlareCandidateGenerator(CandidateGenerator):
         """Return ``(input_ids + candidates, candidate_logits or None)``."""
         if is_first_iteration:
             return input_ids, None  # the target's prefill forward comes first
-        budget = min(self.block_size - 1, self.max_length - input_ids.shape[1] - 1)
+        # A fixed-shape verify takes a whole block even at the end (drafts past max_length are dropped after it)
+        budget = self.block_size - 1 if self.fixed_shape else min(self.block_size - 1, self.max_length - input_ids.shape[1] - 1)
         self._last_proposed = self._last_drafted = 0
         if budget <= 0:
             return input_ids, None
@@ -583,7 +606,8 @@ class DFlareCandidateGenerator(CandidateGenerator):
             start = time.perf_counter()
         hidden = self._draft_hidden(input_ids, model_kwargs, model_outputs)[:, :budget]
         candidates = self._propose(input_ids, hidden).to(input_ids.device)
-        candidates = candidates[:, : stop_free_length(self.stopping_criteria, input_ids, candidates)]
+        if not self.fixed_shape:  # the fixed-shape loop checks stops on the accepted tokens instead
+            candidates = candidates[:, : stop_free_length(self.stopping_criteria, input_ids, candidates)]
         if on_cuda:
             events[1].record()
             self.stats.cuda_events.append(events)
@@ -750,9 +774,12 @@ def _assisted_decoding_hook(original):
     def _assisted_decoding(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs):
         if not is_dflare_draft(kwargs.get("assistant_model")):
             return original(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs)
+        settings = dflare_settings(generation_config, kwargs["assistant_model"].config)
+        if settings.static_verify:
+            return _static_verify(self, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs)
         # generation_config.dflare_small_row_kernels: "auto" (default), "packed", "matmul", or False
         # for the stock kernels (see small_row_linears)
-        kernel = dflare_settings(generation_config, kwargs["assistant_model"].config).small_row_kernels
+        kernel = settings.small_row_kernels
         # The candidate generator is built without the stopping criteria; hand them over through this
         # call's private copy of the generation config (see ``stop_free_length``).
         generation_config._dflare_stopping_criteria = stopping_criteria
@@ -764,6 +791,32 @@ def _assisted_decoding_hook(original):
             generation_config.__dict__.pop("_dflare_stopping_criteria", None)
 
     return _assisted_decoding
+
+
+#: ``_assisted_decoding`` keywords that are not model inputs
+_GENERATION_MODE_KWARGS = ("synced_gpus", "streamer", "inputs_tensor", "assistant_model", "assistant_tokenizer", "tokenizer")
+
+
+def _static_verify(target, input_ids, logits_processor, stopping_criteria, generation_config, *args, **kwargs):
+    """``dflare_static_verify=True``: the fixed-shape loop of verify_dflare.py instead of transformers'."""
+    if args:
+        raise TypeError(f"unexpected positional arguments to _assisted_decoding: {len(args)}")
+    # built through _get_candidate_generator, as transformers' loop builds it (so whatever wraps that method sees it)
+    generator = target._get_candidate_generator(
+        generation_config=generation_config, input_ids=input_ids, inputs_tensor=kwargs.get("inputs_tensor"),
+        assistant_model=kwargs["assistant_model"], logits_processor=logits_processor, target_tokenizer=kwargs.get("tokenizer"),
+        assistant_tokenizer=kwargs.get("assistant_tokenizer"), model_kwargs=kwargs,
+    )
+    if not getattr(generator, "fixed_shape", False):
+        raise ValueError(
+            f"dflare_static_verify=True runs with the DFlare generator only, not {type(generator).__name__} "
+            "(speculation_type, prompt_lookup_num_tokens and assistant_early_exit choose another one): leave those unset"
+        )
+    model_kwargs = {k: v for k, v in kwargs.items() if k not in _GENERATION_MODE_KWARGS}
+    return static_verify_decoding(
+        target, input_ids, logits_processor, stopping_criteria, generation_config, generator,
+        streamer=kwargs.get("streamer"), cache_argument=cache_argument(target), **model_kwargs,
+    )
 
 
 def _stop_aware(get_candidates, criteria):

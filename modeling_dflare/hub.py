@@ -38,7 +38,7 @@ PACKAGE_DIR = Path(__file__).resolve().parent
 CARD_TEMPLATE = PACKAGE_DIR.parent / "hub_cards" / "draft_model_card.md"
 REQUIRED_TAGS = ("dflare", "dflash", "speculative-decoding", "draft-model", "block-diffusion")
 #: The code that travels with a draft: the config, the model and the two files the model imports.
-HUB_FILES = ("configuration_dflare.py", "modeling_dflare.py", "generation_dflare.py", "cpu_kernels_dflare.py")
+HUB_FILES = ("configuration_dflare.py", "modeling_dflare.py", "generation_dflare.py", "cpu_kernels_dflare.py", "verify_dflare.py")
 EXPECTED_AUTO_MAP = {"AutoConfig": "configuration_dflare.DFlareConfig", "AutoModel": "modeling_dflare.DFlareModel"}
 # Written into a card whose Hub id is not known yet; `dflare push` replaces it with --repo-id.
 REPO_ID_PLACEHOLDER = "{hub_repo_id}"

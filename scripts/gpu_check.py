@@ -9,7 +9,9 @@ Writes ``gpu_check.json``, ``gpu_check.md`` and ``speedup_vs_tau.png`` into ``--
 
 1. **Correctness**: greedy equality of ``generate(assistant_model=draft)`` with plain ``generate`` on
    tiny random targets of four architectures, fp32 and bf16, our generator and (where this
-   transformers has it) the stock ``speculation_type="dflash"`` path, random and oracle drafts.
+   transformers has it) the stock ``speculation_type="dflash"`` path, random and oracle drafts, and
+   on the full-attention targets the fixed-shape verify (``dflare_static_verify=True``; compiled on a
+   GPU, eager on a CPU).
    fp32 must be identical; in bf16 a verify over many tokens and a one-token step round
    differently, so a near-tie may flip a token: bf16 rows report equality instead of failing.
 2. **Speedup vs τ**: random-weight bf16 targets of real geometries (Qwen3-1.7B, -4B, -8B shapes)
@@ -17,7 +19,12 @@ Writes ``gpu_check.json``, ``gpu_check.md`` and ``speedup_vs_tau.png`` into ``--
    drafts per cycle (the real draft forward still runs, so its cost is real). For τ = 1..10, block
    16 and 8, our generator and the stock one: the wall-clock speedup over plain ``generate`` and the
    per-cycle draft / verify / overhead split. This is the curve "at τ = x, expect y" on this GPU.
-3. **Training throughput**: tokens/s and peak memory of draft training steps (online target
+3. **The compiled pair**: ``dflare_static_verify=True`` (the fixed-shape verify on a static cache,
+   ``torch.compile``'d: CUDA graphs) against transformers' compiled static-cache plain decoding, on
+   one shape (qwen3-1.7b unless ``--shapes``), block 16, the same forced τ values; each speedup is
+   over the compiled baseline. Its compiles take minutes: run it as its own call
+   (``--skip correctness curve training``) where one call has a time limit.
+4. **Training throughput**: tokens/s and peak memory of draft training steps (online target
    features, anchors, block mask, bf16) for a Qwen3-4B-shape random target and a 5-layer draft.
 
 Weights are random: cost does not depend on them. Nothing is downloaded.
@@ -74,7 +81,7 @@ def synchronize(device: torch.device) -> None:
 def correctness(device: torch.device, quick: bool) -> list[dict]:
     from modeling_dflare.testing import ARCHITECTURES, greedy, make_draft, make_oracle, make_target, path_kwargs, random_prompt
 
-    paths = ["custom"] + (["stock"] if stock_dflash_available() else [])
+    paths = ["custom"] + (["stock"] if stock_dflash_available() else []) + ["static"]
     rows = []
     for arch in ARCHITECTURES if not quick else ("llama", "qwen3"):
         for dtype in (torch.float32, torch.bfloat16):
@@ -83,12 +90,15 @@ def correctness(device: torch.device, quick: bool) -> list[dict]:
                 prompt = random_prompt(6 + seed, seed=seed).to(device)
                 expected = greedy(target, prompt, max_new_tokens=24)
                 for path in paths:
+                    if path == "static" and arch not in ("llama", "qwen3"):
+                        continue  # full-attention targets only (a sliding-window cache is not rolled back)
                     for block in (4, 16):
                         random_draft = make_draft(target, block_size=block).to(device, dtype)
-                        got_random = greedy(target, prompt, max_new_tokens=24, assistant_model=random_draft, **path_kwargs(path))
+                        kwargs = static_kwargs(target, device) if path == "static" else path_kwargs(path)
+                        got_random = greedy(target, prompt, max_new_tokens=24, assistant_model=random_draft, **kwargs)
                         oracle, _ = make_oracle(target, prompt, block_size=block, corruption=0.2, seed=seed)
                         oracle = oracle.to(device, dtype)
-                        got_oracle = greedy(target, prompt, max_new_tokens=24, assistant_model=oracle, **path_kwargs(path))
+                        got_oracle = greedy(target, prompt, max_new_tokens=24, assistant_model=oracle, **kwargs)
                         stats = getattr(oracle, "dflare_stats", None)
                         rows.append(
                             {
@@ -99,10 +109,21 @@ def correctness(device: torch.device, quick: bool) -> list[dict]:
                                 "seed": seed,
                                 "random_equal": torch.equal(got_random, expected),
                                 "oracle_equal": torch.equal(got_oracle, expected),
-                                "oracle_tau": round(stats.acceptance_length, 3) if (stats and path == "custom") else None,
+                                "oracle_tau": round(stats.acceptance_length, 3) if (stats and path != "stock") else None,
                             }
                         )
     return rows
+
+
+def static_kwargs(target, device: torch.device) -> dict:
+    """``generate`` kwargs of the fixed-shape verify: compiled on a GPU, eager on a CPU (where each
+    compile of these many small targets would take longer than the rest of the check)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(**target.generation_config.to_dict())
+    config.dflare_static_verify = True
+    config.disable_compile = device.type != "cuda"
+    return {"generation_config": config}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,11 +188,20 @@ def make_decisive(model, embedding_std: float = 4.0, seed: int = 0):
     return model
 
 
+#: curve path label of each bench method
+PATH_LABELS = {"dflare": "ours", "dflare-stock": "stock", "dflare-static": "ours-static"}
+
+
 def speed_curve(
-    device: torch.device, quick: bool, new_tokens: int, on_point=None, deadline: float | None = None, names: list[str] | None = None
+    device: torch.device, quick: bool, new_tokens: int, on_point=None, deadline: float | None = None, names: list[str] | None = None,
+    static: bool = False,
 ) -> list[CurvePoint]:
     """Points in order target, block, τ, path; ``on_point(point)`` after each (the caller saves as it
-    goes), and no new target or τ is started after ``deadline`` (a ``time.perf_counter()`` value)."""
+    goes), and no new target or τ is started after ``deadline`` (a ``time.perf_counter()`` value).
+
+    ``static``: the compiled pair instead: ``dflare-static`` (the fixed-shape verify of
+    ``dflare_static_verify=True``, compiled) against ``plain-static`` (transformers' compiled
+    static-cache decoding), block 16 only (each shape is a compile of the whole target)."""
     from modeling_dflare.bench import Clock, Settings, generate_once
     from modeling_dflare.testing import OracleDraft, greedy, make_draft
 
@@ -180,8 +210,9 @@ def speed_curve(
         shapes = {name: {**SHAPES, **QUICK_SHAPES}[name] for name in names}
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     taus = (1, 2, 3) if quick else (1, 2, 3, 4, 5, 6, 8, 10)
-    blocks = (4,) if quick else (16, 8)
-    methods = ["dflare"] + (["dflare-stock"] if stock_dflash_available() else [])
+    blocks = (4,) if quick else (16,) if static else (16, 8)
+    methods = ["dflare-static"] if static else ["dflare"] + (["dflare-stock"] if stock_dflash_available() else [])
+    baseline = "plain-static" if static else "plain"
     clock, points = Clock(device), []
 
     def late() -> bool:
@@ -194,8 +225,8 @@ def speed_curve(
         target = make_decisive(_target(shape, vocab, device, dtype))
         prompt = torch.randint(0, vocab, (1, 64), generator=torch.Generator().manual_seed(1)).to(device)
         reference = greedy(target, prompt, max_new_tokens=new_tokens + 16, min_new_tokens=new_tokens + 16)
-        plain_runs = [generate_once("plain", target, prompt, {}, Settings(new_tokens, 16, 0.0, 10), clock) for _ in range(2)]
-        plain = min(run.seconds for run in plain_runs)
+        plain_runs = [generate_once(baseline, target, prompt, {}, Settings(new_tokens, 16, 0.0, 10), clock) for _ in range(2 + static)]
+        plain = min(run.seconds for run in plain_runs[static:])  # the compiled baseline's first call compiles
         expected = plain_runs[0].tokens
         for block in blocks:
             draft = make_draft(target, block_size=block, cls=OracleDraft, num_hidden_layers=5).to(device, dtype)
@@ -217,7 +248,7 @@ def speed_curve(
                     overhead = run.seconds - run.target_seconds[0] - verify - run.draft_seconds if run.target_seconds else 0.0
                     point = CurvePoint(
                         shape=name,
-                        path="ours" if method == "dflare" else "stock",
+                        path=PATH_LABELS[method],
                         block=block,
                         forced_tau=tau,
                         measured_tau=round((sum(a for _, a in run.cycles) + len(run.cycles)) / cycles, 3),
@@ -347,6 +378,26 @@ def render_markdown(results: dict) -> str:
         )
     if "curve" in results["errors"] or not results["curve"]:
         lines.append(_missing(results, "curve"))
+    lines += [
+        "", "## The compiled pair: fixed-shape verify vs compiled plain decoding", "",
+        "`dflare_static_verify=True` (every cycle verifies the whole block on a static cache, through a `torch.compile`'d "
+        "target: CUDA graphs on a GPU) against transformers' own compiled static-cache decoding (`cache_implementation=\"static\"`, "
+        "the same compile config): the speedup column is over that compiled baseline, not over eager plain decoding. "
+        "Target forwards are not timed one by one here, so the verify and overhead columns are 0.", "",
+    ]
+    static = results.get("static") or []
+    if static:
+        lines += [
+            "| target | block | path | τ forced | τ measured | speedup vs compiled plain | draft ms/cycle | identical |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    for p in static:
+        lines.append(
+            f"| {p['shape']} | {p['block']} | {p['path']} | {p['forced_tau']} | {p['measured_tau']:.2f} | {p['speedup']:.2f}x | "
+            f"{p['draft_ms_per_cycle']:.1f} | {'yes' if p['identical'] else 'NO'} |"
+        )
+    if "static" in results["errors"] or not static:
+        lines.append(_missing(results, "static"))
     lines += ["", "## Training throughput", ""]
     t = results["training"]
     if t:
@@ -373,19 +424,20 @@ def plot(results: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shapes = list(dict.fromkeys(p["shape"] for p in results["curve"]))
+    points_all = results["curve"] + (results.get("static") or [])
+    shapes = list(dict.fromkeys(p["shape"] for p in points_all))
     figure, axes = plt.subplots(1, max(1, len(shapes)), figsize=(4.5 * max(1, len(shapes)), 3.8), squeeze=False)
     for axis, shape in zip(axes[0], shapes):
         for block in sorted({p["block"] for p in results["curve"] if p["shape"] == shape}, reverse=True):
-            for generator in ("ours", "stock"):
-                points = [p for p in results["curve"] if p["shape"] == shape and p["block"] == block and p["path"] == generator]
+            for generator in ("ours", "stock", "ours-static"):
+                points = [p for p in points_all if p["shape"] == shape and p["block"] == block and p["path"] == generator]
                 if points:
-                    style = "o-" if generator == "ours" else "s--"
+                    style = {"ours": "o-", "stock": "s--", "ours-static": "^-."}[generator]
                     axis.plot([p["measured_tau"] for p in points], [p["speedup"] for p in points], style, label=f"{generator}, block {block}")
         axis.axhline(1.0, color="black", linewidth=0.8)
         axis.set_title(shape)
         axis.set_xlabel("acceptance length τ")
-        axis.set_ylabel("speedup over plain generate")
+        axis.set_ylabel("speedup over plain generate (static: over compiled plain)")
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
     figure.suptitle(f"{results['meta']['device_name']}")
@@ -401,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="tiny shapes and fewer points (the CPU test mode)")
     parser.add_argument("--new-tokens", type=int, default=None, help="new tokens per timed generate (default 128, quick 24)")
     parser.add_argument("--out", default="gpu-check", help="output folder")
-    parser.add_argument("--skip", nargs="*", default=[], choices=("correctness", "curve", "training"))
+    parser.add_argument("--skip", nargs="*", default=[], choices=("correctness", "curve", "static", "training"))
     parser.add_argument(
         "--shapes", nargs="*", default=None, choices=(*SHAPES, *QUICK_SHAPES),
         help="curve targets to run (default: the three Qwen3 shapes, or the tiny ones with --quick)",
@@ -434,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     new_tokens = args.new_tokens or (24 if args.quick else 128)
     deadline = start + args.curve_deadline if args.curve_deadline is not None else None
-    results.update(correctness=[], curve=[], training={}, errors={})
+    results.update(correctness=[], curve=[], static=[], training={}, errors={})
 
     def save() -> None:
         """Written after every section and curve point: a run cut off by the machine's limit keeps what it measured."""
@@ -461,14 +513,24 @@ def main(argv: list[str] | None = None) -> int:
         speed_curve(device, args.quick, new_tokens, on_point=record, deadline=deadline, names=args.shapes)
         return results["curve"]  # filled point by point by record()
 
+    def record_static(point: CurvePoint) -> None:
+        results["static"].append(dataclasses.asdict(point))
+        save()
+
+    def static_curve() -> list[dict]:
+        names = args.shapes or ([next(iter(QUICK_SHAPES))] if args.quick else ["qwen3-1.7b"])
+        speed_curve(device, args.quick, new_tokens, on_point=record_static, deadline=deadline, names=names, static=True)
+        return results["static"]
+
     section("curve", curve)
+    section("static", static_curve)
     section("training", lambda: training_throughput(device, args.quick))
     (out / "gpu_check.md").write_text(render_markdown(results))
-    if results["curve"]:
+    if results["curve"] or results["static"]:
         plot(results, out / "speedup_vs_tau.png")
     fp32_failures = [r for r in results["correctness"] if r["dtype"] == "float32" and not (r["random_equal"] and r["oracle_equal"])]
     # the targets are decisive (make_decisive), so speculative output must equal plain decoding on any device
-    curve_failures = [p for p in results["curve"] if not p["identical"]]
+    curve_failures = [p for p in results["curve"] + results["static"] if not p["identical"]]
     print(f"wrote {out}; {results['meta']['seconds']:.0f} s; fp32 mismatches: {len(fp32_failures)}; errors: {sorted(results['errors'])}", flush=True)
     if curve_failures:
         print(f"curve: {len(curve_failures)} points differ from plain generate", flush=True)

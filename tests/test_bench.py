@@ -63,7 +63,7 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
     assert scores["plain"]["total"] == scores["dflare"]["total"] == 2
     assert scores["plain"]["pass@1"] == scores["dflare"]["pass@1"]  # identical outputs, identical quality
     rows = {(r["dataset"], r["method"]): r for r in results["results"]}
-    assert set(rows) == {(d, m) for d in ("math", "humaneval") for m in bench.METHODS}
+    assert set(rows) == {(d, m) for d in ("math", "humaneval") for m in bench.DEFAULT_METHODS}
     for (dataset, method), row in rows.items():
         assert row["prompts"] == 2 and row["new_tokens"] > 0 and row["tokens_per_second"] > 0
         if method in ("plain", "plain-fast"):
@@ -140,6 +140,25 @@ def test_bench_end_to_end(tiny_setup, tmp_path, caplog):
     rerendered = tmp_path / "rerendered"
     assert dflare_cli.main(["bench", "--render", str(out / "bench.json"), "--output-dir", str(rerendered)]) == 0
     assert (rerendered / "bench.md").read_text() == markdown and png_size(rerendered / "speedup.png")[0] > 100
+
+
+def test_bench_runs_the_compiled_pair_when_named(tiny_setup, tmp_path):
+    """``plain-static`` (transformers' compiled static-cache decoding) and ``dflare-static`` (the
+    fixed-shape verify, compiled): identical greedy output, whole blocks verified, and the fair
+    ratio between the two in its own column."""
+    out = tmp_path / "out"
+    argv = bench_argv(tiny_setup, out, "--repeats", "1", "--datasets", "math", "--methods", "plain-static", "dflare-static")
+    assert dflare_cli.main(argv) == 0
+    results = json.loads((out / "bench.json").read_text())
+    assert results["ok"] and results["mismatches"] == []
+    rows = {r["method"]: r for r in results["results"]}
+    assert set(rows) == {"plain", "plain-fast", "plain-static", "dflare-static"}
+    assert rows["plain-static"]["histogram"] is None and rows["plain-static"]["tau"] == 1.0
+    static = rows["dflare-static"]
+    assert static["mean_proposed"] == results["meta"]["settings"]["block_size"] - 1  # every cycle a whole block
+    assert static["speedup_vs_plain_static"] == pytest.approx(rows["plain-static"]["seconds"] / static["seconds"])
+    assert rows["plain"].get("speedup_vs_plain_static") is None
+    assert "| vs plain-static |" in (out / "bench.md").read_text()
 
 
 def broken_verifier(module, args, kwargs, output):

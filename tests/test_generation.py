@@ -674,11 +674,16 @@ def test_sampling_distribution_matches_target(sampling_target, setting):
     if setting == "t1":
         runs.append(("argmax proposal, reduced vocab + cut", dict(assistant_model=reduced, generation_config=argmax), 11))
         runs.append(("argmax proposal, hybrid", dict(assistant_model=hybrid, generation_config=argmax), 12))
+    # The fixed-shape verify (verify_dflare.py): its own rejection sampling, eager and compiled
+    runs.append(("static verify, primed draft", dict(assistant_model=primed, generation_config=static_config(target)), 14))
+    runs.append(("static verify, argmax proposal", dict(assistant_model=primed, generation_config=static_config(target, dflare_sampling_proposal="argmax")), 15))
+    if setting == "t1":
+        runs.append(("static verify compiled, random draft", dict(assistant_model=random_draft, generation_config=static_config(target, compiled=True)), 16))
     for name, kwargs, seed in runs:
         samples, accepted, lookups = sample_continuations(target, prompt, n, seed, NEW_TOKENS, **settings, **kwargs)
         pvalue = chi_square_pvalue(samples, probs)
         assert pvalue > 1e-3, f"{name}: DFlare samples do not follow the target distribution (p={pvalue:.2e})"
-        if name in ("real _propose, primed draft", "argmax proposal, primed draft"):
+        if name in ("real _propose, primed draft", "argmax proposal, primed draft", "static verify, primed draft", "static verify, argmax proposal"):
             assert accepted > n / 4, accepted  # drafted tokens were really accepted, so (t2, t3) tests them
         if name == "prompt-lookup hybrid":
             # with 8 tokens, lookups match and some proposals survive: the hybrid path really ran
@@ -737,6 +742,11 @@ def test_chi_square_rejects_a_biased_verifier(sampling_target):
     samples, accepted, _ = sample_continuations(sampling_target, prompt, 600, 4, NEW_TOKENS, assistant_model=biased, generation_config=config, **settings)
     assert accepted > 600 / 4  # the wrong acceptance rule really ran on many drafts
     assert chi_square_pvalue(samples, probs) < 1e-6
+    # the fixed-shape loop's own rejection sampling reads the q it is given, too
+    config = static_config(sampling_target, dflare_sampling_proposal="argmax")
+    samples, accepted, _ = sample_continuations(sampling_target, prompt, 600, 4, NEW_TOKENS, assistant_model=biased, generation_config=config, **settings)
+    assert accepted > 600 / 4
+    assert chi_square_pvalue(samples, probs) < 1e-6
 
 
 def test_unknown_sampling_proposal_is_a_clear_error(sampling_target):
@@ -771,6 +781,152 @@ def test_sampling_returns_the_targets_scores_and_logits(sampling_target):
             assert torch.isfinite(out.scores[i][0, out.sequences[0, position]]), (path, i)  # inside the top 5
         if path == "custom":
             assert sum(draft.dflare_stats.accepted) > 0  # the rows of accepted drafts came from one verify forward
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-shape verify (dflare_static_verify=True): the same outputs through verify_dflare.py's loop
+# ----------------------------------------------------------------------------------------------
+
+#: full-attention targets (a sliding-window layer's static cache cannot be rolled back: refused below)
+STATIC_ARCHITECTURES = ("llama", "qwen3")
+
+
+def static_config(target, compiled: bool = False, **knobs) -> GenerationConfig:
+    """The target's generation config with the fixed-shape verify on; eager unless ``compiled``
+    (then ``torch.compile``, slow on a CPU but the same code path a GPU user runs)."""
+    config = GenerationConfig(**target.generation_config.to_dict())
+    config.dflare_static_verify = True
+    config.disable_compile = not compiled
+    for knob, value in knobs.items():
+        setattr(config, knob, value)
+    return config
+
+
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+@pytest.mark.parametrize("arch", STATIC_ARCHITECTURES)
+def test_static_verify_equals_plain_and_verifies_whole_blocks(arch, block_size, fusion):
+    """Random drafts (rejections), oracle drafts partly corrupted (acceptance), lengths that end
+    mid-block: the output equals plain greedy decoding, and every cycle verified a whole block."""
+    target = cached_target(arch)
+    config = static_config(target)
+    for prompt_len, max_new, corruption in [(1, 1, None), (5, 7, None), (17, 13, None), (6, 2 * block_size + 3, 0.0), (11, 23, 0.25)]:
+        prompt = random_prompt(prompt_len, seed=300 + prompt_len)
+        if corruption is None:
+            draft = make_draft(target, fusion=fusion, block_size=block_size)
+        else:
+            draft, _ = make_oracle(target, prompt, fusion=fusion, block_size=block_size, corruption=corruption, seed=prompt_len)
+        expected = greedy(target, prompt, max_new_tokens=max_new)
+        with VerifyCounter(target) as counter:
+            got = greedy(target, prompt, max_new_tokens=max_new, assistant_model=draft, generation_config=config)
+        assert got.tolist() == expected.tolist(), (arch, block_size, fusion, prompt_len, max_new, corruption)
+        stats = draft.dflare_stats
+        assert stats.proposed == [block_size - 1] * stats.cycles and counter.calls == 1 + stats.cycles
+        assert stats.cycles + sum(stats.accepted) >= max_new - 1  # the last cycle may verify drafts past max_new_tokens
+        if corruption == 0.0:
+            assert stats.acceptance_length > 1.0 and counter.calls < max_new
+
+
+def test_static_verify_stops_inside_a_block_where_plain_decoding_stops():
+    """eos, a stopping criterion and ``max_length`` each end generation inside an accepted block."""
+    from modeling_dflare.testing import StopOnToken
+
+    target = make_target("llama")  # its own copy: the generation config gets an eos token
+    block_size = 4
+    prompt, k, eos = _eos_inside_block(target, block_size)
+    draft, reference = make_oracle(target, prompt, block_size=block_size)
+    expected = greedy(target, prompt, max_new_tokens=3 * block_size, stopping_criteria=[StopOnToken(eos)])
+    got = greedy(target, prompt, max_new_tokens=3 * block_size, stopping_criteria=[StopOnToken(eos)], assistant_model=draft,
+                 generation_config=static_config(target))
+    assert got.tolist() == expected.tolist() and got.shape[1] == prompt.shape[1] + k + 1 and reference.shape[1] > got.shape[1]
+    target.generation_config.eos_token_id = target.generation_config.pad_token_id = eos
+    expected = greedy(target, prompt, max_new_tokens=3 * block_size)
+    got = greedy(target, prompt, max_new_tokens=3 * block_size, assistant_model=draft, generation_config=static_config(target))
+    assert got.tolist() == expected.tolist() and got[0, -1].item() == eos
+    target.generation_config.eos_token_id = None
+    for max_length in (6, 7, 14, 27):
+        expected = greedy(target, prompt, max_length=max_length)
+        got = greedy(target, prompt, max_length=max_length, assistant_model=draft, generation_config=static_config(target))
+        assert got.tolist() == expected.tolist() and got.shape[1] == max_length
+
+
+def test_static_verify_compiled_runs_one_graph_for_every_call():
+    """Under ``torch.compile`` (as on a GPU): output equal to plain decoding, and one compiled graph
+    serves every verify of two calls of different lengths (the shape never changes, the static
+    cache is reused), so CUDA graphs can replay it."""
+    from torch._dynamo.utils import counters
+
+    target = make_target("llama", seed=5)  # its own copy: the compiled call and the cache are kept on it
+    config = static_config(target, compiled=True)
+    counters.clear()
+    for prompt_len, max_new, corruption in [(9, 21, 0.2), (14, 30, 0.4)]:
+        prompt = random_prompt(prompt_len, seed=400 + prompt_len)
+        draft, _ = make_oracle(target, prompt, block_size=8, corruption=corruption, seed=prompt_len)
+        expected = greedy(target, prompt, max_new_tokens=max_new)
+        got = greedy(target, prompt, max_new_tokens=max_new, assistant_model=draft, generation_config=config)
+        assert got.tolist() == expected.tolist(), (prompt_len, max_new)
+        assert sum(draft.dflare_stats.accepted) > 0
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+
+
+def test_static_verify_returns_scores_logits_and_streams_like_plain():
+    from transformers import TextStreamer
+
+    from modeling_dflare.testing import tiny_tokenizer
+
+    target = cached_target("qwen3")
+    prompt = random_prompt(5, seed=12)
+    draft, _ = make_oracle(target, prompt, block_size=4, corruption=0.3)
+    kwargs = dict(max_new_tokens=14, return_dict_in_generate=True, output_scores=True, output_logits=True)
+    expected = greedy(target, prompt, **kwargs)
+    got = greedy(target, prompt, assistant_model=draft, generation_config=static_config(target), **kwargs)
+    assert got.sequences.tolist() == expected.sequences.tolist()
+    assert len(got.scores) == len(got.logits) == len(expected.scores) == 14
+    for ours, plain in zip(got.scores + got.logits, expected.scores + expected.logits):
+        torch.testing.assert_close(ours, plain, rtol=1e-4, atol=1e-4)
+    streamer = TextStreamer(tiny_tokenizer(VOCAB), skip_prompt=True)
+    chunks, put = [], streamer.put
+    streamer.put = lambda value: chunks.append(value.numel()) or put(value)
+    got = greedy(target, prompt, max_new_tokens=14, assistant_model=draft, generation_config=static_config(target), streamer=streamer)
+    assert got.tolist() == expected.sequences.tolist()
+    assert chunks[0] == prompt.shape[1] and sum(chunks[1:]) == 14 and max(chunks[1:]) > 1
+
+
+@pytest.mark.parametrize(
+    "case, named",
+    [
+        ("mistral", "sliding-window attention"),
+        ("gemma3", "sliding_attention"),
+        ("padded", "padding position"),
+        ("attentions", "output_attentions=True"),
+        ("cut", "dflare_confidence_threshold=0.3"),
+        ("lookup", "dflare_prompt_lookup_ngram=3"),
+        ("not-a-bool", "generation_config.dflare_static_verify='yes'"),
+        ("stock", "not DFlashTokenCandidateGenerator"),
+    ],
+)
+def test_static_verify_refuses_what_it_cannot_run_exactly(case, named):
+    """Refused before any forward, naming the value and what to do instead."""
+    target = cached_target(case if case in ("mistral", "gemma3") else "llama")
+    draft = make_draft(target, block_size=4)
+    prompt = random_prompt(5)
+    kwargs = dict(max_new_tokens=6, assistant_model=draft, generation_config=static_config(target))
+    if case == "padded":
+        kwargs["attention_mask"] = torch.tensor([[0, 1, 1, 1, 1]])
+    elif case == "attentions":
+        kwargs.update(return_dict_in_generate=True, output_attentions=True)
+    elif case == "cut":
+        kwargs["generation_config"].dflare_confidence_threshold = 0.3
+    elif case == "lookup":
+        kwargs["generation_config"].dflare_prompt_lookup_ngram = 3
+    elif case == "not-a-bool":
+        kwargs["generation_config"].dflare_static_verify = "yes"
+    elif case == "stock":
+        kwargs["generation_config"].speculation_type = "dflash"
+    with VerifyCounter(target) as counter, pytest.raises(ValueError) as info:
+        greedy(target, prompt, **kwargs)
+    assert named in str(info.value), str(info.value)
+    assert counter.calls == 0
 
 
 # ----------------------------------------------------------------------------------------------

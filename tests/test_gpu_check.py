@@ -17,16 +17,21 @@ def test_gpu_check_cpu_mode(tmp_path):
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     fp32 = [r for r in results["correctness"] if r["dtype"] == "float32"]
     assert fp32 and all(r["random_equal"] and r["oracle_equal"] for r in fp32)
-    assert {r["path"] for r in fp32} == {"custom", "stock"}
-    curve = results["curve"]
+    assert {r["path"] for r in fp32} == {"custom", "stock", "static"}
+    assert {r["arch"] for r in fp32 if r["path"] == "static"} == {"llama", "qwen3"}
+    curve, static = results["curve"], results["static"]
     assert {p["path"] for p in curve} == {"ours", "stock"} and all(p["identical"] for p in curve)
-    for point in curve:
+    # the compiled pair: every point identical to compiled plain decoding, its speedup over that baseline
+    assert {p["path"] for p in static} == {"ours-static"} and all(p["identical"] for p in static)
+    assert [p["forced_tau"] for p in static] == [1, 2, 3]
+    for point in curve + static:
         # the steered draft accepts exactly forced_tau - 1 drafts per cycle (the last cycle may be cut short)
         assert point["forced_tau"] - 0.25 <= point["measured_tau"] <= point["forced_tau"], point
-        assert point["speedup"] > 0 and point["verify_ms_per_cycle"] > 0
+        assert point["speedup"] > 0 and (point["verify_ms_per_cycle"] > 0 or point["path"] == "ours-static")
     assert results["training"]["tokens_per_second"] > 0
     markdown = (tmp_path / "gpu_check.md").read_text()
     assert "Speedup over plain generate vs acceptance length" in markdown and "Training throughput" in markdown
+    assert "| tiny-a | 4 | ours-static | 3 |" in markdown
     assert (tmp_path / "speedup_vs_tau.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -43,7 +48,7 @@ def test_gpu_check_keeps_what_it_measured_when_a_section_fails(tmp_path, monkeyp
         raise RuntimeError("CUDA error: an illegal memory access (planted)")
 
     monkeypatch.setattr(module, "correctness", broken)
-    code = module.main(["--device", "cpu", "--quick", "--skip", "curve", "--out", str(tmp_path)])
+    code = module.main(["--device", "cpu", "--quick", "--skip", "curve", "static", "--out", str(tmp_path)])
     assert code == 1
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert "illegal memory access (planted)" in results["errors"]["correctness"]

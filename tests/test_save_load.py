@@ -20,7 +20,7 @@ from transformers import AutoConfig, AutoModel
 from modeling_dflare import DFlareModel
 from modeling_dflare.testing import greedy, make_draft, make_oracle, random_prompt
 
-CODE_FILES = ("configuration_dflare.py", "modeling_dflare.py", "generation_dflare.py", "cpu_kernels_dflare.py")
+CODE_FILES = ("configuration_dflare.py", "modeling_dflare.py", "generation_dflare.py", "cpu_kernels_dflare.py", "verify_dflare.py")
 HUB_FILES = {"config.json", "model.safetensors", *CODE_FILES}
 
 # Runs in a fresh interpreter: blocks `modeling_dflare` (installed editable, so PYTHONPATH alone

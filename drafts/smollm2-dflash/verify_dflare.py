@@ -1,0 +1,1 @@
+../../modeling_dflare/verify_dflare.py
