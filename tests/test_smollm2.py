@@ -67,11 +67,12 @@ def test_random_draft_same_text(smollm2, plain_outputs, fusion, block_size, path
 
 
 @pytest.mark.skipif(not (TRAINED_DRAFT / "config.json").exists(), reason="drafts/smollm2-dflare not shipped yet")
-@pytest.mark.parametrize("path", ["custom", "custom-bf16", "stock"])
+@pytest.mark.parametrize("path", ["custom", "custom-bf16", "stock", "static", "static-compiled"])
 def test_trained_draft_same_text_and_accepts(smollm2, plain_outputs, path):
     """The draft (bf16 as saved) runs as its int8 CPU copy by default on a CPU without native bf16
-    ("custom"), as loaded when the generation config says so ("custom-bf16"), and through
-    transformers' stock DFlash generator ("stock")."""
+    ("custom"), as loaded when the generation config says so ("custom-bf16"), through
+    transformers' stock DFlash generator ("stock"), and through the fixed-shape verify
+    (``dflare_static_verify=True``), eager and ``torch.compile``'d."""
     import copy
 
     from transformers import AutoModel
@@ -84,20 +85,30 @@ def test_trained_draft_same_text_and_accepts(smollm2, plain_outputs, path):
     if path == "custom-bf16":
         kwargs["generation_config"] = copy.deepcopy(target.generation_config)
         kwargs["generation_config"].dflare_int8_draft = False
+    if path.startswith("static"):
+        kwargs["generation_config"] = copy.deepcopy(target.generation_config)
+        kwargs["generation_config"].dflare_static_verify = True
+        kwargs["generation_config"].disable_compile = path == "static"
     accepted = tokens = calls = 0
-    for text in PROMPTS if path == "custom" else PROMPTS[:1]:
+    for text in PROMPTS if path in ("custom", "static") else PROMPTS[:1]:
         ids = chat_ids(tokenizer, text)
         with VerifyCounter(target) as counter, torch.no_grad():
             out = target.generate(ids, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, assistant_model=draft, **kwargs)
         assert out.tolist() == plain_outputs[text].tolist()
         tokens += out.shape[1] - ids.shape[1]
         calls += counter.calls
+        if path.startswith("static"):
+            accepted += sum(draft.dflare_stats.accepted)
+            assert set(draft.dflare_stats.proposed) == {draft.config.block_size - 1}  # whole blocks, every cycle
         if path.startswith("custom"):
             accepted += sum(draft.dflare_stats.accepted)
             assert draft.dflare_stats.draft_precision == ("int8" if path == "custom" and not bf16_is_native() else "bfloat16")
     # A trained draft must get some drafts accepted: fewer target forwards than tokens.
-    assert calls < tokens, (calls, tokens)
-    if path.startswith("custom"):
+    if not path.startswith("static"):  # a compiled forward is not seen by the counter's hook; the stats say it instead
+        assert calls < tokens, (calls, tokens)
+    else:
+        assert len(draft.dflare_stats.proposed) < MAX_NEW_TOKENS
+    if path != "stock":
         assert accepted > 0
 
 
