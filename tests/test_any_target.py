@@ -171,7 +171,7 @@ def test_bench_runs_only_drafts_that_fit_and_always_plain_fast(gemma_gguf, caplo
     shipped = {"dflare": (bench.DEFAULT_DRAFT, False), "dflash": (bench.DEFAULT_DFLASH_DRAFT, False)}
     assert draft_fit_problems(bench.DEFAULT_DFLASH_DRAFT, info) == ["hidden size 576 vs 640", "vocab 49152 vs 262144", "layer count 30 vs 18"]
     with caplog.at_level(logging.WARNING):
-        methods = plan_methods(None, list(bench.METHODS), bench.METHOD_DRAFT, shipped, info)
+        methods = plan_methods(None, list(bench.DEFAULT_METHODS), bench.METHOD_DRAFT, shipped, info)
     assert methods == ["plain", "plain-fast", "prompt-lookup"]  # no shipped SmolLM2 draft fits Gemma
     dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert len(dropped) == 2 and any("dflash" in m and "hidden size 576 vs 640" in m for m in dropped)
@@ -179,7 +179,7 @@ def test_bench_runs_only_drafts_that_fit_and_always_plain_fast(gemma_gguf, caplo
         plan_methods(["dflash"], list(bench.METHODS), bench.METHOD_DRAFT, shipped, info)  # asked for by name
     given = dict(shipped, dflare=(bench.DEFAULT_DRAFT, True))
     with pytest.raises(ValueError, match="pass --draft"):
-        plan_methods(None, list(bench.METHODS), bench.METHOD_DRAFT, given, info)
+        plan_methods(None, list(bench.DEFAULT_METHODS), bench.METHOD_DRAFT, given, info)
     smollm2 = target_info(None)
     assert plan_methods(["dflare"], list(bench.METHODS), bench.METHOD_DRAFT, shipped, smollm2) == ["plain", "plain-fast", "dflare"]
     assert plan_methods(["plain"], list(bench.METHODS), bench.METHOD_DRAFT, shipped, smollm2) == ["plain"]
