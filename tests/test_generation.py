@@ -850,18 +850,19 @@ def test_static_verify_stops_inside_a_block_where_plain_decoding_stops():
         assert got.tolist() == expected.tolist() and got.shape[1] == max_length
 
 
-def test_static_verify_compiled_runs_one_graph_for_every_call():
+@pytest.mark.parametrize("arch, fusion, block_size", [("llama", "layerwise", 8), ("qwen3", "shared", 4)])
+def test_static_verify_compiled_runs_one_graph_for_every_call(arch, fusion, block_size):
     """Under ``torch.compile`` (as on a GPU): output equal to plain decoding, and one compiled graph
     serves every verify of two calls of different lengths (the shape never changes, the static
     cache is reused), so CUDA graphs can replay it."""
     from torch._dynamo.utils import counters
 
-    target = make_target("llama", seed=5)  # its own copy: the compiled call and the cache are kept on it
+    target = make_target(arch, seed=5)  # its own copy: the compiled call and the cache are kept on it
     config = static_config(target, compiled=True)
     counters.clear()
     for prompt_len, max_new, corruption in [(9, 21, 0.2), (14, 30, 0.4)]:
         prompt = random_prompt(prompt_len, seed=400 + prompt_len)
-        draft, _ = make_oracle(target, prompt, block_size=8, corruption=corruption, seed=prompt_len)
+        draft, _ = make_oracle(target, prompt, fusion=fusion, block_size=block_size, corruption=corruption, seed=prompt_len)
         expected = greedy(target, prompt, max_new_tokens=max_new)
         got = greedy(target, prompt, max_new_tokens=max_new, assistant_model=draft, generation_config=config)
         assert got.tolist() == expected.tolist(), (prompt_len, max_new)
