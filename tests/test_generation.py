@@ -870,6 +870,27 @@ def test_static_verify_compiled_runs_one_graph_for_every_call(arch, fusion, bloc
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
 
 
+def test_static_verify_cache_is_reused_grown_and_rebuilt_for_another_dtype():
+    """The static cache kept on the target serves the next call when long enough, a longer call gets
+    a longer one, and a target moved to another dtype gets a cache of that dtype."""
+    target = make_target("llama", seed=6)  # its own copy: the cache is kept on it
+    prompt = random_prompt(5, seed=31)
+    draft = make_draft(target, block_size=4)
+    for max_new in (10, 12, 300):
+        expected = greedy(target, prompt, max_new_tokens=max_new)
+        got = greedy(target, prompt, max_new_tokens=max_new, assistant_model=draft, generation_config=static_config(target))
+        assert got.tolist() == expected.tolist(), max_new
+        if max_new == 10:
+            first = target._dflare_static_cache[1]
+        elif max_new == 12:
+            assert target._dflare_static_cache[1] is first  # reused: the same tensors, so no new compiled graph
+    assert target._dflare_static_cache[1] is not first and target._dflare_static_cache[1].layers[0].max_cache_len == 512
+    target.to(torch.bfloat16)
+    draft.to(torch.bfloat16)
+    greedy(target, prompt, max_new_tokens=8, assistant_model=draft, generation_config=static_config(target))
+    assert target._dflare_static_cache[0][0] == torch.bfloat16 and target._dflare_static_cache[1].layers[0].keys.dtype == torch.bfloat16
+
+
 def test_static_verify_returns_scores_logits_and_streams_like_plain():
     from transformers import TextStreamer
 
