@@ -764,7 +764,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--random-drafts", action="store_true", help="untrained random drafts (development only)")
     parser.add_argument("--methods", nargs="+", choices=METHODS, default=None,
                         help="methods to run (plain always runs, and plain-fast beside any speculative method; default: every "
-                        "method whose draft fits the target, a default draft that does not fit dropped with a logged line)")
+                        "method whose draft fits the target, a default draft that does not fit dropped with a logged line, "
+                        "except the compiled pair plain-static / dflare-static, which runs only when named)")
     parser.add_argument("--datasets", nargs="+", choices=list(DATASETS), default=list(DEFAULT_DATASETS),
                         help="prompt sets (default: the standard sets mtbench, humaneval, champ, then the sharegpt report split)")
     parser.add_argument("--num-prompts", nargs="+", default=[str(DEFAULT_NUM_PROMPTS)], metavar="N|DATASET=N",

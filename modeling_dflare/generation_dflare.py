@@ -35,7 +35,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.configuration_utils import GenerationMode
 
 from .cpu_kernels_dflare import SMALL_ROW_KERNELS, draft_for_generation, draft_head, small_row_linears
-from .verify_dflare import static_verify_decoding
+from .verify_dflare import static_verify_decoding, stop_free_length
 
 if TYPE_CHECKING:
     from .modeling_dflare import DFlareModel
@@ -216,23 +216,6 @@ def prefix_stopping_criteria(generation_config) -> list:
     """The user's stopping criteria (stop strings, custom ones) for this ``generate`` call, if any."""
     criteria = getattr(generation_config, "_dflare_stopping_criteria", None) or []
     return [c for c in criteria if type(c).__name__ not in _CRITERIA_HANDLED_ELSEWHERE]
-
-
-@torch.no_grad()
-def stop_free_length(criteria: list, input_ids: torch.LongTensor, candidates: torch.LongTensor) -> int:
-    """How many leading candidates can be proposed without any of them firing a stopping criterion.
-
-    transformers' assisted decoding checks stopping criteria once per cycle, on the whole sequence
-    after the accepted block is appended, so a stop string completed *inside* a block goes unseen
-    and generation runs on past where plain ``generate`` stops. Proposing only the candidates
-    before the first one that fires keeps the output identical: if the target agrees, it emits that
-    token itself as the cycle's bonus token, which is last, and the cycle-end check stops there.
-    """
-    for j in range(candidates.shape[1] if criteria else 0):
-        prefix = torch.cat([input_ids, candidates[:, : j + 1]], dim=-1)
-        if any(bool(torch.as_tensor(c(prefix, None)).any()) for c in criteria):
-            return j
-    return candidates.shape[1]
 
 
 def hidden_state_request(layer_ids: list[int]):

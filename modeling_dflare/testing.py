@@ -172,6 +172,25 @@ def generation_kwargs(**kwargs) -> dict:
     return dict(kwargs, generation_config=config)
 
 
+#: the architectures of :func:`make_target` whose layers all use full attention, so the fixed-shape
+#: verify (``dflare_static_verify``) runs on them; a sliding-window layer's static cache cannot be rolled back
+STATIC_ARCHITECTURES = ("llama", "qwen3")
+
+
+def static_config(target, compiled: bool = False, **knobs):
+    """A copy of ``target``'s generation config with the fixed-shape verify on
+    (``dflare_static_verify``); eager unless ``compiled`` (``torch.compile``: the path a GPU user
+    runs, slow to compile on a CPU); ``knobs``: further generation-config attributes."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(**target.generation_config.to_dict())
+    config.dflare_static_verify = True
+    config.disable_compile = not compiled
+    for knob, value in knobs.items():
+        setattr(config, knob, value)
+    return config
+
+
 def greedy(model, input_ids, **kwargs):
     """``model.generate`` with greedy decoding and no grad."""
     kwargs.setdefault("do_sample", False)
@@ -401,6 +420,8 @@ __all__ = [
     "path_kwargs",
     "random_prompt",
     "sample_continuations",
+    "STATIC_ARCHITECTURES",
+    "static_config",
     "target_config",
     "tiny_target",
     "tiny_tokenizer",

@@ -23,7 +23,8 @@ the target's processed argmax plus the target's next token; sampling accepts a d
 exact for any ``q`` the draft was really drawn from. Stop conditions are checked token by token on
 the accepted tokens, as plain decoding checks them, so stop strings need no shorter blocks.
 
-Travels to the Hub beside ``generation_dflare.py``; imports only torch and transformers.
+:func:`stop_free_length` (where in a run of tokens a stopping criterion first fires) lives here and
+serves both paths. Travels to the Hub beside ``generation_dflare.py``; imports only torch and transformers.
 """
 
 import torch
@@ -157,15 +158,29 @@ def _accept(candidates, logits, q_logits, sequence, logits_processor, do_sample)
     return torch.cat([candidates[0, :n], last])[None], scores[: n + 1]
 
 
+@torch.no_grad()
+def stop_free_length(criteria: list, input_ids: torch.LongTensor, candidates: torch.LongTensor) -> int:
+    """How many leading candidates can be proposed without any of them firing a stopping criterion.
+
+    transformers' assisted decoding checks stopping criteria once per cycle, on the whole sequence
+    after the accepted block is appended, so a stop string completed *inside* a block goes unseen
+    and generation runs on past where plain ``generate`` stops. Proposing only the candidates
+    before the first one that fires keeps the output identical: if the target agrees, it emits that
+    token itself as the cycle's bonus token, which is last, and the cycle-end check stops there.
+    """
+    for j in range(candidates.shape[1] if criteria else 0):
+        prefix = torch.cat([input_ids, candidates[:, : j + 1]], dim=-1)
+        if any(bool(torch.as_tensor(c(prefix, None)).any()) for c in criteria):
+            return j
+    return candidates.shape[1]
+
+
 def _first_stop(stopping_criteria, sequence, new_tokens) -> tuple[int, bool]:
     """``(m, stopped)``: plain decoding would emit the first ``m`` of ``new_tokens`` [1, n], and
-    ``stopped`` says whether a stopping criterion ends it there. Each prefix is checked, as plain
-    decoding checks after every token (a stop string can end inside an accepted block)."""
-    for j in range(1, new_tokens.shape[1] + 1):
-        prefix = torch.cat([sequence, new_tokens[:, :j]], dim=-1)
-        if bool(torch.as_tensor(stopping_criteria(prefix, None)).any()):
-            return j, True
-    return new_tokens.shape[1], False
+    ``stopped`` says whether a stopping criterion ends it there (a stop string can end inside an
+    accepted block; each prefix is checked, as plain decoding checks after every token)."""
+    free = stop_free_length(list(stopping_criteria), sequence, new_tokens)
+    return (free + 1, True) if free < new_tokens.shape[1] else (free, False)
 
 
 @torch.no_grad()
@@ -239,4 +254,4 @@ def static_verify_decoding(
     )
 
 
-__all__ = ["check_static_verify_supported", "rewind", "static_cache_for", "static_verify_decoding", "verify_call"]
+__all__ = ["check_static_verify_supported", "rewind", "static_cache_for", "static_verify_decoding", "stop_free_length", "verify_call"]

@@ -79,7 +79,9 @@ def synchronize(device: torch.device) -> None:
 
 
 def correctness(device: torch.device, quick: bool) -> list[dict]:
-    from modeling_dflare.testing import ARCHITECTURES, greedy, make_draft, make_oracle, make_target, path_kwargs, random_prompt
+    from modeling_dflare.testing import (
+        ARCHITECTURES, STATIC_ARCHITECTURES, greedy, make_draft, make_oracle, make_target, path_kwargs, random_prompt, static_config,
+    )
 
     paths = ["custom"] + (["stock"] if stock_dflash_available() else []) + ["static"]
     rows = []
@@ -90,11 +92,14 @@ def correctness(device: torch.device, quick: bool) -> list[dict]:
                 prompt = random_prompt(6 + seed, seed=seed).to(device)
                 expected = greedy(target, prompt, max_new_tokens=24)
                 for path in paths:
-                    if path == "static" and arch not in ("llama", "qwen3"):
+                    if path == "static" and arch not in STATIC_ARCHITECTURES:
                         continue  # full-attention targets only (a sliding-window cache is not rolled back)
                     for block in (4, 16):
                         random_draft = make_draft(target, block_size=block).to(device, dtype)
-                        kwargs = static_kwargs(target, device) if path == "static" else path_kwargs(path)
+                        # the fixed-shape verify: compiled on a GPU, eager on a CPU (compiling each of these
+                        # small targets there would take longer than the rest of the check)
+                        kwargs = ({"generation_config": static_config(target, compiled=device.type == "cuda")} if path == "static"
+                                  else path_kwargs(path))
                         got_random = greedy(target, prompt, max_new_tokens=24, assistant_model=random_draft, **kwargs)
                         oracle, _ = make_oracle(target, prompt, block_size=block, corruption=0.2, seed=seed)
                         oracle = oracle.to(device, dtype)
@@ -113,17 +118,6 @@ def correctness(device: torch.device, quick: bool) -> list[dict]:
                             }
                         )
     return rows
-
-
-def static_kwargs(target, device: torch.device) -> dict:
-    """``generate`` kwargs of the fixed-shape verify: compiled on a GPU, eager on a CPU (where each
-    compile of these many small targets would take longer than the rest of the check)."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(**target.generation_config.to_dict())
-    config.dflare_static_verify = True
-    config.disable_compile = device.type != "cuda"
-    return {"generation_config": config}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from modeling_dflare.testing import (
     ARCHITECTURES,
     NEW_TOKENS,
     SAMPLING_VOCAB,
+    STATIC_ARCHITECTURES,
     VOCAB,
     OracleDraft,
     VerifyCounter,
@@ -38,6 +39,7 @@ from modeling_dflare.testing import (
     path_kwargs,
     random_prompt,
     sample_continuations,
+    static_config,
 )
 
 PATHS = ("custom", "stock")
@@ -787,19 +789,6 @@ def test_sampling_returns_the_targets_scores_and_logits(sampling_target):
 # Fixed-shape verify (dflare_static_verify=True): the same outputs through verify_dflare.py's loop
 # ----------------------------------------------------------------------------------------------
 
-#: full-attention targets (a sliding-window layer's static cache cannot be rolled back: refused below)
-STATIC_ARCHITECTURES = ("llama", "qwen3")
-
-
-def static_config(target, compiled: bool = False, **knobs) -> GenerationConfig:
-    """The target's generation config with the fixed-shape verify on; eager unless ``compiled``
-    (then ``torch.compile``, slow on a CPU but the same code path a GPU user runs)."""
-    config = GenerationConfig(**target.generation_config.to_dict())
-    config.dflare_static_verify = True
-    config.disable_compile = not compiled
-    for knob, value in knobs.items():
-        setattr(config, knob, value)
-    return config
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
