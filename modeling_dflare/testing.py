@@ -177,18 +177,22 @@ def generation_kwargs(**kwargs) -> dict:
 STATIC_ARCHITECTURES = ("llama", "qwen3")
 
 
+def config_with(target, **settings):
+    """A copy of ``target``'s generation config with ``settings`` set on it (DFlare knobs included,
+    which ``GenerationConfig`` keeps as plain attributes)."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(**target.generation_config.to_dict())
+    for name, value in settings.items():
+        setattr(config, name, value)
+    return config
+
+
 def static_config(target, compiled: bool = False, **knobs):
     """A copy of ``target``'s generation config with the fixed-shape verify on
     (``dflare_static_verify``); eager unless ``compiled`` (``torch.compile``: the path a GPU user
     runs, slow to compile on a CPU); ``knobs``: further generation-config attributes."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(**target.generation_config.to_dict())
-    config.dflare_static_verify = True
-    config.disable_compile = not compiled
-    for knob, value in knobs.items():
-        setattr(config, knob, value)
-    return config
+    return config_with(target, dflare_static_verify=True, disable_compile=not compiled, **knobs)
 
 
 def greedy(model, input_ids, **kwargs):
@@ -417,6 +421,7 @@ __all__ = [
     "make_draft",
     "make_oracle",
     "make_target",
+    "config_with",
     "path_kwargs",
     "random_prompt",
     "sample_continuations",

@@ -31,6 +31,7 @@ from modeling_dflare.testing import (
     OracleDraft,
     VerifyCounter,
     chi_square_pvalue,
+    config_with,
     exact_joint,
     greedy,
     make_draft,
@@ -226,8 +227,7 @@ def test_int8_draft_stays_lossless(arch, fusion):
     prompt = random_prompt(5, seed=11)
     draft, _ = make_oracle(target, prompt, fusion=fusion, block_size=8)
     expected = greedy(target, prompt, max_new_tokens=24)
-    config = GenerationConfig(**target.generation_config.to_dict())
-    config.dflare_int8_draft = True
+    config = config_with(target, dflare_int8_draft=True)
     got = greedy(target, prompt, max_new_tokens=24, assistant_model=draft, generation_config=config)
     assert got.tolist() == expected.tolist()
     stats = draft.dflare_stats
@@ -259,8 +259,7 @@ def test_int8_draft_is_the_cpu_default_and_follows_the_weights():
     with torch.no_grad():
         draft.layers[0].mlp.up_proj.weight.mul_(2)
     assert module.int8_draft(draft) is not copy
-    config = GenerationConfig(**target.generation_config.to_dict())
-    config.dflare_int8_draft = False
+    config = config_with(target, dflare_int8_draft=False)
     assert greedy(target, prompt, max_new_tokens=10, assistant_model=draft, generation_config=config).tolist() == expected.tolist()
     assert draft.dflare_stats.draft_precision == "float32"
     draft.to(torch.bfloat16)  # how AutoModel.from_pretrained loads a draft saved in bf16
@@ -278,8 +277,7 @@ def test_generation_config_block_size_override():
     prompt = random_prompt(5, seed=1)
     draft, _ = make_oracle(target, prompt, block_size=16)
     expected = greedy(target, prompt, max_new_tokens=20)
-    config = GenerationConfig(**target.generation_config.to_dict())
-    config.dflare_block_size = 4
+    config = config_with(target, dflare_block_size=4)
     got = greedy(target, prompt, max_new_tokens=20, assistant_model=draft, generation_config=config)
     assert got.tolist() == expected.tolist()
     assert max(draft.dflare_stats.proposed) == 3
@@ -418,8 +416,7 @@ BAD_KNOBS = [
 def test_bad_dflare_knobs_are_refused_at_once_naming_field_and_value(knob, value, path):
     target = cached_target("llama")
     draft = make_draft(target, block_size=8)
-    config = GenerationConfig(**target.generation_config.to_dict())
-    setattr(config, knob, value)
+    config = config_with(target, **{knob: value})
     with VerifyCounter(target) as counter, pytest.raises(ValueError) as info:
         greedy(target, random_prompt(5), assistant_model=draft, generation_config=config, **path_kwargs(path))
     assert f"generation_config.{knob}={value!r}" in str(info.value), str(info.value)
@@ -432,8 +429,7 @@ def test_dflare_knobs_at_the_edges_of_their_ranges_run_and_stay_lossless():
     target = cached_target("llama")
     prompt = random_prompt(6, seed=4)
     draft, _ = make_oracle(target, prompt, block_size=8)
-    config = GenerationConfig(**target.generation_config.to_dict())
-    config.max_new_tokens = 16
+    config = config_with(target, max_new_tokens=16)
     expected = greedy(target, prompt, generation_config=config)
     edges = [
         dict(dflare_block_size=2),
@@ -637,9 +633,7 @@ def warpers_for(settings) -> LogitsProcessorList:
 
 
 def proposal_config(target, proposal: str) -> GenerationConfig:
-    config = GenerationConfig(**target.generation_config.to_dict())
-    config.dflare_sampling_proposal = proposal
-    return config
+    return config_with(target, dflare_sampling_proposal=proposal)
 
 
 @pytest.mark.parametrize("setting", sorted(SAMPLING_SETTINGS))
@@ -788,7 +782,6 @@ def test_sampling_returns_the_targets_scores_and_logits(sampling_target):
 # ----------------------------------------------------------------------------------------------
 # Fixed-shape verify (dflare_static_verify=True): the same outputs through verify_dflare.py's loop
 # ----------------------------------------------------------------------------------------------
-
 
 
 @pytest.mark.parametrize("fusion", FUSIONS)
@@ -1016,8 +1009,7 @@ def test_generate_verifies_on_small_row_kernels_unless_told_not_to(monkeypatch):
         got = greedy(target, prompt, max_new_tokens=12, assistant_model=draft)
         assert got.tolist() == expected.tolist() and seen and all(seen) and entered == ["auto"]  # the default
         seen.clear()
-        config = GenerationConfig(**target.generation_config.to_dict())
-        config.dflare_small_row_kernels = False
+        config = config_with(target, dflare_small_row_kernels=False)
         got = greedy(target, prompt, max_new_tokens=12, assistant_model=draft, generation_config=config)
         assert got.tolist() == expected.tolist() and seen and not any(seen) and entered == ["auto"]
         seen.clear()
