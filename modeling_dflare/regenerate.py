@@ -347,7 +347,8 @@ def add_arguments(parser) -> None:
         "--data", default="sharegpt",
         help="'sharegpt', 'gsm-symbolic' (math word problems), 'codeio' (Python tasks), 'pystubs' (Python standard-library "
         "signatures and docstrings to implement), 'pylibs' (the same from networkx, numpy, mpmath, packaging, jinja2), "
-        "'ifeval', 'ifbench', 'arena-hard', 'longwrite' (instruction, chat and writing prompts), a .json array or a .jsonl file",
+        "'ifeval', 'ifbench', 'arena-hard', 'longwrite', 'writingbench' (instruction, chat and writing prompts), "
+        "'truthfulqa' (factual questions), a .json array or a .jsonl file",
     )
     parser.add_argument("--output-dir", required=True, help="folder for the resumable response shards")
     parser.add_argument(

