@@ -1,11 +1,12 @@
 """The instruction prompt sources (IFEval, IFBench, Arena-Hard-Auto v2.0, LongBench-Write, WritingBench,
-TruthfulQA), read from the
-real installed packages: reproducible ids with a category, held-out splits by id, a clear error when a
-package is missing, and no standard-set question (MT-Bench, HumanEval, CHAMP) among them."""
+TruthfulQA), read from the real installed packages: reproducible ids with a category, held-out splits
+by id, a clear error when a package is missing, the Makefile's pin of each package, and no
+standard-set question (MT-Bench, HumanEval, CHAMP) among them."""
 
 import importlib.util
 import re
 import sys
+from pathlib import Path
 
 import pytest
 from test_prompt_sources import MAX_SHARED, OVERLAP_NGRAM, PROMPT_SOURCE_NAMES, WORD, standard_set_questions
@@ -154,8 +155,6 @@ def test_no_prompt_overlaps_the_standard_sets(read):
 
 
 def test_the_makefile_installs_every_instruction_package_at_its_pinned_version():
-    from pathlib import Path
-
     makefile = (Path(__file__).resolve().parent.parent / "Makefile").read_text()
     installs = [line for line in makefile.splitlines() if "pip install" in line and "--no-deps" in line]
     for distribution, (_, pinned) in instruction_sources.INSTRUCTION_PACKAGES.items():
