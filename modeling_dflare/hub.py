@@ -115,7 +115,9 @@ def _bench_context(meta: dict | None) -> str:
     hardware = meta.get("hardware") or {}
     machine = hardware.get("gpu") or hardware.get("processor") if isinstance(hardware, dict) else str(hardware)
     settings = meta.get("settings") or {}
-    parts = [f"Measured on {machine}" if machine else "Measured"]
+    parts = [f"Measured on {machine}{_machine_details(hardware)}" if machine else "Measured"]
+    if isinstance(meta.get("date"), str) and meta["date"][:10]:
+        parts[0] += f" on {meta['date'][:10]}"
     if meta.get("device"):
         parts.append(f"device `{meta['device']}`")
     if meta.get("dtype"):
@@ -135,6 +137,21 @@ def _bench_context(meta: dict | None) -> str:
     elif sampled:
         parts.append(("greedy decoding and " if 0 in settings["temperatures"] else "") + "sampling at temperature " + ", ".join(f"{t:g}" for t in sampled))
     return ", ".join(parts) + "."
+
+
+def _machine_details(hardware) -> str:
+    """`` (2 cores, 2 torch threads; avx2 avx512f)`` from a bench's hardware record: what decides CPU timings."""
+    if not isinstance(hardware, dict) or hardware.get("gpu"):
+        return ""
+    details = []
+    if hardware.get("cpu_count"):
+        details.append(f"{hardware['cpu_count']} cores")
+    if hardware.get("torch_threads"):
+        details.append(f"{hardware['torch_threads']} torch thread{'s' if hardware['torch_threads'] != 1 else ''}")
+    text = ", ".join(details)
+    if hardware.get("cpu_features"):
+        text += ("; " if text else "") + " ".join(str(f) for f in hardware["cpu_features"])
+    return f" ({text})" if text else ""
 
 
 def _format_value(value) -> str:

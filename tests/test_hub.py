@@ -57,7 +57,8 @@ TRAINING = {
     "final_position_accuracy": [0.71, 0.52, 0.38],
 }
 BENCH = {
-    "meta": {"hardware": {"processor": "Test CPU"}, "device": "cpu", "dtype": "float32",
+    "meta": {"hardware": {"processor": "Test CPU", "cpu_count": 2, "torch_threads": 2, "cpu_features": ["avx2", "avx512f"]},
+             "date": "2026-12-07T13:23:49+00:00", "device": "cpu", "dtype": "float32",
              "settings": {"num_prompts": 8, "max_new_tokens": 64, "greedy": True}},
     "results": [
         {"dataset": "gsm8k", "method": "plain", "tau": 1.0, "tokens_per_second": 15.9, "speedup": 1.0, "mismatches": 0},
@@ -135,7 +136,8 @@ def test_card_shows_recipe_benchmark_and_details(models):
     text = (models["draft"] / "README.md").read_text()
     assert TRAINING["command"] in text and "| wall time | 1 h 50 min |" in text and "0.71, 0.52, 0.38" in text
     assert "| dflare | gsm8k | 2.61 | 21.2 | 1.34x | yes |" in text
-    assert "Measured on Test CPU" in text
+    # a result belongs to a machine and a date: the card names both, with what decides CPU timings
+    assert "Measured on Test CPU (2 cores, 2 torch threads; avx2 avx512f) on 2026-12-07" in text
     assert "trust_remote_code=True" in text and "assistant_model=draft" in text
     assert "layer-wise fusion" in text and "cannot" in text  # the serving section explains the engines' limit
     assert REPO_ID_PLACEHOLDER in text  # filled by push
