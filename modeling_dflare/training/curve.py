@@ -49,9 +49,13 @@ def plot(curves: dict[str, list[dict]], path: Path) -> Path:
     from matplotlib.lines import Line2D
 
     figure, axis = plt.subplots(figsize=(9.5, 4.5))
-    handles, palette = [], plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
-    for index, (label, points) in enumerate(curves.items()):
-        color = palette(index % palette.N)
+    handles = []
+    if len(curves) <= 20:  # qualitative colours while they last, then a continuous map (no two runs alike)
+        palette = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
+        colors = [palette(i) for i in range(len(curves))]
+    else:
+        colors = [plt.get_cmap("turbo")(i / (len(curves) - 1)) for i in range(len(curves))]
+    for color, (label, points) in zip(colors, curves.items()):
         hours = [p["cpu_hours"] for p in points]
         axis.plot(hours, [p["tau"] for p in points], "o--", color=color, alpha=0.6, markersize=3)
         axis.plot(hours, [p.get("walk_tau") or float("nan") for p in points], "o-", color=color, markersize=4)
