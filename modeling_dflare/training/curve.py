@@ -48,7 +48,8 @@ def plot(curves: dict[str, list[dict]], path: Path) -> Path:
 
     from matplotlib.lines import Line2D
 
-    figure, axis = plt.subplots(figsize=(9.5, 4.5))
+    # tall enough for the legend beside the axes: one line per run and three for the measures
+    figure, axis = plt.subplots(figsize=(9.5, max(4.5, 0.19 * (len(curves) + 3) + 0.6)))
     handles = []
     if len(curves) <= 20:  # qualitative colours while they last, then a continuous map (no two runs alike)
         palette = plt.get_cmap("tab10" if len(curves) <= 10 else "tab20")
