@@ -114,17 +114,17 @@ def main(draft_dir: str, bench_json: str, dataset: str = "mtbench") -> None:
     for threshold in CUTS:
         for confidence in LOOKUP_CONFIDENCES:
             results["cut"][f"cut {threshold}, lookup {confidence}"] = predict(everything, verify_s, draft_s, plain_s, cut_rule(threshold), confidence, shipped[2], ngram)
-    for lam in LAMBDAS:
-        for confidence in LOOKUP_CONFIDENCES:
-            results["cost_aware"][f"lam {lam}, lookup {confidence}"] = predict(everything, verify_s, draft_s, plain_s, aware_rule(lam), confidence, shipped[2], ngram)
+    aware = {(lam, confidence): predict(everything, verify_s, draft_s, plain_s, aware_rule(lam), confidence, shipped[2], ngram)
+             for lam in LAMBDAS for confidence in LOOKUP_CONFIDENCES}
+    results["cost_aware"] = {f"lam {lam}, lookup {confidence}": v for (lam, confidence), v in aware.items()}
     best = {rule: max(grid, key=grid.get) for rule, grid in results.items()}
+    best_lam, best_lookup = max(aware, key=aware.get)
     by_source = {}
     for name, walks in walks_by_source.items():
-        lam = float(best["cost_aware"].split(",")[0].split()[1])
         by_source[name] = {
             "answers": len(walks),
             "shipped cut": predict(walks, verify_s, draft_s, plain_s, cut_rule(shipped[0]), shipped[1], shipped[2], ngram),
-            "cost-aware": predict(walks, verify_s, draft_s, plain_s, aware_rule(lam), float(best["cost_aware"].split()[-1]), shipped[2], ngram),
+            "cost-aware": predict(walks, verify_s, draft_s, plain_s, aware_rule(best_lam), best_lookup, shipped[2], ngram),
         }
     shipped_key = f"cut {shipped[0]}, lookup {shipped[1]}"
     report = {
