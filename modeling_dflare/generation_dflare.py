@@ -35,7 +35,7 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.generation.configuration_utils import GenerationMode
 
 from .cpu_kernels_dflare import SMALL_ROW_KERNELS, draft_for_generation, draft_head, small_row_linears
-from .verify_dflare import static_verify_decoding, stop_free_length
+from .verify_dflare import sample_token, static_verify_decoding, stop_free_length
 
 if TYPE_CHECKING:
     from .modeling_dflare import DFlareModel
@@ -533,7 +533,7 @@ class DFlareCandidateGenerator(CandidateGenerator):
             scores = full[:, i] if self.logits_processor is None else self.logits_processor(sequence, full[:, i])
             if self.sample_proposal:
                 # drawn from the draft's own processed distribution, which rejection sampling is then told
-                token = torch.multinomial(torch.softmax(scores.float(), dim=-1), 1)
+                token = sample_token(torch.softmax(scores.float(), dim=-1))
                 proposal.append(scores.float())
             else:
                 token = scores.argmax(-1, keepdim=True)
