@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 
 from modeling_dflare.anchors import block_inputs, block_mask
+from modeling_dflare.training.consistency import cut_lengths as cut
 from modeling_dflare.training.evaluate import load_draft_and_target
 from modeling_dflare.training.features import TargetFeatures
 from modeling_dflare.training.loss import training_head
@@ -103,12 +104,6 @@ def expected_tokens(accept: torch.Tensor, kept: torch.LongTensor) -> torch.Tenso
     reach = accept.cumprod(dim=1)
     mask = torch.arange(accept.shape[1])[None] < kept[:, None]
     return 1 + (reach * mask).sum(dim=1)
-
-
-def cut(confidence: torch.Tensor, threshold: float) -> torch.LongTensor:
-    if threshold <= 0:
-        return torch.full((confidence.shape[0],), confidence.shape[1], dtype=torch.long)
-    return (confidence.cumprod(dim=1) >= threshold).long().cumprod(dim=1).sum(dim=1)
 
 
 def main(draft_dir: str, bench_json: str, dataset: str = "mtbench") -> None:
