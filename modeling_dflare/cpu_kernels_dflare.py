@@ -6,7 +6,8 @@
   narrower copy of the head rows it proposes from (:func:`draft_head`);
 * an int8 copy of the draft for CPUs (:func:`int8_draft`, :func:`draft_for_generation`);
 * small-row kernels for the target's verify forward (:func:`small_row_linears`), with an
-  autotuner that times them on the model's own layers.
+  autotuner that times them on the model's own layers; one of them (:func:`rows_kernel`) is a
+  few lines of C++ compiled for this CPU on first use, where a compiler is at hand.
 
 The draft only proposes and the target verifies every token, so these paths trade float rounding
 in the draft's ranking for speed, never the generated text. Kernel measurements behind the
@@ -16,8 +17,12 @@ defaults are in the project's docs. Travels to the Hub with ``modeling_dflare.py
 import contextlib
 import copy
 import functools
+import hashlib
+import json
 import logging
+import os
 import statistics
+import threading
 import time
 import warnings
 import weakref
@@ -216,12 +221,12 @@ WIDE_WEIGHT = 1 << 22
 #: Row count oneDNN lays a packed weight out for (any count 2..SMALL_ROWS then runs on it).
 PACK_ROWS = 4
 #: Kernel choices of :func:`small_row_linears` (``generation_config.dflare_small_row_kernels``).
-SMALL_ROW_KERNELS = ("auto", "packed", "matmul")
+SMALL_ROW_KERNELS = ("auto", "packed", "matmul", "rows")
 #: Row counts ``"auto"`` times (a verify forward of a block of 8 runs 1-8 rows); counts between
 #: two timed ones take the choice of the next timed count above, counts past the last its choice.
 TIMED_ROWS = (1, 2, 3, 4, 5, 6, 7, 8, 16)
-#: A kernel replaces the stock one only when timed at least this much faster (a smaller gain is
-#: within the timing's noise, and the stock kernel is what plain decoding runs).
+#: A kernel replaces the stock one (then the "rows" one) only when timed at least this much faster
+#: (a smaller gain is within the timing's noise, and the stock kernel is what plain decoding runs).
 MIN_GAIN = 0.05
 
 # module -> ((data pointer, version, shape) of its weight, oneDNN-packed copy); entries go with the module
@@ -257,16 +262,198 @@ def _onednn_linear(rows: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor 
     return torch.ops.mkldnn._linear_pointwise(rows, packed, bias, "none", [], "")
 
 
+#: C++ source of the ``"rows"`` kernel (:func:`rows_kernel`): ``x @ W.T`` for a few fp32 rows that
+#: reads each weight row once and multiplies it by every row of ``x`` while it is in registers, the
+#: way a matrix-vector product reads it; AVX-512 or AVX2 + FMA, compiled for this machine's CPU.
+ROWS_KERNEL_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <immintrin.h>
+
+// Weight rows read side by side: one stream up to 4 rows of x (bound by memory, where one stream
+// prefetches best), four from 5 (bound by arithmetic, where each loaded x vector serves four rows).
+#define ROWS_PER_STEP(M) ((M) <= 4 ? 1 : 4)
+
+#if defined(__AVX512F__)
+typedef __m512 vec;
+static constexpr int L = 16;
+static inline vec vzero() { return _mm512_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm512_loadu_ps(p); }
+static inline vec vload_n(const float* p, int n) { return _mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p); }
+static inline vec vfma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+static inline float vsum(vec a) { return _mm512_reduce_add_ps(a); }
+#elif defined(__AVX2__) && defined(__FMA__)
+typedef __m256 vec;
+static constexpr int L = 8;
+static inline vec vzero() { return _mm256_setzero_ps(); }
+static inline vec vload(const float* p) { return _mm256_loadu_ps(p); }
+static inline vec vload_n(const float* p, int n) {
+  const __m256i idx = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(n), idx));
+}
+static inline vec vfma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+static inline float vsum(vec a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#else
+#define DFLARE_NO_SIMD 1
+#endif
+
+#ifndef DFLARE_NO_SIMD
+// R output features of y[m, n0:n0+R] = x[m, :] . W[n, :] for M rows: each weight row is read once.
+template <int M, int R>
+static inline void block(const float* x, const float* W, float* y, int64_t n0, int64_t N, int64_t K) {
+  vec acc[R][M];
+  for (int r = 0; r < R; ++r) for (int m = 0; m < M; ++m) acc[r][m] = vzero();
+  const float* w = W + n0 * K;
+  const int64_t full = K - K % L;
+  for (int64_t k = 0; k < full; k += L) {
+    vec wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = vload(w + r * K + k);
+    for (int m = 0; m < M; ++m) {
+      const vec xv = vload(x + m * K + k);
+      for (int r = 0; r < R; ++r) acc[r][m] = vfma(wv[r], xv, acc[r][m]);
+    }
+  }
+  if (full < K) {
+    const int n = (int)(K - full);
+    vec wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = vload_n(w + r * K + full, n);
+    for (int m = 0; m < M; ++m) {
+      const vec xv = vload_n(x + m * K + full, n);
+      for (int r = 0; r < R; ++r) acc[r][m] = vfma(wv[r], xv, acc[r][m]);
+    }
+  }
+  for (int m = 0; m < M; ++m) for (int r = 0; r < R; ++r) y[m * N + n0 + r] = vsum(acc[r][m]);
+}
+
+template <int M>
+static void rows(const float* x, const float* W, float* y, int64_t N, int64_t K) {
+  constexpr int R = ROWS_PER_STEP(M);
+  const int64_t blocks = N / R;
+  at::parallel_for(0, blocks, 8, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) block<M, R>(x, W, y, b * R, N, K);
+  });
+  for (int64_t n = blocks * R; n < N; ++n) block<M, 1>(x, W, y, n, N, K);
+}
+#endif
+
+bool available() {
+#ifdef DFLARE_NO_SIMD
+  return false;
+#else
+  return true;
+#endif
+}
+
+torch::Tensor rows_linear(torch::Tensor x, torch::Tensor W) {
+  TORCH_CHECK(x.dim() == 2 && W.dim() == 2 && x.size(1) == W.size(1), "rows_linear: x [M, K] and W [N, K]");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat && W.scalar_type() == torch::kFloat, "rows_linear: float32 only");
+  TORCH_CHECK(x.is_contiguous() && W.is_contiguous() && x.device().is_cpu() && W.device().is_cpu(), "rows_linear: contiguous CPU tensors");
+  const int64_t M = x.size(0), K = x.size(1), N = W.size(0);
+  auto y = torch::empty({M, N}, x.options());
+#ifdef DFLARE_NO_SIMD
+  TORCH_CHECK(false, "rows_linear: built without AVX2/FMA or AVX-512");
+#else
+  const float* xp = x.data_ptr<float>();
+  const float* wp = W.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  for (int64_t g = 0; g < M; g += 8) {  // each group of up to 8 rows reads W once
+    const float* xg = xp + g * K;
+    float* yg = yp + g * N;
+    switch (std::min<int64_t>(8, M - g)) {
+      case 1: rows<1>(xg, wp, yg, N, K); break;
+      case 2: rows<2>(xg, wp, yg, N, K); break;
+      case 3: rows<3>(xg, wp, yg, N, K); break;
+      case 4: rows<4>(xg, wp, yg, N, K); break;
+      case 5: rows<5>(xg, wp, yg, N, K); break;
+      case 6: rows<6>(xg, wp, yg, N, K); break;
+      case 7: rows<7>(xg, wp, yg, N, K); break;
+      default: rows<8>(xg, wp, yg, N, K); break;
+    }
+  }
+#endif
+  return y;
+}
+"""
+
+#: Seconds after which a build lock of the ``"rows"`` kernel counts as left by a process that died.
+STALE_BUILD_LOCK = 900.0
+_ROWS_LOCK = threading.Lock()
+_ROWS_BUILT: dict[str, object] = {}
+
+
+def rows_kernel_name() -> str:
+    """The build's name: the kernel's source, torch's version and this CPU's instruction sets
+    (``-march=native`` code must not be loaded on another CPU sharing the build folder)."""
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()
+    features = sorted(name for name, value in capabilities.items() if value is True)
+    digest = hashlib.sha1(json.dumps([ROWS_KERNEL_SOURCE, torch.__version__, features]).encode()).hexdigest()[:12]
+    return f"dflare_rows_{digest}"
+
+
+def rows_kernel():
+    """The compiled ``"rows"`` kernel (a module with ``rows_linear(x, W)``), or None where it
+    cannot be built here (no C++ compiler or ninja, a CPU without AVX2 + FMA, a build error).
+
+    Built once per machine, CPU and torch version with ``torch.utils.cpp_extension.load_inline``
+    (about 30 s on 2 cores, logged at INFO) into torch's extension folder
+    (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), then loaded from there in
+    about a second. Setting ``DFLARE_ROWS_KERNEL=0`` leaves it unbuilt.
+    """
+    with _ROWS_LOCK:
+        if "kernel" in _ROWS_BUILT:
+            return _ROWS_BUILT["kernel"]
+        _ROWS_BUILT["kernel"] = None
+        if os.environ.get("DFLARE_ROWS_KERNEL", "1") == "0":
+            return None
+        try:
+            from torch.utils import cpp_extension
+
+            name = rows_kernel_name()
+            folder = os.path.join(cpp_extension.get_default_build_root(), name)
+            lock = os.path.join(folder, "lock")
+            if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_BUILD_LOCK:
+                os.remove(lock)  # our own build's lock, left by a process that died while building
+            os.makedirs(folder, exist_ok=True)
+            built = os.path.exists(os.path.join(folder, f"{name}.so"))
+            if not built:
+                logger.info("building the small-row verify kernel for this CPU (once per machine, about 30 s on 2 cores)")
+            start = time.perf_counter()
+            module = cpp_extension.load_inline(
+                name,
+                cpp_sources=[ROWS_KERNEL_SOURCE],
+                functions=["rows_linear", "available"],
+                extra_cflags=["-O3", "-march=native", "-fopenmp"],
+                extra_ldflags=["-fopenmp"],
+                build_directory=folder,
+                verbose=False,
+            )
+            if not built:
+                logger.info("small-row verify kernel built in %.0f s", time.perf_counter() - start)
+            _ROWS_BUILT["kernel"] = module if module.available() else None
+        except Exception as error:  # no compiler, no ninja, an unsupported CPU: the other kernels remain
+            logger.info("the small-row verify kernel is not available here (%s: %s)", type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        return _ROWS_BUILT["kernel"]
+
+
 def _run_kernel(kernel: str, module: nn.Linear, flat: torch.Tensor) -> torch.Tensor:
     """``module`` applied to ``flat`` [rows, in] on one kernel: ``"stock"`` (``F.linear``),
     ``"packed"`` (oneDNN on :func:`packed_weight`), ``"matmul"`` (``W @ x.T``, which MKL runs
-    without repacking W) or ``"tworow"`` (the rows twice through ``W @ x.T``: for one row a
-    threaded GEMM instead of a single-threaded matrix-vector product)."""
+    without repacking W), ``"rows"`` (:func:`rows_kernel`: each weight row read once for up to 8
+    rows) or ``"tworow"`` (the rows twice through ``W @ x.T``: for one row a threaded GEMM instead
+    of a single-threaded matrix-vector product)."""
     if kernel == "stock":
         return nn.functional.linear(flat, module.weight, module.bias)
     if kernel == "packed":
         return _onednn_linear(flat.contiguous(), packed_weight(module), module.bias)
-    if kernel == "tworow":
+    if kernel == "rows":
+        out = rows_kernel().rows_linear(flat.contiguous(), module.weight)
+    elif kernel == "tworow":
         out = (module.weight @ torch.cat([flat, flat]).T).T[: flat.shape[0]]
     else:
         out = (module.weight @ flat.T).T
@@ -289,7 +476,9 @@ def _small_rows_in(module: nn.Linear, x: torch.Tensor) -> int:
 
 def _small_row_linear(module: nn.Linear, x: torch.Tensor, kernels: str = "packed") -> torch.Tensor:
     rows = _small_rows_in(module, x)
-    if rows == 1:
+    if rows and kernels == "rows" and module.weight.is_contiguous():
+        kernel = "rows"
+    elif rows == 1:
         # One row runs as a single-threaded matrix-vector product; two rows run as a threaded GEMM,
         # which on a 2-core AVX2 EPYC computes SmolLM2's 49,152 x 576 head in 4.7 ms instead of 10 ms.
         wide = module.weight.numel() >= WIDE_WEIGHT and torch.get_num_threads() >= 2
@@ -322,7 +511,8 @@ def choose_small_row_kernels(
     stream from memory as they do in a real forward rather than sit in cache. The candidates take
     turns within a round and each keeps its median over ``rounds`` (after one warm-up round, which
     also packs the weights), so a slow spell of a shared machine lands on all of them alike. The
-    stock kernel stays unless another is at least ``MIN_GAIN`` faster; packed copies of weights that
+    stock kernel stays unless another is at least ``MIN_GAIN`` faster, then the "rows" kernel
+    (:func:`rows_kernel`, where it is built) on the same terms; packed copies of weights that
     no row count runs packed are freed. Returns ``{signature: (kernel for 1 row, ..., kernel for
     SMALL_ROWS rows)}``.
     """
@@ -330,12 +520,14 @@ def choose_small_row_kernels(
     for module in modules:
         groups.setdefault(_signature(module), []).append(module)
     packed = onednn_linear_available()
+    rows_built = rows_kernel() is not None
     chosen: dict[tuple, tuple[str, ...]] = {}
     for signature, group in groups.items():
         (_, features), _, contiguous = signature
         timed: dict[int, str] = {}
         for rows in TIMED_ROWS:
-            candidates = ["stock", "matmul"] + (["packed"] if packed and contiguous else []) + (["tworow"] if rows == 1 else [])
+            candidates = ["stock", "matmul"] + (["packed"] if packed and contiguous else []) + (["rows"] if rows_built and contiguous else [])
+            candidates += ["tworow"] if rows == 1 else []
             x = torch.randn(rows, features, dtype=group[0].weight.dtype, generator=torch.Generator().manual_seed(rows))
             seconds: dict[str, list[float]] = {kernel: [] for kernel in candidates}
             for round_ in range(rounds + 1):
@@ -347,7 +539,13 @@ def choose_small_row_kernels(
                         seconds[kernel].append(clock() - start)
             median = {kernel: statistics.median(times) for kernel, times in seconds.items()}
             fastest = min(candidates, key=median.__getitem__)
-            timed[rows] = fastest if median[fastest] < (1 - MIN_GAIN) * median["stock"] else "stock"
+            # a near-tie goes to the stock kernel (what plain decoding runs), then to "rows" (no
+            # packed copy of the weight to keep)
+            for preferred in ("stock", "rows"):
+                if preferred in median and median[fastest] >= (1 - MIN_GAIN) * median[preferred]:
+                    fastest = preferred
+                    break
+            timed[rows] = fastest
         chosen[signature] = tuple(timed[next((t for t in TIMED_ROWS if t >= rows), TIMED_ROWS[-1])] for rows in range(1, SMALL_ROWS + 1))
     _free_packed(modules, [chosen])  # timing packed them: free the copies no row count will read
     return chosen
@@ -400,11 +598,12 @@ def small_row_linears(model: nn.Module, kernels: str = "auto") -> Iterator[int]:
     depends on the row count and on the machine. ``kernels``:
 
     - ``"auto"`` (default): for each kind of layer and row count, the fastest of the stock kernel,
-      ``"packed"``, ``"matmul"`` and (one row) the row computed twice, timed on this model's own
-      layers once per model and thread count (:func:`choose_small_row_kernels`: about 4 s for
-      SmolLM2 on 2 cores, logged at INFO). Layers for which the stock kernel wins at every row count
-      are left unswitched. On a 2-core AVX-512 Xeon without AVX512-BF16 it kept the stock kernel for
-      every layer but the head, which runs packed from 4 rows: a SmolLM2 forward over 1 / 2 / 3 / 4 /
+      ``"rows"`` (where it is built), ``"packed"``, ``"matmul"`` and (one row) the row computed
+      twice, timed on this model's own layers once per model and thread count
+      (:func:`choose_small_row_kernels`: 4-8 s for SmolLM2 on 2 cores, logged at INFO). Layers for
+      which the stock kernel wins at every row count are left unswitched. On a 2-core AVX-512 Xeon
+      without AVX512-BF16, before the "rows" kernel, it kept the stock kernel for every layer but
+      the head, which runs packed from 4 rows: a SmolLM2 forward over 1 / 2 / 3 / 4 /
       6 / 8 tokens then cost 34 / 37 / 40 / 47 / 51 / 54 ms, against 33 / 37 / 39 / 51 / 54 / 61
       stock and 40 / 50 / 51 / 52 / 55 / 59 ``"packed"`` (2 threads, interleaved medians of 5).
     - ``"packed"``: oneDNN's linear on a copy of each weight packed once into its blocked layout
@@ -414,6 +613,9 @@ def small_row_linears(model: nn.Module, kernels: str = "auto") -> Iterator[int]:
       109 / 134 / 112 / 149 / 177 ms as ``"matmul"`` (one token: 98 ms).
     - ``"matmul"``: ``W @ x.T`` from 2 rows: on a 2-core AVX512 EPYC a forward over 2-4 tokens cost
       about 45 ms and over 8 about 62 ms.
+    - ``"rows"``: :func:`rows_kernel`, compiled for this CPU on first use, for every row count (a
+      group of up to 8 rows reads each weight row once, as a matrix-vector product does); an
+      error where it cannot be built.
 
     With ``"packed"`` and ``"matmul"`` one row keeps the stock kernel, except for a vocabulary-sized
     head (``WIDE_WEIGHT`` entries), computed as two rows with 2+ threads. Values agree with the
@@ -428,6 +630,11 @@ def small_row_linears(model: nn.Module, kernels: str = "auto") -> Iterator[int]:
         raise ValueError(f"small-row kernels {kernels!r}: expected one of {SMALL_ROW_KERNELS}")
     if kernels == "packed" and not onednn_linear_available():
         kernels = "matmul"
+    if kernels == "rows" and rows_kernel() is None:
+        raise RuntimeError(
+            "small-row kernels 'rows': the kernel could not be built here (it needs a C++ compiler, ninja and a CPU "
+            "with AVX2 + FMA; DFLARE_ROWS_KERNEL=0 turns it off); use 'auto', 'packed' or 'matmul'"
+        )
     switched = [
         module
         for module in model.modules()
@@ -465,5 +672,6 @@ __all__ = [
     "int8_draft_supported",
     "onednn_linear_available",
     "packed_weight",
+    "rows_kernel",
     "small_row_linears",
 ]

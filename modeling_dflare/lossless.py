@@ -123,7 +123,7 @@ def greedy_case(draw: Draw) -> dict:
         repetition_penalty=draw.choice([None, None, 1.5]),
         no_repeat_ngram_size=draw.choice([None, None, 3]),
         draft_dtype=draw.choice(["float32", "float32", "bfloat16"]),
-        small_row_kernels=draw.choice([None, None, False, "packed", "matmul"]),
+        small_row_kernels=draw.choice([None, None, False, "packed", "matmul", "rows"]),
     )
     case["eos_index"] = draw.integer(0, 29) if case["eos_index"] else None
     case["stop_index"] = draw.integer(1, 29) if case["stop_index"] else None
@@ -209,7 +209,12 @@ def run_greedy_case(case: dict) -> GreedyResult:
     if case.get("int8_draft") is not None:
         target.generation_config.dflare_int8_draft = case["int8_draft"]
     if case.get("small_row_kernels") is not None:
-        target.generation_config.dflare_small_row_kernels = case["small_row_kernels"]
+        kernels = case["small_row_kernels"]
+        if kernels == "rows":
+            from .cpu_kernels_dflare import rows_kernel
+
+            kernels = "rows" if rows_kernel() is not None else "auto"  # no compiler here: the timed choice
+        target.generation_config.dflare_small_row_kernels = kernels
     with VerifyCounter(target) as counter:
         got = greedy(target, prompt, assistant_model=draft, **kwargs)
     if got.tolist() != expected.tolist():

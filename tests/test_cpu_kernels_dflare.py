@@ -111,6 +111,7 @@ def test_auto_small_row_kernels_take_the_fastest_timed_kernel_per_layer_kind_and
 
     if not modeling.onednn_linear_available():
         pytest.fail("this torch build has no oneDNN linear: the packed small-row kernels are the CPU default and must be tested")
+    _require_rows_kernel(modeling)
     monkeypatch.setattr(modeling, "TIMED_ROWS", (1, 2, 4))
     now = [0.0]
     calls = []
@@ -138,8 +139,9 @@ def test_auto_small_row_kernels_take_the_fastest_timed_kernel_per_layer_kind_and
     # each kind is timed over all its layers in a row; every candidate of every count once a round (+ a warm-up round)
     narrow_calls = [c for c in calls if c[1] in (narrow, narrow_too)]
     assert [c[1] for c in narrow_calls[:2]] == [narrow, narrow_too]
-    assert len(narrow_calls) == 2 * 4 * (4 + 3 + 3)  # 2 layers x 4 rounds x (1 row: 4 candidates; 2, 4 rows: 3)
-    assert {c[0] for c in calls if c[2] > 1} == {"stock", "packed", "matmul"}
+    # 2 layers x 4 rounds x (1 row: 5 candidates; 2, 4 rows: 4)
+    assert len(narrow_calls) == 2 * 4 * (5 + 4 + 4)
+    assert {c[0] for c in calls if c[2] > 1} == {"stock", "packed", "matmul", "rows"}
     # timing packed every weight; no count runs packed here, so no packed copy is kept
     assert not any(module in modeling._PACKED for module in (narrow, narrow_too, wide))
 
@@ -218,6 +220,159 @@ def test_packed_copies_the_auto_choice_does_not_use_are_freed(monkeypatch):
     with modeling.small_row_linears(model, "packed"):  # packs again when asked to
         assert torch.allclose(model(x), expected, atol=1e-6)
     assert model[1] in modeling._PACKED
+
+
+def _require_rows_kernel(modeling):
+    if modeling.rows_kernel() is None:
+        pytest.fail(
+            "the 'rows' small-row kernel did not build here (see the INFO log of modeling_dflare.cpu_kernels_dflare): "
+            "it needs a C++ compiler, ninja and AVX2 + FMA, which every test machine of this project has; it must be tested"
+        )
+
+
+@pytest.mark.parametrize("features", [576, 48, 37])
+def test_rows_kernel_agrees_with_the_stock_kernel_for_any_row_count_and_shape(features):
+    """The compiled "rows" kernel computes ``x @ W.T`` for groups of up to 8 rows, each weight row
+    read once; any row count (groups of 8, then the rest), feature counts that are not a multiple of
+    the vector width (masked tails), output counts that leave a remainder of the per-step rows."""
+    import modeling_dflare.cpu_kernels_dflare as modeling
+
+    _require_rows_kernel(modeling)
+    generator = torch.Generator().manual_seed(features)
+    for outputs in (1, 5, 193, 1536):
+        weight = torch.randn(outputs, features, generator=generator)
+        for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 64):
+            x = torch.randn(rows, features, generator=generator)
+            got = modeling.rows_kernel().rows_linear(x, weight)
+            want = nn_linear(x, weight)
+            assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=1e-5), (outputs, rows)
+    with pytest.raises(RuntimeError, match="float32"):
+        modeling.rows_kernel().rows_linear(torch.ones(2, 8, dtype=torch.float64), torch.ones(3, 8, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match=r"x \[M, K\] and W \[N, K\]"):
+        modeling.rows_kernel().rows_linear(torch.ones(2, 8), torch.ones(3, 9))
+
+
+def nn_linear(x, weight, bias=None):
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def test_rows_kernel_runs_the_layers_it_is_given_with_their_bias():
+    """``small_row_linears(model, "rows")`` switches every plain fp32 linear layer to the kernel for
+    small row counts (bias added after), leaves larger calls to the stock kernel, and restores them."""
+    from torch import nn
+
+    import modeling_dflare.cpu_kernels_dflare as modeling
+
+    _require_rows_kernel(modeling)
+    model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 8, bias=False))
+    calls = []
+    original = modeling.rows_kernel()
+    inputs = [torch.randn(1, rows, 24, generator=torch.Generator().manual_seed(rows)) for rows in (1, 3, 8, 11, modeling.SMALL_ROWS + 1)]
+    expected = [model(x) for x in inputs]
+
+    class Spy:
+        def rows_linear(self, x, weight):
+            calls.append(x.shape[0])
+            return original.rows_linear(x, weight)
+
+    modeling._ROWS_BUILT["kernel"] = Spy()
+    try:
+        with modeling.small_row_linears(model, "rows") as switched:
+            assert switched == 2
+            got = [model(x) for x in inputs]
+    finally:
+        modeling._ROWS_BUILT["kernel"] = original
+    assert calls == [1, 1, 3, 3, 8, 8, 11, 11]  # both layers, up to SMALL_ROWS rows
+    for want, have in zip(expected, got):
+        assert have.shape == want.shape and torch.allclose(have, want, atol=1e-5, rtol=1e-5)
+    assert all("forward" not in layer.__dict__ for layer in model)
+
+
+def test_without_the_rows_kernel_auto_times_the_others_and_rows_is_refused_clearly(monkeypatch):
+    """Where the kernel cannot be built (no compiler, ``DFLARE_ROWS_KERNEL=0``), "auto" times the other
+    kernels only and an explicit "rows" is refused with what it needs."""
+    from torch import nn
+
+    import modeling_dflare.cpu_kernels_dflare as modeling
+
+    monkeypatch.setitem(modeling._ROWS_BUILT, "kernel", None)
+    calls = []
+    monkeypatch.setattr(modeling, "_run_kernel", lambda kernel, module, flat, original=modeling._run_kernel: calls.append(kernel) or original(kernel, module, flat))
+    monkeypatch.setattr(modeling, "TIMED_ROWS", (1, 2))
+    modeling.choose_small_row_kernels([nn.Linear(16, 8)], rounds=1)
+    assert calls and "rows" not in calls
+    with pytest.raises(RuntimeError, match="'rows'.*C\\+\\+ compiler.*DFLARE_ROWS_KERNEL=0.*'auto'"):
+        with modeling.small_row_linears(nn.Linear(16, 8), "rows"):
+            pass
+
+
+def test_rows_kernel_is_not_built_when_turned_off_or_when_the_build_fails(monkeypatch, caplog, tmp_path):
+    """``DFLARE_ROWS_KERNEL=0`` leaves it unbuilt; a failed build (here: the compiler call raising)
+    gives None and one INFO line, never an error in generate."""
+    import logging
+
+    from torch.utils import cpp_extension
+
+    import modeling_dflare.cpu_kernels_dflare as modeling
+
+    monkeypatch.setattr(modeling, "_ROWS_BUILT", {})
+    monkeypatch.setenv("DFLARE_ROWS_KERNEL", "0")
+    assert modeling.rows_kernel() is None
+    monkeypatch.setattr(modeling, "_ROWS_BUILT", {})
+    monkeypatch.delenv("DFLARE_ROWS_KERNEL")
+    monkeypatch.setattr(cpp_extension, "get_default_build_root", lambda: str(tmp_path))
+
+    def failing(*args, **kwargs):
+        raise OSError("no C++ compiler found")
+
+    monkeypatch.setattr(cpp_extension, "load_inline", failing)
+    with caplog.at_level(logging.INFO, logger="modeling_dflare.cpu_kernels_dflare"):
+        assert modeling.rows_kernel() is None and modeling.rows_kernel() is None
+    assert [r.getMessage() for r in caplog.records if "not available" in r.getMessage()] == [
+        "the small-row verify kernel is not available here (OSError: no C++ compiler found)"
+    ]
+
+
+def test_rows_kernel_build_clears_only_a_stale_lock_of_its_own(monkeypatch, tmp_path):
+    """A build lock older than STALE_BUILD_LOCK in the kernel's own build folder was left by a process
+    that died while building (torch would wait for it forever): it is removed; a fresh one (another
+    process building now) is left for torch to wait on."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    import modeling_dflare.cpu_kernels_dflare as modeling
+
+    class Built:
+        def available(self):
+            return True
+
+    seen = []
+    monkeypatch.setattr(cpp_extension, "get_default_build_root", lambda: str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load_inline", lambda name, **kwargs: seen.append((name, kwargs["build_directory"])) or Built())
+    lock = tmp_path / modeling.rows_kernel_name() / "lock"
+    lock.parent.mkdir()
+    for age, kept in ((modeling.STALE_BUILD_LOCK + 60, False), (5, True)):
+        lock.write_text("")
+        os.utime(lock, (time.time() - age, time.time() - age))
+        monkeypatch.setattr(modeling, "_ROWS_BUILT", {})
+        assert isinstance(modeling.rows_kernel(), Built)
+        assert lock.exists() == kept
+    assert seen == [(modeling.rows_kernel_name(), str(lock.parent))] * 2
+
+
+def test_rows_kernel_build_name_follows_source_torch_and_cpu(monkeypatch):
+    """The build is named by the kernel's source, torch's version and the CPU's instruction sets, so a
+    home folder shared by machines with other CPUs never loads code compiled for another one."""
+    import modeling_dflare.cpu_kernels_dflare as modeling
+
+    name = modeling.rows_kernel_name()
+    assert name.startswith("dflare_rows_") and name == modeling.rows_kernel_name()
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "fma3": True, "avx512_f": False})
+    other = modeling.rows_kernel_name()
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx2": True, "fma3": True, "avx512_f": True})
+    assert len({name, other, modeling.rows_kernel_name()}) == 3
 
 
 # ----------------------------------------------------------------------------------------------

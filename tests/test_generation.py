@@ -1014,6 +1014,25 @@ def test_hook_refuses_transformers_whose_private_signatures_changed():
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3"])
+def test_generate_verifying_on_the_rows_kernel_is_identical_to_plain(arch):
+    """The compiled "rows" kernel (each weight row read once for up to 8 rows) in the verify forward:
+    greedy output stays plain generate's, token for token, with a draft that is right only part of
+    the time (so blocks of every length are verified and cut)."""
+    import modeling_dflare.cpu_kernels_dflare as modeling
+
+    if modeling.rows_kernel() is None:
+        pytest.fail("the 'rows' small-row kernel did not build here; it must be tested (see test_cpu_kernels_dflare.py)")
+    target = cached_target(arch)
+    for seed in range(3):
+        prompt = random_prompt(5 + seed, seed=seed)
+        draft, _ = make_oracle(target, prompt, block_size=8, corruption=0.3, seed=seed)
+        expected = greedy(target, prompt, max_new_tokens=24)
+        config = config_with(target, dflare_small_row_kernels="rows")
+        got = greedy(target, prompt, max_new_tokens=24, assistant_model=draft, generation_config=config)
+        assert got.tolist() == expected.tolist(), (arch, seed)
+
+
 def test_generate_verifies_on_small_row_kernels_unless_told_not_to(monkeypatch):
     import modeling_dflare.cpu_kernels_dflare as modeling
     import modeling_dflare.generation_dflare as generation

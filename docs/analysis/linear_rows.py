@@ -2,9 +2,11 @@
 
 Random weights of the target's shapes (30 layers of q, k, v, o, gate, up and down; hidden 576,
 kv 192, MLP 1536; the 49,152-row head apart), each product timed as the median of 10 after 3
-warm-ups, for 1-8 rows and four ways of computing ``x @ W.T``: ``F.linear`` (what the stock
-target runs), a product with a contiguous transposed copy of the weight, ``W @ x.T`` and a batched
-product. Run from the repository root on an otherwise quiet machine:
+warm-ups, for 1-8 rows and six ways of computing ``x @ W.T``: ``F.linear`` (what the stock
+target runs), a product with a contiguous transposed copy of the weight, ``W @ x.T``, a batched
+product, oneDNN's linear on a packed copy of the weight (the small-row kernels' ``"packed"``) and
+the compiled ``"rows"`` kernel (each weight row read once for all rows). Run from the repository
+root on an otherwise quiet machine:
 
     python docs/analysis/linear_rows.py [THREADS]   # default 2
 """
@@ -13,6 +15,8 @@ import time
 
 import torch
 import torch.nn.functional as F
+
+from modeling_dflare.cpu_kernels_dflare import rows_kernel
 
 SHAPES = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]  # (out, in) per layer
 
@@ -33,18 +37,30 @@ def main(threads: int = 2) -> None:
     torch.set_num_threads(threads)
     weights = [torch.randn(out, inp) for _ in range(30) for out, inp in SHAPES]
     transposed = [w.t().contiguous() for w in weights]
+    packed = [torch.ops.mkldnn._reorder_linear_weight(w, 4) for w in weights]
     head = torch.randn(49152, 576)
+    head_packed = torch.ops.mkldnn._reorder_linear_weight(head, 4)
+    kernel = rows_kernel()
+    if kernel is None:
+        raise SystemExit("the 'rows' kernel did not build here (run with logging at INFO to see why)")
+    onednn = lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")  # noqa: E731
     print(f"{threads} threads; ms per 30 layers' linears (the head apart)")
-    print("| rows | F.linear | x @ W.T (contiguous copy) | W @ x.T | batched | head, F.linear |")
-    print("|---|---|---|---|---|---|")
+    print("| rows | F.linear | x @ W.T (contiguous copy) | W @ x.T | batched | oneDNN packed | rows kernel "
+          "| head, F.linear | head, packed | head, rows kernel |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for rows in range(1, 9):
         x = {576: torch.randn(rows, 576), 1536: torch.randn(rows, 1536)}
         linear = median_ms(lambda: [F.linear(x[w.shape[1]], w) for w in weights])
         copy = median_ms(lambda: [x[t.shape[0]] @ t for t in transposed])
         flipped = median_ms(lambda: [w @ x[w.shape[1]].t() for w in weights])
         batched = median_ms(lambda: [torch.matmul(x[w.shape[1]][None], w.t()[None]) for w in weights])
+        onednn_ms = median_ms(lambda: [onednn(x[w.shape[1]], p) for w, p in zip(weights, packed)])
+        rows_ms = median_ms(lambda: [kernel.rows_linear(x[w.shape[1]], w) for w in weights])
         top = median_ms(lambda: F.linear(x[576], head))
-        print(f"| {rows} | {linear:.1f} | {copy:.1f} | {flipped:.1f} | {batched:.1f} | {top:.1f} |")
+        top_packed = median_ms(lambda: onednn(x[576], head_packed))
+        top_rows = median_ms(lambda: kernel.rows_linear(x[576], head))
+        print(f"| {rows} | {linear:.1f} | {copy:.1f} | {flipped:.1f} | {batched:.1f} | {onednn_ms:.1f} | {rows_ms:.1f} "
+              f"| {top:.1f} | {top_packed:.1f} | {top_rows:.1f} |")
 
 
 if __name__ == "__main__":
