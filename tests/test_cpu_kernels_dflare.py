@@ -244,7 +244,7 @@ def test_rows_kernel_agrees_with_the_stock_kernel_for_any_row_count_and_shape(fe
         for rows in (1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 64):
             x = torch.randn(rows, features, generator=generator)
             got = modeling.rows_kernel().rows_linear(x, weight)
-            want = nn_linear(x, weight)
+            want = torch.nn.functional.linear(x, weight)
             assert got.shape == want.shape and torch.allclose(got, want, atol=1e-4, rtol=1e-5), (outputs, rows)
     with pytest.raises(RuntimeError, match="float32"):
         modeling.rows_kernel().rows_linear(torch.ones(2, 8, dtype=torch.float64), torch.ones(3, 8, dtype=torch.float64))
@@ -252,11 +252,18 @@ def test_rows_kernel_agrees_with_the_stock_kernel_for_any_row_count_and_shape(fe
         modeling.rows_kernel().rows_linear(torch.ones(2, 8), torch.ones(3, 9))
 
 
-def nn_linear(x, weight, bias=None):
-    return torch.nn.functional.linear(x, weight, bias)
+class RowsSpy:
+    """Stands in for the built kernel and counts the rows of each call it passes on."""
+
+    def __init__(self, kernel):
+        self.kernel, self.calls = kernel, []
+
+    def rows_linear(self, x, weight):
+        self.calls.append(x.shape[0])
+        return self.kernel.rows_linear(x, weight)
 
 
-def test_rows_kernel_runs_the_layers_it_is_given_with_their_bias():
+def test_rows_kernel_runs_the_layers_it_is_given_with_their_bias(monkeypatch):
     """``small_row_linears(model, "rows")`` switches every plain fp32 linear layer to the kernel for
     small row counts (bias added after), leaves larger calls to the stock kernel, and restores them."""
     from torch import nn
@@ -265,24 +272,14 @@ def test_rows_kernel_runs_the_layers_it_is_given_with_their_bias():
 
     _require_rows_kernel(modeling)
     model = nn.Sequential(nn.Linear(24, 40), nn.Linear(40, 8, bias=False))
-    calls = []
-    original = modeling.rows_kernel()
     inputs = [torch.randn(1, rows, 24, generator=torch.Generator().manual_seed(rows)) for rows in (1, 3, 8, 11, modeling.SMALL_ROWS + 1)]
     expected = [model(x) for x in inputs]
-
-    class Spy:
-        def rows_linear(self, x, weight):
-            calls.append(x.shape[0])
-            return original.rows_linear(x, weight)
-
-    modeling._ROWS_BUILT["kernel"] = Spy()
-    try:
-        with modeling.small_row_linears(model, "rows") as switched:
-            assert switched == 2
-            got = [model(x) for x in inputs]
-    finally:
-        modeling._ROWS_BUILT["kernel"] = original
-    assert calls == [1, 1, 3, 3, 8, 8, 11, 11]  # both layers, up to SMALL_ROWS rows
+    spy = RowsSpy(modeling.rows_kernel())
+    monkeypatch.setitem(modeling._ROWS_BUILT, "kernel", spy)
+    with modeling.small_row_linears(model, "rows") as switched:
+        assert switched == 2
+        got = [model(x) for x in inputs]
+    assert spy.calls == [1, 1, 3, 3, 8, 8, 11, 11]  # both layers, up to SMALL_ROWS rows
     for want, have in zip(expected, got):
         assert have.shape == want.shape and torch.allclose(have, want, atol=1e-5, rtol=1e-5)
     assert all("forward" not in layer.__dict__ for layer in model)

@@ -1015,14 +1015,17 @@ def test_hook_refuses_transformers_whose_private_signatures_changed():
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen3", "mistral", "gemma3"])
-def test_generate_verifying_on_the_rows_kernel_is_identical_to_plain(arch):
+def test_generate_verifying_on_the_rows_kernel_is_identical_to_plain(arch, monkeypatch):
     """The compiled "rows" kernel (each weight row read once for up to 8 rows) in the verify forward:
     greedy output stays plain generate's, token for token, with a draft that is right only part of
     the time (so blocks of every length are verified and cut)."""
     import modeling_dflare.cpu_kernels_dflare as modeling
+    from test_cpu_kernels_dflare import RowsSpy
 
     if modeling.rows_kernel() is None:
         pytest.fail("the 'rows' small-row kernel did not build here; it must be tested (see test_cpu_kernels_dflare.py)")
+    spy = RowsSpy(modeling.rows_kernel())
+    monkeypatch.setitem(modeling._ROWS_BUILT, "kernel", spy)
     target = cached_target(arch)
     for seed in range(3):
         prompt = random_prompt(5 + seed, seed=seed)
@@ -1031,6 +1034,7 @@ def test_generate_verifying_on_the_rows_kernel_is_identical_to_plain(arch):
         config = config_with(target, dflare_small_row_kernels="rows")
         got = greedy(target, prompt, max_new_tokens=24, assistant_model=draft, generation_config=config)
         assert got.tolist() == expected.tolist(), (arch, seed)
+    assert len(set(spy.calls)) > 2  # the verify ran on it, over blocks of several lengths
 
 
 def test_generate_verifies_on_small_row_kernels_unless_told_not_to(monkeypatch):
