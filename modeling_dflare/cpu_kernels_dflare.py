@@ -405,8 +405,10 @@ def rows_kernel():
     (``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``), then loaded from there in
     about a second. Setting ``DFLARE_ROWS_KERNEL=0`` leaves it unbuilt.
     """
+    if "kernel" in _ROWS_BUILT:  # every verify linear asks: answered without taking the lock
+        return _ROWS_BUILT["kernel"]
     with _ROWS_LOCK:
-        if "kernel" in _ROWS_BUILT:
+        if "kernel" in _ROWS_BUILT:  # built by another thread meanwhile
             return _ROWS_BUILT["kernel"]
         _ROWS_BUILT["kernel"] = None
         if os.environ.get("DFLARE_ROWS_KERNEL", "1") == "0":

@@ -131,8 +131,9 @@ def sample_token(probs: torch.Tensor) -> torch.LongTensor:
     On a CPU by the inverse of the cumulative distribution (one float64 uniform per row, the first
     index whose cumulative probability exceeds it, so a zero-probability token is never drawn): about
     0.16 ms for a 49k vocabulary where ``torch.multinomial`` takes about 1 ms (2-core Xeon, quiet),
-    which a sampled proposal pays once per drafted token. Elsewhere, and for rows ``torch.multinomial`` would refuse
-    (negative, non-finite or all-zero), ``torch.multinomial`` itself, with its error.
+    which a sampled proposal pays once per drafted token. Elsewhere, and for rows
+    ``torch.multinomial`` would refuse (negative, non-finite or all-zero), ``torch.multinomial``
+    itself, with its error.
     """
     if probs.device.type != "cpu":
         return torch.multinomial(probs, 1)

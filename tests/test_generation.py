@@ -1020,10 +1020,9 @@ def test_generate_verifying_on_the_rows_kernel_is_identical_to_plain(arch, monke
     greedy output stays plain generate's, token for token, with a draft that is right only part of
     the time (so blocks of every length are verified and cut)."""
     import modeling_dflare.cpu_kernels_dflare as modeling
-    from test_cpu_kernels_dflare import RowsSpy
+    from test_cpu_kernels_dflare import RowsSpy, _require_rows_kernel
 
-    if modeling.rows_kernel() is None:
-        pytest.fail("the 'rows' small-row kernel did not build here; it must be tested (see test_cpu_kernels_dflare.py)")
+    _require_rows_kernel(modeling)
     spy = RowsSpy(modeling.rows_kernel())
     monkeypatch.setitem(modeling._ROWS_BUILT, "kernel", spy)
     target = cached_target(arch)
